@@ -1,0 +1,149 @@
+"""Image augmentation from recipe specs, built from Keras 3's own preprocessing layers.
+
+A spec is a name (``random_flip``), or a one-key mapping from a name to either the layer's main
+argument (``{random_rotation: 0.1}``) or its keyword arguments (``{rand_augment: {factor: 0.5}}``).
+Images are raw RGB in 0..255, so every layer that takes ``value_range`` gets ``(0, 255)``.
+
+MixUp and CutMix mix labels too; the training code applies them, not this module.
+Keras is imported only when layers are built: :data:`AUGMENTATIONS` is a plain table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+
+from transferkit.errors import RecipeError
+
+#: recipe name -> ``keras.layers`` class name
+AUGMENTATIONS: dict[str, str] = {
+    "random_flip": "RandomFlip",
+    "random_rotation": "RandomRotation",
+    "random_zoom": "RandomZoom",
+    "random_translation": "RandomTranslation",
+    "random_shear": "RandomShear",
+    "random_perspective": "RandomPerspective",
+    "random_elastic_transform": "RandomElasticTransform",
+    "random_crop": "RandomCrop",
+    "random_erasing": "RandomErasing",
+    "random_contrast": "RandomContrast",
+    "random_brightness": "RandomBrightness",
+    "random_grayscale": "RandomGrayscale",
+    "random_hue": "RandomHue",
+    "random_saturation": "RandomSaturation",
+    "random_color_jitter": "RandomColorJitter",
+    "random_color_degeneration": "RandomColorDegeneration",
+    "random_sharpness": "RandomSharpness",
+    "random_gaussian_blur": "RandomGaussianBlur",
+    "random_posterization": "RandomPosterization",
+    "random_invert": "RandomInvert",
+    "rand_augment": "RandAugment",
+    "aug_mix": "AugMix",
+    "solarization": "Solarization",
+    "auto_contrast": "AutoContrast",
+    "equalization": "Equalization",
+}
+
+VALUE_RANGE = (0, 255)
+_NOT_ARGUMENTS = ("value_range", "seed", "data_format", "name")  # set here, not by a scalar
+
+
+def parse_augment_spec(spec) -> tuple[str, dict]:
+    """Split one recipe spec into a name and keyword arguments.
+
+    A scalar (or list) value fills the layer's required arguments (both sizes of ``random_crop``
+    and ``random_translation``), else its ``factor``, else its first argument.
+
+    Args:
+        spec: ``"random_flip"``, ``{"random_flip": "horizontal"}`` or
+            ``{"rand_augment": {"factor": 0.5}}``.
+
+    Returns:
+        ``(name, kwargs)``, e.g. ``("random_flip", {"mode": "horizontal"})``.
+
+    Example:
+        >>> parse_augment_spec({"random_rotation": 0.1})
+        ('random_rotation', {'factor': 0.1})
+    """
+    if isinstance(spec, str):
+        name, value = spec, None
+    elif isinstance(spec, dict) and len(spec) == 1 and isinstance(next(iter(spec)), str):
+        (name, value), = spec.items()
+    else:
+        raise RecipeError(f"augmentation: expected a name or {{name: arguments}}, e.g. random_flip or "
+                          f"{{random_rotation: 0.1}}, got {spec!r}")
+    if name not in AUGMENTATIONS:
+        raise RecipeError(f"unknown augmentation {name!r}: {_did_you_mean(name, AUGMENTATIONS)}")
+    if value is None:
+        return name, {}
+    if isinstance(value, dict):
+        return name, dict(value)
+    arguments = _arguments(name)
+    required = [a for a, p in arguments.items() if p.default is inspect.Parameter.empty and a not in _NOT_ARGUMENTS]
+    candidates = [a for a in arguments if a not in _NOT_ARGUMENTS]
+    targets = required or (["factor"] if "factor" in candidates else candidates[:1])
+    if not targets:
+        raise RecipeError(f"augmentation {name!r} takes no main argument: give {{{name}: {{argument: value}}}} "
+                          f"with arguments among {', '.join(arguments)}")
+    return name, {target: value for target in targets}
+
+
+def build_augmentation(specs, seed: int | None = None):
+    """Build the augmentation layers of a recipe, in order.
+
+    Args:
+        specs: recipe specs (see :func:`parse_augment_spec`) or ready Keras layers; None or empty
+            for no augmentation.
+        seed: base seed; layer ``i`` gets ``seed + i`` unless its spec sets one.
+
+    Returns:
+        A ``keras.layers.Pipeline`` to call as ``pipeline(images, training=True)``, or None.
+        (``Pipeline`` rather than ``Sequential``: it is a plain layer that stays ``tf.data``
+        compatible under any backend, where ``Sequential`` converts inputs to backend tensors.)
+    """
+    import keras
+
+    if not specs:
+        return None
+    layers = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, keras.layers.Layer):
+            layers.append(spec)
+            continue
+        name, kwargs = parse_augment_spec(spec)
+        arguments = _arguments(name)
+        _check_arguments(name, kwargs, arguments)
+        if "value_range" in arguments:
+            kwargs.setdefault("value_range", VALUE_RANGE)
+        if "seed" in arguments and seed is not None:
+            kwargs.setdefault("seed", seed + i)
+        try:
+            layers.append(getattr(keras.layers, AUGMENTATIONS[name])(**kwargs))
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"augmentation {name!r}: {' '.join(str(err).split())}") from None
+    return keras.layers.Pipeline(layers, name="augmentation")
+
+
+def _check_arguments(name: str, kwargs: dict, arguments: dict) -> None:
+    """One-line RecipeError for an argument the layer does not take, or a required one not given."""
+    for key in kwargs:
+        if key not in arguments:
+            raise RecipeError(f"augmentation {name!r}: unknown argument {key!r} ({_did_you_mean(key, arguments)})")
+    for key, parameter in arguments.items():
+        if parameter.default is inspect.Parameter.empty and key not in kwargs:
+            raise RecipeError(f"augmentation {name!r}: missing argument {key!r}: "
+                              f"give {{{name}: value}} or {{{name}: {{{key}: ...}}}}")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(choices)}"
+
+
+def _arguments(name: str) -> dict[str, inspect.Parameter]:
+    """The named constructor arguments (``self`` and ``**kwargs`` left out) of the layer behind ``name``."""
+    import keras
+
+    signature = inspect.signature(getattr(keras.layers, AUGMENTATIONS[name]).__init__)
+    return {a: p for a, p in signature.parameters.items()
+            if a != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
