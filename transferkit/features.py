@@ -1,0 +1,304 @@
+"""The HDF5 feature store: features computed once per configuration, cached and resumable.
+
+One HDF5 file per (backbone, layers, size) configuration, one group per split::
+
+    <split>/features  float32 [N, D], chunked along N, every chunk allocated when it is created
+    <split>/labels    int64 [N]
+    <split>/paths     variable-length UTF-8 [N]
+    <split>/done      uint8 [number of chunks], 1 once that chunk's features are on disk
+    <split>.attrs     key, complete, chunk_size and the caller's attrs (non-scalars as JSON)
+
+Durability under ``kill -9``: a new file is created empty under a temporary name and renamed, so
+it is never half-made. All metadata of a split (group, datasets, chunk index) is written and
+flushed before any feature is; from then on a chunk only overwrites its own preallocated bytes, is
+flushed, and only then gets its byte in ``done`` set and flushed. A kill while writing a chunk
+leaves it unmarked, so it is recomputed; a kill while creating metadata can leave a file h5py
+cannot read, which is moved aside as ``<name>.corrupt-<timestamp>`` and rebuilt. Completeness is
+read from the key, ``complete`` and ``done``, never from the file's existence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Sequence
+
+import h5py
+import numpy as np
+
+from transferkit import __version__
+from transferkit.errors import TransferkitError
+from transferkit.io import atomic_path
+
+logger = logging.getLogger("transferkit")
+
+Embed = Callable[[list[str]], np.ndarray]
+_OWN_ATTRS = ("key", "complete", "chunk_size")
+_H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+
+
+def cache_key(**parts) -> str:
+    """A stable digest of everything that affects features.
+
+    Args:
+        **parts: backbone, weights, layers, pooling, image_size, tta, ... as JSON-able values.
+            ``files`` (ordered paths) and a ``weights`` value naming a file get each file's size and
+            mtime folded in; the transferkit version is added unless given.
+
+    Returns:
+        16 hex characters, equal across processes for equal inputs.
+
+    Example:
+        >>> cache_key(backbone="mobilenet_v2", layers=["top"], image_size=224, files=paths)
+    """
+    parts.setdefault("transferkit", __version__)
+    parts["files"] = [_stamp(path) for path in parts.get("files", ())]
+    weights = parts.get("weights")
+    if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
+        parts["weights"] = _stamp(weights)
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _stamp(path) -> list:
+    try:
+        stat = os.stat(path)
+    except OSError as err:
+        raise TransferkitError(
+            f"{path}: cannot stat it for the feature cache key ({err.strerror}); "
+            "restore the file or re-scan the image folder"
+        ) from None
+    return [os.fspath(path), stat.st_size, stat.st_mtime_ns]
+
+
+class FeatureStore:
+    """One HDF5 file per (backbone, layers, size) configuration; one group per split.
+
+    Example:
+        >>> store = FeatureStore("cache/mobilenet_v2-top-224.h5")
+        >>> x, y = store.compute("train", paths, labels, embed, key=cache_key(files=paths, ...))
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def compute(
+        self,
+        split: str,
+        paths: Sequence[str],
+        labels,
+        embed: Embed,
+        *,
+        key: str,
+        attrs: dict | None = None,
+        chunk_size: int = 256,
+        progress: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features for every path, computed chunk by chunk and saved as they come.
+
+        A complete split with the same key is returned without calling ``embed``; an incomplete
+        one resumes at the first chunk not marked done; another key rebuilds the split.
+
+        Args:
+            split: group name, e.g. "train".
+            paths: image files, in order.
+            labels: one integer class index per path.
+            embed: ``embed(list_of_paths) -> array [n, D]``.
+            key: from :func:`cache_key`.
+            attrs: stored with the split (backbone, weights, layers, image_size, class_names...).
+            chunk_size: images per call to ``embed`` and per resumable unit (a resumed split
+                keeps the chunk size it was started with).
+            progress: print progress to stderr.
+
+        Returns:
+            (features float32 [N, D], labels int64 [N]) read back from the file.
+        """
+        paths = [os.fspath(path) for path in paths]
+        labels = np.asarray(labels, dtype=np.int64)
+        if not paths or labels.shape != (len(paths),):
+            raise ValueError(f"need one label per path and at least one path, got {len(paths)} "
+                             f"paths and labels of shape {labels.shape}")
+        with self._open_for_writing() as file:
+            group = self._prepare_group(file, split, paths, labels, key, attrs or {}, chunk_size)
+            self._fill(file, group, paths, embed, progress)
+            return _read(group)[:2]
+
+    def load(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+        """Returns (features, labels, paths) of a complete split, or None."""
+        def read(file):
+            group = file.get(split)
+            return _read(group) if group is not None and _describe_split(group)["complete"] else None
+        return self._read_only(read, None)
+
+    def info(self) -> dict:
+        """Returns {split: {n, dim, complete, key, attrs}}; {} if there is no readable file."""
+        return self._read_only(_describe, {})
+
+    def _read_only(self, read, default):
+        if not self.path.exists():
+            return default
+        try:
+            with h5py.File(self.path, "r") as file:
+                return read(file)
+        except _H5_ERRORS as err:
+            logger.warning("cannot read feature store %s (%s)", self.path, err)
+            return default
+
+    def _open_for_writing(self) -> h5py.File:
+        """Open the file; one h5py cannot read is moved aside and a new one started."""
+        file = None
+        try:
+            if not self.path.exists():
+                self._create_empty()
+            file = h5py.File(self.path, "a")
+            _describe(file)  # touches every split's attributes and datasets
+            return file
+        except _H5_ERRORS as err:
+            if getattr(err, "errno", None):  # locked, permissions...: the file may be fine
+                raise TransferkitError(f"{self.path}: cannot open feature store ({err}); "
+                                       "is another run using it?") from None
+            if file is not None:
+                file.close()
+            aside = self.path.with_name(
+                f"{self.path.name}.corrupt-{datetime.now():%Y%m%d-%H%M%S-%f}")
+            os.replace(self.path, aside)
+            logger.warning("feature store %s is unreadable (%s); moved it to %s and starting over",
+                           self.path, err, aside)
+            self._create_empty()
+            return h5py.File(self.path, "a")
+
+    def _create_empty(self) -> None:
+        """An empty HDF5 file, created under a temporary name and renamed: never half-made."""
+        with atomic_path(self.path) as tmp:
+            h5py.File(tmp, "w").close()
+
+    def _prepare_group(self, file, split, paths, labels, key, attrs, chunk_size) -> h5py.Group:
+        """The split's group: kept if its key and file list match, else (re)created and flushed."""
+        group = file.get(split)
+        if group is not None:
+            stored_paths = list(group["paths"].asstr()[()])
+            reason = ("file list changed" if stored_paths != paths else
+                      "cache key changed" if group.attrs["key"] != key else None)
+            if reason is None:
+                if not np.array_equal(group["labels"][()], labels):
+                    group["labels"][...] = labels
+                return group
+            logger.info("features for %r in %s out of date: %s; recomputing", split, self.path,
+                        reason)
+            del file[split]
+        group = file.create_group(split)
+        group.attrs.update({name: _attr_value(value) for name, value in attrs.items()})
+        group.attrs.update({"key": key, "complete": False, "chunk_size": chunk_size})
+        group.create_dataset("labels", data=labels)
+        group.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
+        # zeros written explicitly: space freed by a deleted group is reused without a fill
+        group.create_dataset("done", data=np.zeros(math.ceil(len(paths) / chunk_size), np.uint8),
+                             dcpl=_preallocated())
+        file.flush()
+        return group
+
+    def _fill(self, file: h5py.File, group: h5py.Group, paths: list[str], embed: Embed,
+              progress: bool) -> None:
+        """Compute every chunk not marked done; mark the split complete."""
+        chunk_size = int(group.attrs["chunk_size"])
+        done = group["done"]
+        todo = np.flatnonzero(done[()] == 0)
+        chunks = [(i * chunk_size, min((i + 1) * chunk_size, len(paths))) for i in todo]
+        remaining = sum(stop - start for start, stop in chunks)
+        report = _Progress(group.name.lstrip("/"), len(paths), len(paths) - remaining,
+                           progress and remaining > 0)
+        for index, (start, stop) in zip(todo, chunks):
+            features = np.asarray(embed(paths[start:stop]), dtype=np.float32)
+            if "features" not in group:
+                _create_features(group, len(paths), features, chunk_size)
+            expected = (stop - start, group["features"].shape[1])
+            if features.shape != expected:
+                raise ValueError(f"embed returned shape {features.shape} for {expected[0]} "
+                                 f"images, expected {expected}")
+            group["features"][start:stop] = features
+            file.flush()  # the features are on disk before the chunk is marked done
+            done[index] = 1
+            file.flush()
+            report.advance(stop - start)
+        if not group.attrs["complete"]:
+            group.attrs.modify("complete", True)  # in place: same type and size
+            file.flush()
+
+
+def _preallocated():
+    """Dataset creation properties that allocate all storage (and the chunk index) up front."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+def _create_features(group: h5py.Group, n: int, first_chunk: np.ndarray, chunk_size: int) -> None:
+    if first_chunk.ndim != 2:
+        raise ValueError(f"embed must return a 2-D array [n, D], got shape {first_chunk.shape}")
+    dim = first_chunk.shape[1]
+    group.create_dataset("features", shape=(n, dim), dtype=np.float32,
+                         chunks=(min(chunk_size, n), dim), dcpl=_preallocated(), fill_time="never")
+    group.file.flush()
+
+
+def _read(group: h5py.Group) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    return group["features"][()], group["labels"][()], list(group["paths"].asstr()[()])
+
+
+def _describe(file: h5py.File) -> dict:
+    return {name: _describe_split(group) for name, group in file.items()}
+
+
+def _describe_split(group: h5py.Group) -> dict:
+    features = group.get("features")
+    return {
+        "n": group["paths"].shape[0],
+        "dim": None if features is None else features.shape[1],
+        "complete": bool(group.attrs["complete"]) and bool(group["done"][()].all()),
+        "key": str(group.attrs["key"]),
+        "attrs": {name: _plain(value) for name, value in group.attrs.items()
+                  if name not in _OWN_ATTRS},
+    }
+
+
+def _attr_value(value):
+    """Scalars and strings as themselves, anything else (lists, dicts, None) as JSON."""
+    return value if isinstance(value, (str, bool, int, float)) else json.dumps(value, default=str)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class _Progress:
+    """'extracting train: 1024/3453 images (30%), 85 img/s, eta 28s' on stderr.
+
+    Rewritten in place on a terminal, otherwise one line per 10%.
+    """
+
+    def __init__(self, split: str, total: int, done: int, enabled: bool):
+        self.split, self.total, self.done, self.enabled = split, total, done, enabled
+        self.start_done, self.start_time = done, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.last_tenth = done * 10 // total
+
+    def advance(self, images: int) -> None:
+        self.done += images
+        tenth = self.done * 10 // self.total
+        if not self.enabled or not (self.tty or tenth > self.last_tenth):
+            return
+        self.last_tenth = tenth
+        rate = (self.done - self.start_done) / max(time.monotonic() - self.start_time, 1e-6)
+        line = (f"extracting {self.split}: {self.done}/{self.total} images "
+                f"({self.done / self.total:.0%}), {rate:.0f} img/s, "
+                f"eta {(self.total - self.done) / rate:.0f}s")
+        end = "\n" if not self.tty or self.done == self.total else ""
+        sys.stderr.write(("\r" if self.tty else "") + line + end)
+        sys.stderr.flush()
