@@ -1,0 +1,60 @@
+"""Keras layers that transferkit puts into its models.
+
+This module imports Keras at import time, so only import it where Keras is needed anyway
+(`transferkit.backbones.create_backbone` does). Import it before
+`keras.saving.load_model(...)` on a saved transferkit model so that `Preprocess` is registered.
+"""
+
+import keras
+from keras import ops
+
+#: ImageNet channel statistics used by `keras.applications.imagenet_utils.preprocess_input`.
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+PREPROCESS_MODES = ("tf", "torch", "caffe", None)
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class Preprocess(keras.layers.Layer):
+    """Turns raw RGB pixels (0..255, channels last) into what an ImageNet backbone expects.
+
+    The same arithmetic as `keras.applications.imagenet_utils.preprocess_input`, as a layer
+    written with `keras.ops` only, so it is saved with the model and runs on every backend.
+
+    Args:
+        mode: `"tf"` (x / 127.5 - 1), `"torch"` (x / 255, then ImageNet mean / std per channel),
+            `"caffe"` (RGB -> BGR, then minus the ImageNet mean pixel), or `None` (identity:
+            for backbones that normalise inside the Keras model, such as EfficientNet).
+        **kwargs: standard layer arguments (`name`, `dtype`, ...).
+
+    Example:
+        >>> x = keras.Input((224, 224, 3))
+        >>> y = Preprocess("tf", name="preprocess")(x)
+    """
+
+    def __init__(self, mode=None, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"Preprocess mode must be one of {PREPROCESS_MODES}, got {mode!r}")
+        self.mode = mode
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(IMAGENET_MEAN_RGB, dtype=self.compute_dtype)
+            std = ops.convert_to_tensor(IMAGENET_STD_RGB, dtype=self.compute_dtype)
+            return (x / 255.0 - mean) / std
+        if self.mode == "caffe":
+            mean = ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=self.compute_dtype)
+            return ops.flip(x, axis=-1) - mean
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
