@@ -1,0 +1,109 @@
+"""The `transferkit` command as a user runs it: real processes, exit codes, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferkit.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def transferkit(*args, cwd=None, env=None):
+    """Run `python -m transferkit ARGS` and return the completed process."""
+    return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("size, similar, expected", [
+    ("small", "yes", "feature extraction from the top (pooled) layer + a linear classifier"),
+    ("small", "no", "feature extraction from an earlier layer + a linear classifier"),
+    ("large", "yes", "warm up a new head on the frozen body, then fine-tune the top blocks"),
+    ("large", "no", "fine-tune most or all of the network from the pretrained start"),
+])
+def test_recommend_each_cell(size, similar, expected):
+    result = transferkit("recommend", "--size", size, "--similar", similar)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout and "why:" in result.stdout and "settings:" in result.stdout
+
+
+def test_recommend_json_is_machine_readable():
+    result = transferkit("recommend", "--size", "small", "--similar", "no", "--json")
+    assert result.returncode == 0
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "extract" and data["recipe"]["extract"]["layer"] == data["settings"]["extract"]["layer"]
+
+
+def test_recommend_medium_is_a_one_line_usage_error():
+    assert_one_line_error(transferkit("recommend", "--size", "medium", "--similar", "yes"),
+                          "small", "large", "--size")
+
+
+def test_recommend_without_similar_says_what_to_pass():
+    assert_one_line_error(transferkit("recommend", "--size", "small"), "--similar yes|no")
+
+
+def test_recommend_writes_a_runnable_recipe_with_data(tmp_path, datasets):
+    out = tmp_path / "cats.yaml"
+    result = transferkit("recommend", "--data", datasets / "cats_dogs", "--similar", "yes", "--write", out)
+    assert result.returncode == 0, result.stderr
+    assert "median_per_class: 250" in result.stdout and "transferkit extract" in result.stdout
+    recipe = load_recipe(out)
+    assert recipe.strategy == "extract" and recipe.data.train == str(datasets / "cats_dogs")
+
+
+def test_recommend_writes_a_placeholder_to_fill_in(tmp_path):
+    out = tmp_path / "r.yaml"
+    result = transferkit("recommend", "--size", "large", "--similar", "yes", "--write", out)
+    assert result.returncode == 0 and "fill in data.train" in result.stdout
+    assert "# FILL IN" in out.read_text()
+    assert load_recipe(out).strategy == "finetune"
+
+
+def test_validate_prints_the_resolved_recipe(tmp_path):
+    result = transferkit("validate", ROOT / "recipes" / "digits.yaml", "--set", "data.batch_size=16")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["data"]["batch_size"] == 16 and resolved["data"]["train"] == "builtin:digits"
+    assert resolved["finetune"]["optimizer"]["name"] == "sgd"  # defaults filled in
+    assert resolved["output"].endswith("runs/digits")
+
+
+def test_validate_typo_is_a_one_line_error_with_a_suggestion(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("data: {train: photos}\nbakbone: {name: mobilenet_v2}\n")
+    assert_one_line_error(transferkit("validate", path), "bakbone", "did you mean backbone?")
+
+
+def test_backbones_lists_the_registry():
+    result = transferkit("backbones")
+    assert result.returncode == 0
+    for name in ["mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                 "efficientnet_b3", "efficientnet_v2_b0", "resnet50", "resnet50_v2", "densenet121",
+                 "inception_v3", "xception", "vgg16", "convnext_tiny"]:
+        assert any(line.split()[0] == name for line in result.stdout.splitlines()), name
+
+
+def test_backbones_detail_and_unknown_name():
+    result = transferkit("backbones", "mobilenet_v2")
+    assert result.returncode == 0 and "block_13_expand" in result.stdout
+    assert_one_line_error(transferkit("backbones", "mobilenetv2"), "did you mean mobilenet_v2")
+
+
+def test_help_and_version():
+    assert transferkit("--help").returncode == 0
+    assert "transferkit recommend --size small --similar yes" in transferkit("recommend", "--help").stdout
+    assert "0.1.0" in transferkit("--version").stdout

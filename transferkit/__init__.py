@@ -1,0 +1,34 @@
+"""transferkit: the best classifier a pretrained ImageNet backbone can give, without boilerplate.
+
+Example:
+    >>> import transferkit as tk
+    >>> run = tk.extract(tk.load_recipe("recipes/digits.yaml"))
+    >>> run.metrics["val"]["top1"]
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any TensorFlow import
+
+__version__ = "0.1.0"
+
+from transferkit.errors import BackboneError, DataError, RecipeError, TransferkitError  # noqa: E402
+from transferkit.recipe import Recipe, load_recipe  # noqa: E402
+from transferkit.recommend import Recommendation, recommend  # noqa: E402
+
+_LAZY = {  # imported on first use: these pull in Keras / TensorFlow
+    "create_backbone": "transferkit.backbones", "list_backbones": "transferkit.backbones",
+    "load_splits": "transferkit.data", "make_dataset": "transferkit.data", "scan_folder": "transferkit.data",
+    "extract": "transferkit.strategies.extract", "Run": "transferkit.run", "cut": "transferkit.surgery",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+
+
+__all__ = ["BackboneError", "DataError", "RecipeError", "Recipe", "Recommendation", "TransferkitError",
+           "load_recipe", "recommend", *_LAZY]

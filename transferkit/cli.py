@@ -1,0 +1,233 @@
+"""The `transferkit` command: a thin skin over the Python API.
+
+Exit codes: 0 success, 1 failure, 2 a usage or input error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+import yaml
+
+from transferkit.errors import TransferkitError
+
+EXAMPLES = """\b
+Examples:
+  transferkit recommend --size small --similar yes
+  transferkit recommend --data photos/ --similar no --write recipe.yaml
+  transferkit validate recipes/digits.yaml
+  transferkit extract recipes/digits.yaml
+  transferkit backbones
+"""
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="transferkit")
+@click.option("-v", "--verbose", is_flag=True, help="Show debug logging.")
+def cli(verbose):
+    """Turn a folder of labelled images into the best classifier a pretrained ImageNet backbone can give."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def backbones(name, as_json):
+    """List the backbones, or one backbone's details and cut points.
+
+    \b
+    Examples:
+      transferkit backbones
+      transferkit backbones mobilenet_v2
+    """
+    from transferkit.backbones import get_backbone_info, list_backbones
+
+    infos = [get_backbone_info(name)] if name else list_backbones()
+    if as_json:
+        click.echo(json.dumps([_backbone_dict(i) for i in infos], indent=2))
+        return
+    if name:
+        info = infos[0]
+        click.echo(f"{info.name}  (keras.applications.{info.constructor})  {info.description}")
+        click.echo(f"  default size: {info.default_size}px (min {info.min_size})")
+        if info.alphas:
+            click.echo(f"  alpha: {', '.join(map(str, info.alphas))}")
+        click.echo(f"  earlier cut for data unlike ImageNet: {info.mid_cut}")
+        click.echo(f"  fine-tune from: {info.finetune_from}")
+        click.echo(f"  cut points (shallow to deep, 'top' = the last, pooled): {', '.join(info.cut_points)}")
+        return
+    width = max(len(i.name) for i in infos)
+    for info in infos:
+        click.echo(f"{info.name:<{width}}  {info.default_size:>3}px  {info.description}")
+
+
+def _backbone_dict(info) -> dict:
+    from dataclasses import asdict
+    return asdict(info)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set finetune.epochs=2 (repeatable).")
+def validate(recipe, overrides):
+    """Check a recipe and print it with every default filled in.
+
+    \b
+    Example:
+      transferkit validate recipes/digits.yaml --set data.batch_size=16
+    """
+    from transferkit.recipe import load_recipe
+
+    click.echo(load_recipe(recipe, overrides=overrides).to_yaml(), nl=False)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set extract.layer=block_12_add (repeatable).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def extract(recipe, overrides, quiet):
+    """Cut the backbone, cache features in HDF5, fit a scikit-learn classifier, write the run folder.
+
+    \b
+    Examples:
+      transferkit extract recipes/digits.yaml
+      transferkit extract recipes/dtd10_extract.yaml --set extract.layer=block_12_add
+    """
+    from transferkit.recipe import load_recipe
+    from transferkit.strategies.extract import extract as run_extract
+
+    recipe = load_recipe(recipe, overrides=overrides)
+    _start_keras_quietly()
+    run = run_extract(recipe, progress=not quiet)
+    click.echo(f"run folder: {run.folder}")
+
+
+class SizeType(click.ParamType):
+    """small, large, or a number of images per class."""
+    name = "small|large|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value in ("small", "large"):
+            return value
+        if str(value).isdigit() and int(value) > 0:
+            return int(value)
+        self.fail(f"{value!r}: expected small, large or a number of images per class (e.g. 300)", param, ctx)
+
+
+@cli.command()
+@click.option("--size", type=SizeType(), help="small, large, or images per class (large from 1000). "
+              "Default: counted in --data.")
+@click.option("--similar", type=click.Choice(["yes", "no"]), help="Do the images look like ImageNet's photos?")
+@click.option("--data", type=str, help="Class-per-folder images (or builtin:digits): counts the images "
+              "and goes into the written recipe.")
+@click.option("--backbone", default="mobilenet_v2", show_default=True, help="Backbone the settings refer to.")
+@click.option("--write", "write_to", type=click.Path(dir_okay=False), help="Write a runnable recipe here.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def recommend(size, similar, data, backbone, write_to, as_json):
+    """Recommend a strategy from dataset size x similarity to ImageNet.
+
+    \b
+    Examples:
+      transferkit recommend --size small --similar yes
+      transferkit recommend --size 2000 --similar no --json
+      transferkit recommend --data photos/ --similar yes --write recipe.yaml
+    """
+    from pathlib import Path
+
+    from transferkit.recommend import recommend as recommend_strategy
+
+    rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone)
+    recipe = rec.recipe(data=_absolute(data), backbone=backbone,
+                        name=Path(write_to).stem if write_to else "my-run")
+    if write_to:
+        _write_recipe(write_to, recipe, rec, placeholder=data is None)
+    if as_json:
+        click.echo(json.dumps({**rec.to_dict(), "recipe": recipe, "written_to": write_to}, indent=2))
+        return
+    click.echo(f"{rec.size} dataset, {'similar to' if rec.similar else 'different from'} ImageNet "
+               f"-> {rec.strategy}: {rec.summary}")
+    for key, value in rec.evidence.items():
+        click.echo(f"  {key}: {value}")
+    click.echo("why:")
+    for line in rec.rationale:
+        click.echo(f"  - {line}")
+    click.echo("settings:")
+    click.echo("  " + yaml.safe_dump(rec.settings, sort_keys=False).rstrip().replace("\n", "\n  "))
+    if write_to:
+        hint = " (fill in data.train first)" if data is None else ""
+        click.echo(f"wrote {write_to}{hint}; run it with: transferkit {_command_for(rec.strategy)} {write_to}")
+
+
+def _absolute(data):
+    from pathlib import Path
+    return None if data is None or data.startswith("builtin:") else str(Path(data).resolve())
+
+
+def _command_for(strategy: str) -> str:
+    return "extract" if strategy == "extract" else "finetune"
+
+
+def _write_recipe(path, recipe: dict, rec, placeholder: bool) -> None:
+    from transferkit.io import atomic_write_text
+    from transferkit.recommend import PLACEHOLDER_DATA
+
+    header = [f"# transferkit recipe: {rec.summary}", *(f"# - {line}" for line in rec.rationale)]
+    text = "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
+    if placeholder:  # a YAML comment keeps the placeholder visible and the file loadable
+        text = text.replace(f"train: {PLACEHOLDER_DATA}\n",
+                            f"train: {PLACEHOLDER_DATA}  # FILL IN: one sub-folder per class\n")
+    atomic_write_text(path, text)
+
+
+def _start_keras_quietly() -> None:
+    """Import Keras and start its backend with TensorFlow's C++ start-up chatter kept off the terminal.
+
+    TensorFlow prints a few lines before its logging is initialised, which no environment setting
+    silences. They are captured and shown only if the start-up fails.
+    """
+    if "keras" in sys.modules:
+        return
+    import os
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import keras
+            keras.ops.convert_to_numpy(keras.ops.zeros(1))  # device start-up prints too
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def main(argv=None) -> None:
+    """Entry point: run the CLI with one-line errors and exit codes 0 / 1 / 2."""
+    try:
+        cli.main(args=argv, prog_name="transferkit", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:  # usage errors: one line, with where to find help
+        command = f" {e.ctx.command_path.split(' ', 1)[1]}" if getattr(e, "ctx", None) and " " in e.ctx.command_path else ""
+        click.echo(f"error: {e.format_message()} (see: transferkit{command} --help)", err=True)
+        sys.exit(e.exit_code)
+    except TransferkitError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,188 @@
+"""The transfer-learning decision table: dataset size x similarity to ImageNet -> a strategy.
+
+|           | similar to ImageNet                    | different from ImageNet                      |
+|-----------|----------------------------------------|----------------------------------------------|
+| **small** | extract features at the top (pooled),  | extract features at an earlier layer,        |
+|           | fit a linear classifier                | fit a linear classifier                      |
+| **large** | warm up a new head, then fine-tune     | fine-tune most or all of the network from    |
+|           | the top blocks                         | the pretrained start                         |
+
+A dataset is *large* from ``LARGE_IMAGES_PER_CLASS`` images per class on (median over classes):
+below that, fine-tuning millions of weights tends to over-fit where a linear classifier on
+frozen features does not.
+
+Example:
+    >>> rec = recommend(size="small", similar=True)
+    >>> rec.strategy, rec.settings["extract"]["layer"]
+    ('extract', 'top')
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transferkit.backbones import get_backbone_info
+from transferkit.errors import TransferkitError
+
+LARGE_IMAGES_PER_CLASS = 1000
+PLACEHOLDER_DATA = "path/to/images"
+
+
+@dataclass
+class Recommendation:
+    """What to do with a dataset, why, and the recipe settings that do it."""
+    size: str                 # "small" | "large"
+    similar: bool
+    strategy: str             # "extract" | "finetune"
+    summary: str
+    rationale: list[str]
+    settings: dict            # recipe sections: extract or head/warmup/finetune
+    evidence: dict = field(default_factory=dict)   # what was given or measured
+
+    def recipe(self, data: str | None = None, backbone: str = "mobilenet_v2", name: str = "my-run") -> dict:
+        """A complete, runnable recipe mapping (``data`` None leaves a placeholder to fill in)."""
+        return {"name": name,
+                "data": {"train": data or PLACEHOLDER_DATA, "val": 0.2,
+                         **({"augment": ["random_flip"]} if self.strategy == "finetune" else {})},
+                "backbone": {"name": backbone, "weights": "imagenet"},
+                "strategy": self.strategy,
+                **self.settings}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def size_from_count(images_per_class: float) -> str:
+    """``"large"`` from :data:`LARGE_IMAGES_PER_CLASS` images per class on, else ``"small"``."""
+    return "large" if images_per_class >= LARGE_IMAGES_PER_CLASS else "small"
+
+
+def count_images(data: str | Path) -> dict:
+    """Images per class of a class-per-folder dataset (files counted, not decoded)."""
+    from transferkit.data import resolve_source, scan_folder
+
+    counts = list(scan_folder(resolve_source(data), screen=False).class_counts().values())
+    return {"classes": len(counts), "images": sum(counts), "min_per_class": min(counts),
+            "median_per_class": statistics.median(counts), "max_per_class": max(counts)}
+
+
+def recommend(size: str | int | None = None, similar: bool | str | None = None, *,
+              data: str | Path | None = None, backbone: str = "mobilenet_v2") -> Recommendation:
+    """Pick a strategy from the decision table.
+
+    Args:
+        size: ``"small"``, ``"large"``, or a number of images per class. ``None`` counts the
+            images in ``data``.
+        similar: whether the images look like ImageNet's photos (``True``/``"yes"``,
+            ``False``/``"no"``).
+        data: a class-per-folder dataset, used to count images when ``size`` is not given.
+        backbone: the registry name whose cut points the settings refer to.
+
+    Returns:
+        A :class:`Recommendation`; ``.recipe(data)`` turns it into a runnable recipe.
+    """
+    evidence = {}
+    if size is None:
+        if data is None:
+            raise TransferkitError("say how big the dataset is: --size small|large|IMAGES_PER_CLASS, "
+                                   "or point --data at the images to count them")
+        evidence = count_images(data)
+        size = size_from_count(evidence["median_per_class"])
+        evidence["size_rule"] = (f"median {evidence['median_per_class']:g} images per class "
+                                 f"{'>=' if size == 'large' else '<'} {LARGE_IMAGES_PER_CLASS}")
+    size = _parse_size(size, evidence)
+    similar = _parse_similar(similar)
+    info = get_backbone_info(backbone)
+    cell = _TABLE[(size, similar)]
+    return Recommendation(size=size, similar=similar, strategy=cell["strategy"], summary=cell["summary"],
+                          rationale=cell["rationale"], settings=cell["settings"](info), evidence=evidence)
+
+
+def _parse_size(size, evidence: dict) -> str:
+    if isinstance(size, str) and size.strip().isdigit():
+        size = int(size)
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        if size < 1:
+            raise TransferkitError(f"size: expected small, large or a number of images per class >= 1, got {size}")
+        evidence.setdefault("images_per_class", size)
+        evidence.setdefault("size_rule", f"{size:g} images per class "
+                            f"{'>=' if size >= LARGE_IMAGES_PER_CLASS else '<'} {LARGE_IMAGES_PER_CLASS}")
+        return size_from_count(size)
+    if size in ("small", "large"):
+        return size
+    raise TransferkitError(f"size: expected small, large or a number of images per class, got {size!r}")
+
+
+def _parse_similar(similar) -> bool:
+    answers = {"yes": True, "true": True, "y": True, "no": False, "false": False, "n": False}
+    if isinstance(similar, bool):
+        return similar
+    if isinstance(similar, str) and similar.lower() in answers:
+        return answers[similar.lower()]
+    if similar is None:
+        raise TransferkitError("say whether the images look like ImageNet's photos: --similar yes|no")
+    raise TransferkitError(f"similar: expected yes or no, got {similar!r}")
+
+
+def _linear_probe(layer: str) -> dict:
+    return {"extract": {"layer": layer, "classifier": {"name": "logistic_regression",
+                                                      "grid": {"C": [0.01, 0.1, 1.0, 10.0]}}}}
+
+
+def _finetune(unfreeze, epochs: int, train_batchnorm: bool) -> dict:
+    return {
+        "head": {"pooling": "avg", "dropout": 0.2},
+        "warmup": {"epochs": 3, "optimizer": {"name": "rmsprop", "learning_rate": 1e-3}},
+        "finetune": {"unfreeze": {**unfreeze, "train_batchnorm": train_batchnorm}, "epochs": epochs,
+                     "optimizer": {"name": "sgd", "learning_rate": 1e-3, "momentum": 0.9, "nesterov": True},
+                     "schedule": {"name": "cosine", "warmup_epochs": 1},
+                     "label_smoothing": 0.1, "early_stopping": {"patience": 3}},
+    }
+
+
+_TABLE = {
+    ("small", True): {
+        "strategy": "extract",
+        "summary": "feature extraction from the top (pooled) layer + a linear classifier",
+        "rationale": [
+            "Too few images to train millions of weights without over-fitting.",
+            "The images look like ImageNet's, so the backbone's top features already describe them well.",
+            "Features are extracted once and cached; a logistic regression fits in seconds.",
+        ],
+        "settings": lambda info: _linear_probe("top"),
+    },
+    ("small", False): {
+        "strategy": "extract",
+        "summary": "feature extraction from an earlier layer + a linear classifier",
+        "rationale": [
+            "Too few images to train millions of weights without over-fitting.",
+            "The top layers specialise in ImageNet's classes; earlier layers hold more generic "
+            "features (edges, textures, parts) that transfer better to images unlike ImageNet's.",
+            "Try other cut points too: `transferkit backbones NAME` lists them.",
+        ],
+        "settings": lambda info: _linear_probe(info.mid_cut),
+    },
+    ("large", True): {
+        "strategy": "finetune",
+        "summary": "warm up a new head on the frozen body, then fine-tune the top blocks",
+        "rationale": [
+            "Enough images to adapt the top blocks without over-fitting.",
+            "The images look like ImageNet's, so the lower layers stay frozen as they are.",
+            "The new head warms up first so its random gradients do not wreck the pretrained features.",
+        ],
+        "settings": lambda info: _finetune({"from": info.finetune_from}, epochs=10, train_batchnorm=False),
+    },
+    ("large", False): {
+        "strategy": "finetune",
+        "summary": "fine-tune most or all of the network from the pretrained start",
+        "rationale": [
+            "Enough images to retrain the whole network; the images differ from ImageNet's, "
+            "so every layer has something to learn.",
+            "Starting from ImageNet weights still converges faster than training from scratch.",
+            "BatchNorm statistics adapt to the new images too (train_batchnorm: true).",
+        ],
+        "settings": lambda info: _finetune({"all": True}, epochs=20, train_batchnorm=True),
+    },
+}
