@@ -1,0 +1,114 @@
+"""The result of training, whatever the strategy, and the run folder it lives in.
+
+Run folder layout::
+
+    runs/<name>/
+      recipe.yaml                  the resolved recipe
+      run.json                     strategy, class names, input size, metrics, timings, versions
+      model/feature_extractor.keras + model/classifier.joblib    (extract)
+      val_*.{json,csv,png,txt}, test_*...                       evaluation reports
+
+Example:
+    >>> run = Run.load("runs/digits")
+    >>> run.predict(["one.png", "two.png"]).argmax(axis=1)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.errors import TransferkitError
+from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
+from transferkit.recipe import Recipe, load_recipe
+
+
+@dataclass
+class Run:
+    """A trained classifier with its recipe, metrics and history.
+
+    Attributes:
+        recipe: the resolved recipe it was trained with.
+        class_names: output index -> class name.
+        image_size: the square input size images are resized to.
+        feature_extractor: keras model, raw images -> features (extract strategy).
+        classifier: scikit-learn estimator on those features (extract strategy).
+        metrics: ``{"val": {...}, "test": {...}}`` from :func:`transferkit.evaluate.evaluate_predictions`.
+        history: per-epoch curves (fine-tuning); empty for extract.
+        info: timings and anything else worth keeping.
+    """
+    recipe: Recipe
+    class_names: list[str]
+    image_size: int
+    feature_extractor: Any = None
+    classifier: Any = None
+    metrics: dict = field(default_factory=dict)
+    history: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    folder: Path | None = None
+
+    @property
+    def strategy(self) -> str:
+        return self.recipe.strategy
+
+    def predict(self, images, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities ``[N, classes]`` for image paths or a uint8/float array ``[N, S, S, 3]``."""
+        from transferkit.classifiers import predict_proba
+        from transferkit.data import load_images
+
+        if not isinstance(images, np.ndarray):
+            images = load_images(list(map(str, images)), self.image_size)
+        features = self.feature_extractor.predict(images.astype("float32"), batch_size=batch_size, verbose=0)
+        return predict_proba(self.classifier, features)
+
+    def save(self, folder: str | Path | None = None) -> Path:
+        """Write the run folder (default: the recipe's ``output``); every file is written atomically."""
+        import joblib
+
+        folder = Path(folder or self.recipe.output)
+        (folder / "model").mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "model" / "feature_extractor.keras") as tmp:
+            self.feature_extractor.save(tmp)
+        with atomic_path(folder / "model" / "classifier.joblib") as tmp:
+            joblib.dump(self.classifier, tmp)
+        atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
+        atomic_write_json(folder / "run.json", self._summary())
+        self.folder = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Run":
+        """Load a run folder written by :meth:`save`; needs neither the training data nor the network."""
+        import joblib
+        import keras
+
+        import transferkit.layers  # noqa: F401  (registers transferkit's layers for deserialisation)
+
+        folder = Path(folder)
+        if not (folder / "run.json").is_file():
+            raise TransferkitError(f"not a run folder: {folder} (expected run.json there; "
+                                   f"train one with `transferkit extract RECIPE`)")
+        summary = json.loads((folder / "run.json").read_text())
+        return cls(recipe=load_recipe(folder / "recipe.yaml"), class_names=summary["class_names"],
+                   image_size=summary["image_size"],
+                   feature_extractor=keras.saving.load_model(folder / "model" / "feature_extractor.keras"),
+                   classifier=joblib.load(folder / "model" / "classifier.joblib"),
+                   metrics=summary.get("metrics", {}), history=summary.get("history", {}),
+                   info=summary.get("info", {}), folder=folder)
+
+    def _summary(self) -> dict:
+        import keras
+        import sklearn
+
+        from transferkit import __version__
+
+        return {"strategy": self.strategy, "class_names": self.class_names, "image_size": self.image_size,
+                "metrics": self.metrics, "history": self.history, "info": self.info,
+                "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": {"transferkit": __version__, "keras": keras.__version__,
+                             "keras_backend": keras.backend.backend(), "scikit-learn": sklearn.__version__}}

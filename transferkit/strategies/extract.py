@@ -1,0 +1,126 @@
+"""Feature extraction: cut the backbone, cache pooled features in HDF5, fit a scikit-learn classifier.
+
+Example:
+    >>> run = extract(load_recipe("recipes/digits.yaml"))
+    >>> run.metrics["val"]["top1"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.data import ImageSet, load_images, load_splits
+from transferkit.features import FeatureStore, cache_key
+from transferkit.io import transferkit_home
+from transferkit.recipe import Recipe, load_recipe
+from transferkit.run import Run
+
+log = logging.getLogger("transferkit")
+
+
+def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
+    """Train the extract strategy end to end and write its run folder.
+
+    Args:
+        recipe: a :class:`Recipe` or the path of a recipe file.
+        progress: show extraction progress on stderr.
+
+    Returns:
+        The :class:`Run`, already saved to ``recipe.output``, with ``metrics["val"]`` (and
+        ``metrics["test"]`` when the recipe has a test set).
+    """
+    from transferkit.backbones import create_backbone, get_backbone_info
+    from transferkit.classifiers import build_classifier, predict_proba
+    from transferkit.evaluate import format_metrics, write_report
+    from transferkit.surgery import cut
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    started = time.perf_counter()
+    splits = load_splits(recipe.data.train, recipe.data.val, recipe.data.test, seed=recipe.seed)
+    image_size = recipe.data.image_size or get_backbone_info(recipe.backbone.name).default_size
+    spec = recipe.backbone
+    body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
+    extractor = cut(body, recipe.extract.layer, recipe.extract.pooling)
+    log.info("features: %s at %s, %d values per image", spec.name, recipe.extract.layer, extractor.output.shape[-1])
+
+    sets = {name: images for name, images in
+            (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images is not None}
+    features = _cached_features(recipe, extractor, image_size, sets, progress)
+    extracted = time.perf_counter()
+
+    train_x, train_y = features["train"]
+    classifier = build_classifier(recipe.extract.classifier, seed=recipe.seed,
+                                  n_samples_per_class=int(np.bincount(train_y).min()))
+    classifier.fit(train_x, train_y)
+    fitted = time.perf_counter()
+    if hasattr(classifier, "best_params_"):
+        log.info("classifier: best %s (cv accuracy %.3f)", classifier.best_params_, classifier.best_score_)
+
+    run = Run(recipe=recipe, class_names=splits.class_names, image_size=image_size,
+              feature_extractor=extractor, classifier=classifier)
+    folder = Path(recipe.output)
+    for name in ("val", "test"):
+        if name in features:
+            x, y = features[name]
+            run.metrics[name] = write_report(folder, y, predict_proba(classifier, x), splits.class_names,
+                                             paths=sets[name].paths, prefix=name)
+            log.info("%s: %s", name, format_metrics(run.metrics[name]))
+    run.info = {"seconds": {"extract": round(extracted - started, 2), "fit": round(fitted - extracted, 2),
+                            "total": round(time.perf_counter() - started, 2)},
+                "images": {name: len(images) for name, images in sets.items()},
+                "skipped_files": [list(item) for images in sets.values() for item in images.skipped],
+                "feature_dim": int(train_x.shape[1]),
+                "best_params": getattr(classifier, "best_params_", None)}
+    run.save(folder)
+    log.info("run saved to %s (%.1fs)", folder, run.info["seconds"]["total"])
+    return run
+
+
+def _cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str, ImageSet],
+                     progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Features and labels per split, read from (or computed into) the shared HDF5 feature store.
+
+    Features are stored per source folder, not per split, so recipes that split the same folder
+    differently (other seed, other fraction) reuse the same cached features.
+    """
+    spec, config = recipe.backbone, _feature_config(recipe, image_size)
+    store = FeatureStore(transferkit_home() / "features" / f"{spec.name}-{_digest(config)}.h5")
+    embed = _embedder(extractor, image_size, recipe.data.batch_size, recipe.extract.tta)
+    by_root: dict[str, dict[str, int]] = {}
+    for images in sets.values():
+        by_root.setdefault(images.root, {}).update(zip(images.paths, images.labels.tolist()))
+    rows: dict[str, np.ndarray] = {}
+    for root, labels in by_root.items():
+        paths = sorted(labels)
+        feats, _ = store.compute(f"{Path(root).name}-{_digest(root)}", paths, np.array([labels[p] for p in paths]),
+                                 embed, key=cache_key(**config, files=paths), attrs={**config, "root": root},
+                                 progress=progress)
+        rows.update(zip(paths, feats))
+    return {name: (np.stack([rows[p] for p in images.paths]), images.labels) for name, images in sets.items()}
+
+
+def _feature_config(recipe: Recipe, image_size: int) -> dict:
+    spec = recipe.backbone
+    return {"backbone": spec.name, "weights": spec.weights, "alpha": spec.alpha, "options": spec.options,
+            "layers": recipe.extract.layer, "pooling": recipe.extract.pooling, "image_size": image_size,
+            "tta": recipe.extract.tta}
+
+
+def _embedder(extractor, image_size: int, batch_size: int, tta: bool):
+    """``paths -> features``: decode with Pillow, run the extractor (averaged over a flip with tta)."""
+    def embed(paths: list[str]) -> np.ndarray:
+        images = load_images(paths, image_size).astype("float32")
+        features = extractor.predict(images, batch_size=batch_size, verbose=0)
+        if tta:
+            features = (features + extractor.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
+        return features.astype("float32")
+    return embed
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
