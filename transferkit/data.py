@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from transferkit.errors import DataError
+from transferkit.io import transferkit_home
 
 BUILTIN_PREFIX = "builtin:"
 PIPELINES = ("auto", "tf", "pydataset")
@@ -106,8 +107,7 @@ def resolve_source(source: str | Path) -> Path:
     if name not in BUILTINS:
         available = ", ".join(BUILTIN_PREFIX + n for n in BUILTINS)
         raise DataError(f"unknown built-in dataset {text!r}: available are {available}")
-    home = Path(os.environ.get("TRANSFERKIT_HOME") or Path.home() / ".cache" / "transferkit")
-    folder = home / "builtin" / name
+    folder = transferkit_home() / "builtin" / name
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
