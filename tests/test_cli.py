@@ -107,3 +107,28 @@ def test_help_and_version():
     assert transferkit("--help").returncode == 0
     assert "transferkit recommend --size small --similar yes" in transferkit("recommend", "--help").stdout
     assert "0.1.0" in transferkit("--version").stdout
+
+
+def test_extract_with_no_cached_weights_fails_fast_naming_the_file(tmp_path, datasets):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{train: {datasets / 'cats_dogs'}}}\nbackbone: {{name: mobilenet_v2}}\n")
+    (tmp_path / "empty").mkdir()
+    result = transferkit("extract", recipe, env={"KERAS_HOME": str(tmp_path / "empty")})
+    assert_one_line_error(result, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+                          str(tmp_path / "empty" / "models"))
+
+
+def test_extract_bad_data_is_a_one_line_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {train: no_such_folder}\nbackbone: {name: mobilenet, alpha: 0.25}\n")
+    assert_one_line_error(transferkit("extract", recipe), "no_such_folder", "not found")
+
+
+def test_quickstart_main_job_runs(tmp_path):
+    """The README's first command, after its install step: builtin digits, real ImageNet weights."""
+    result = transferkit("extract", ROOT / "recipes" / "digits.yaml", "--quiet", cwd=tmp_path,
+                         env={"TRANSFERKIT_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "runs" / "digits" / "val_metrics.json").read_text())
+    assert metrics["n"] == 360 and metrics["top1"] > 0.9
+    assert "val: top-1" in result.stderr and "Traceback" not in result.stderr

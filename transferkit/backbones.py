@@ -305,14 +305,16 @@ def create_backbone(name: str, weights: str | os.PathLike | None = "imagenet",
     """
     info = get_backbone_info(name)
     size = int(image_size or info.default_size)
-    alpha = _check_alpha(info, alpha, weights)
-    _check_size(info, size, include_top and weights == "imagenet")
     for reserved in ("input_tensor", "input_shape"):
         if reserved in kwargs:
             raise BackboneError(f"create_backbone sets {reserved} itself: pass image_size instead")
     drop_rate = kwargs.pop(info.stochastic_depth, None) if info.stochastic_depth else None
     minimalistic = bool(kwargs.get("minimalistic", False))
-    weights_file, keras_weights = _plan_weights(info, weights, alpha, size, include_top, minimalistic)
+    alpha, weights_file, keras_weights = _plan(info, weights, size, alpha, include_top, kwargs)
+    if weights == "imagenet" and weights_file and \
+            weights_file.name != weights_filename(info.name, alpha, size, include_top, minimalistic):
+        logger.info("%s: no %d px ImageNet file cached, reusing the 224 px weights %s",
+                    info.name, size, weights_file.name)
 
     import keras
 
@@ -383,6 +385,28 @@ def resolve_layer(model: keras.Model, name: str) -> str:
 
 # --- helpers -----------------------------------------------------------------------------------
 
+def check_weights(name: str, weights: str | os.PathLike | None = "imagenet", image_size: int | None = None,
+                  alpha: float | None = None, include_top: bool = False, **kwargs) -> None:
+    """Checks, without importing Keras, that `create_backbone` with these arguments can get its weights.
+
+    Call it before slow work (data screening, starting TensorFlow) so a missing weights file or a
+    bad alpha or size fails within seconds. Arguments are those of `create_backbone`.
+
+    Raises:
+        BackboneError: the same one-line error `create_backbone` would raise.
+    """
+    info = get_backbone_info(name)
+    _plan(info, weights, int(image_size or info.default_size), alpha, include_top, kwargs)
+
+
+def _plan(info, weights, size, alpha, include_top, kwargs):
+    """Validated alpha, plus how the weights get in: (alpha, file we load, `weights` for Keras)."""
+    alpha = _check_alpha(info, alpha, weights)
+    _check_size(info, size, include_top and weights == "imagenet")
+    minimalistic = bool(kwargs.get("minimalistic", False))
+    return (alpha, *_plan_weights(info, weights, alpha, size, include_top, minimalistic))
+
+
 def _check_alpha(info, alpha, weights):
     """Validates alpha and returns it as a float (None stays None, meaning 1.0 for ImageNet files)."""
     if alpha is None:
@@ -440,8 +464,6 @@ def _cached_imagenet_file(info, alpha, size, include_top, minimalistic):
     if info.name in _SIZED_WEIGHTS:
         at_224 = models / weights_filename(info.name, alpha, 224, include_top)
         if at_224.is_file():
-            logger.info("%s: %s is not cached, reusing the 224 px weights %s",
-                        info.name, exact.name, at_224.name)
             return at_224
     return None
 

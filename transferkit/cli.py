@@ -99,9 +99,11 @@ def extract(recipe, overrides, quiet):
       transferkit extract recipes/dtd10_extract.yaml --set extract.layer=block_12_add
     """
     from transferkit.recipe import load_recipe
+    from transferkit.strategies import preflight
     from transferkit.strategies.extract import extract as run_extract
 
     recipe = load_recipe(recipe, overrides=overrides)
+    preflight(recipe)  # a missing weights file fails in seconds, before TensorFlow starts
     _start_keras_quietly()
     run = run_extract(recipe, progress=not quiet)
     click.echo(f"run folder: {run.folder}")

@@ -19,6 +19,7 @@ from transferkit.features import FeatureStore, cache_key
 from transferkit.io import transferkit_home
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run import Run
+from transferkit.strategies import preflight
 
 log = logging.getLogger("transferkit")
 
@@ -34,16 +35,16 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
         The :class:`Run`, already saved to ``recipe.output``, with ``metrics["val"]`` (and
         ``metrics["test"]`` when the recipe has a test set).
     """
-    from transferkit.backbones import create_backbone, get_backbone_info
+    from transferkit.backbones import create_backbone
     from transferkit.classifiers import build_classifier, predict_proba
     from transferkit.evaluate import format_metrics, write_report
     from transferkit.surgery import cut
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     started = time.perf_counter()
-    splits = load_splits(recipe.data.train, recipe.data.val, recipe.data.test, seed=recipe.seed)
-    image_size = recipe.data.image_size or get_backbone_info(recipe.backbone.name).default_size
     spec = recipe.backbone
+    image_size = preflight(recipe)
+    splits = load_splits(recipe.data.train, recipe.data.val, recipe.data.test, seed=recipe.seed)
     body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
     extractor = cut(body, recipe.extract.layer, recipe.extract.pooling)
     log.info("features: %s at %s, %d values per image", spec.name, recipe.extract.layer, extractor.output.shape[-1])
