@@ -89,3 +89,43 @@ def _counting(compute, calls):
         finally:
             calls.append(count[0])
     return wrapped
+
+
+def test_predict_command_skips_and_names_a_corrupt_file(first_run, small_cats_dogs, tmp_path):
+    from test_cli import transferkit
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    good = sorted((small_cats_dogs / "cat").iterdir())[:3]
+    for path in good:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.jpg").write_bytes(good[0].read_bytes()[:300])
+    result = transferkit("predict", first_run.folder, folder, "--json", "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(os.path.basename(r["path"]) for r in rows) == sorted(p.name for p in good)
+    assert all(r["class"] in ("cat", "dog") and len(r["top"]) == 2 for r in rows)
+    assert "broken.jpg" in result.stderr and result.stderr.count("warning:") == 1
+
+
+def test_predict_matches_the_saved_run(first_run, small_cats_dogs):
+    loaded = Run.load(first_run.folder)
+    rows, skipped = loaded.classify([small_cats_dogs / "dog"], top_k=1)
+    assert len(rows) == 20 and not skipped
+    expected = first_run.predict([r["path"] for r in rows]).max(axis=1)
+    np.testing.assert_allclose([r["probability"] for r in rows], expected, atol=1e-5)
+
+
+def test_evaluate_command_on_other_data(first_run, small_cats_dogs):
+    from test_cli import transferkit
+
+    result = transferkit("evaluate", first_run.folder, "--data", small_cats_dogs)
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout
+    metrics = json.loads((first_run.folder / "evaluations" / small_cats_dogs.name / "eval_metrics.json").read_text())
+    assert metrics["n"] == 40
+
+
+def test_evaluate_again_on_the_runs_own_split_gives_the_same_metrics(first_run):
+    again = Run.load(first_run.folder).evaluate()
+    assert again["top1"] == first_run.metrics["val"]["top1"] and again["n"] == first_run.metrics["val"]["n"]

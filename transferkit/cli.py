@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 
 import click
 import yaml
@@ -20,6 +21,8 @@ Examples:
   transferkit recommend --data photos/ --similar no --write recipe.yaml
   transferkit validate recipes/digits.yaml
   transferkit extract recipes/digits.yaml
+  transferkit predict runs/digits image.png folder/
+  transferkit evaluate runs/digits --data other_images/
   transferkit backbones
 """
 
@@ -30,6 +33,7 @@ Examples:
 def cli(verbose):
     """Turn a folder of labelled images into the best classifier a pretrained ImageNet backbone can give."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
 @cli.command()
@@ -107,6 +111,61 @@ def extract(recipe, overrides, quiet):
     _start_keras_quietly()
     run = run_extract(recipe, progress=not quiet)
     click.echo(f"run folder: {run.folder}")
+
+
+@cli.command()
+@click.argument("run_folder", type=click.Path(file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Classes listed per image.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines for machines.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV for machines.")
+def predict(run_folder, images, top_k, as_json, as_csv):
+    """Classify images (files or folders, searched recursively) with a trained run.
+
+    \b
+    Examples:
+      transferkit predict runs/digits photo1.png photo2.png
+      transferkit predict runs/flowers new_photos/ --csv > predictions.csv
+    """
+    import csv
+
+    from transferkit.run import Run
+
+    _start_keras_quietly()
+    rows, _ = Run.load(run_folder).classify(images, top_k=top_k)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+    elif as_csv:
+        writer = csv.writer(click.get_text_stream("stdout"))
+        writer.writerow(["path", "class", "probability", "top"])
+        for row in rows:
+            writer.writerow([row["path"], row["class"], f"{row['probability']:.4f}",
+                             ";".join(f"{name}:{p:.4f}" for name, p in row["top"])])
+    else:
+        for row in rows:
+            others = ", ".join(f"{name} {p:.2f}" for name, p in row["top"][1:])
+            click.echo(f"{row['path']}: {row['class']} ({row['probability']:.2f})" + (f"  [{others}]" if others else ""))
+
+
+@cli.command()
+@click.argument("run_folder", type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(file_okay=False), help="A class-per-folder set with the run's classes. "
+              "Default: the run's own test (else val) split.")
+def evaluate(run_folder, data):
+    """Evaluate a trained run again, on its own held-out split or on other data.
+
+    \b
+    Examples:
+      transferkit evaluate runs/flowers
+      transferkit evaluate runs/flowers --data more_flowers/
+    """
+    from transferkit.evaluate import format_metrics
+    from transferkit.run import Run
+
+    _start_keras_quietly()
+    run = Run.load(run_folder)
+    click.echo(format_metrics(run.evaluate(data)))
 
 
 class SizeType(click.ParamType):

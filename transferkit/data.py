@@ -179,15 +179,9 @@ def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: 
                             f"({', '.join(class_names)}): rename or remove the folder")
 
     candidates = [(path, name) for name in folders for path in _files_under(root / name)]
-    check = _decode_problem if screen else _extension_problem
-    with ThreadPoolExecutor() as pool:
-        problems = list(pool.map(check, [path for path, _ in candidates]))
-    kept = [(path, name) for (path, name), problem in zip(candidates, problems) if problem is None]
-    skipped = [(path, problem) for (path, _), problem in zip(candidates, problems) if problem is not None]
-    if skipped:
-        listing = ", ".join(f"{os.path.relpath(path, root)} ({reason})" for path, reason in skipped)
-        warnings.warn(f"skipped {len(skipped)} unreadable file{'s' * (len(skipped) > 1)} in {shown}: {listing}",
-                      stacklevel=2)
+    good, skipped = screen_files([path for path, _ in candidates], decode=screen, shown_root=root)
+    good = set(good)
+    kept = [(path, name) for path, name in candidates if path in good]
     present = {name for _, name in kept}
     empty = [name for name in folders if name not in present]
     if empty:
@@ -197,6 +191,52 @@ def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: 
     index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([index[name] for _, name in kept], dtype=np.int64)
     return ImageSet([path for path, _ in kept], labels, class_names, os.path.abspath(root), skipped)
+
+
+def screen_files(paths: list[str], decode: bool = True, shown_root=None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split files into usable images and skipped ``(path, reason)`` pairs; one warning lists the skipped.
+
+    Args:
+        paths: image file paths.
+        decode: decode every file (in a thread pool) to catch corrupt and truncated ones;
+            False only checks for an image extension.
+        shown_root: folder that the warning shows paths relative to.
+
+    Returns:
+        ``(good paths in the given order, skipped)``.
+    """
+    check = _decode_problem if decode else _extension_problem
+    with ThreadPoolExecutor() as pool:
+        problems = list(pool.map(check, paths))
+    good = [path for path, problem in zip(paths, problems) if problem is None]
+    skipped = [(path, problem) for path, problem in zip(paths, problems) if problem is not None]
+    if skipped:
+        where = f" in {str(shown_root).rstrip('/')}/" if shown_root else ""
+        listing = ", ".join(f"{os.path.relpath(path, shown_root) if shown_root else path} ({reason})"
+                            for path, reason in skipped)
+        warnings.warn(f"skipped {len(skipped)} unreadable file{'s' * (len(skipped) > 1)}{where}: {listing}",
+                      stacklevel=3)
+    return good, skipped
+
+
+def find_images(inputs) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files named in ``inputs`` or found below the folders among them, screened.
+
+    Returns:
+        ``(usable image paths, skipped (path, reason) pairs)``; the skipped are listed in one warning.
+
+    Raises:
+        DataError: an input does not exist.
+    """
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += _files_under(item)
+        elif item.is_file():
+            paths.append(str(item.resolve()))
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    return screen_files(paths)
 
 
 def _files_under(folder: Path) -> list[str]:

@@ -66,6 +66,50 @@ class Run:
         features = self.feature_extractor.predict(images.astype("float32"), batch_size=batch_size, verbose=0)
         return predict_proba(self.classifier, features)
 
+    def classify(self, inputs, top_k: int = 5) -> tuple[list[dict], list[tuple[str, str]]]:
+        """Predict image files and folders (searched recursively); unreadable files are skipped.
+
+        Returns:
+            ``(rows, skipped)``: per image ``{"path", "class", "probability", "top": [[class, p], ...]}``,
+            and the ``(path, reason)`` pairs that could not be read (also listed in one warning).
+        """
+        from transferkit.data import find_images
+
+        paths, skipped = find_images(inputs)
+        if not paths:
+            raise TransferkitError(f"no readable images in {', '.join(map(str, inputs))}")
+        probabilities = self.predict(paths)
+        order = np.argsort(-probabilities, axis=1)[:, :top_k]
+        rows = [{"path": path, "class": self.class_names[best[0]], "probability": float(p[best[0]]),
+                 "top": [[self.class_names[i], float(p[i])] for i in best]}
+                for path, p, best in zip(paths, probabilities, order)]
+        return rows, skipped
+
+    def evaluate(self, data: str | Path | None = None) -> dict:
+        """Evaluate on a class-per-folder ``data`` folder, or again on the run's own test (else val) split.
+
+        Reports go to ``<run>/evaluations/<data folder name>/`` (or the run folder itself for its own split).
+
+        Returns:
+            The metrics of :func:`transferkit.evaluate.evaluate_predictions`.
+        """
+        from transferkit.data import load_splits, scan_folder
+        from transferkit.evaluate import write_report
+
+        folder = Path(self.folder or self.recipe.output)
+        if data is not None:
+            images, prefix = scan_folder(data, class_names=self.class_names), "eval"
+            folder = folder / "evaluations" / Path(data).resolve().name
+        else:
+            data_spec = self.recipe.data
+            splits = load_splits(data_spec.train, data_spec.val, data_spec.test, seed=self.recipe.seed)
+            prefix = "test" if splits.test is not None else "val"
+            images = getattr(splits, prefix)
+            if images is None:
+                raise TransferkitError("the recipe has neither a test nor a val split: pass --data DIR")
+        return write_report(folder, images.labels, self.predict(images.paths), self.class_names,
+                            paths=images.paths, prefix=prefix)
+
     def save(self, folder: str | Path | None = None) -> Path:
         """Write the run folder (default: the recipe's ``output``); every file is written atomically."""
         import joblib
