@@ -1,0 +1,131 @@
+"""Export an extract run as one Keras model: raw images -> class probabilities.
+
+The run's `StandardScaler` and linear classifier fold into a single `Dense` layer on top of the
+feature extractor, followed by a softmax, so the exported model needs neither scikit-learn nor
+transferkit's predict code:
+
+    z = W ((x - mean) / scale) + b = (W / scale) x + (b - W (mean / scale))
+
+The class names travel in a JSON file next to the model, `<stem>.classes.json`
+(`{"class_names": [...], "image_size": S}`): any tool reads it, and the `.keras` file stays a plain
+Keras model. `load_exported_model` reads both.
+
+Example:
+    >>> path = export_model("runs/flowers")            # runs/flowers/model/model.keras
+    >>> model, class_names = load_exported_model(path)
+    >>> model.predict(pixels)                           # float32 [N, S, S, 3] in 0..255
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.errors import TransferkitError
+from transferkit.io import atomic_path, atomic_write_json
+
+
+def export_model(run, path: str | Path | None = None) -> Path:
+    """Writes a run's feature extractor and linear classifier as one Keras model.
+
+    The model takes raw RGB pixels (float32 `[N, S, S, 3]`, 0..255) and outputs the class
+    probabilities of `transferkit.classifiers.predict_proba`, through a `Dense` layer named
+    "classifier" and a softmax.
+
+    Args:
+        run: a `transferkit.run.Run` of the extract strategy, or its run folder.
+        path: the `.keras` file to write; default `<run folder>/model/model.keras`. The class
+            names go to `<stem>.classes.json` beside it.
+
+    Returns:
+        The path of the model file (written atomically).
+
+    Raises:
+        TransferkitError: the classifier is not linear (logistic_regression or linear_svm), or
+            there is no path to write to.
+    """
+    import keras
+
+    from transferkit.run import Run
+
+    run = run if isinstance(run, Run) else Run.load(run)
+    if run.classifier is None:
+        raise TransferkitError(f"export needs an extract run with a linear classifier; this run "
+                               f"({run.strategy}) has no scikit-learn classifier")
+    kernel, bias, classes = fold_linear_classifier(run.classifier, run.recipe.extract.classifier.name)
+    if path is None and run.folder is None:
+        raise TransferkitError("this run has no folder yet: save it, or give export_model a path")
+    path = Path(path or Path(run.folder) / "model" / "model.keras")
+    if path.suffix != ".keras":
+        raise TransferkitError(f"export path {path} must end in .keras")
+
+    extractor = run.feature_extractor
+    classifier = keras.layers.Dense(len(bias), name="classifier")
+    probabilities = keras.layers.Softmax(name="probabilities")(classifier(extractor.output))
+    model = keras.Model(extractor.inputs, probabilities, name=f"{extractor.name}_classifier")
+    classifier.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+
+    atomic_write_json(_classes_path(path), {"class_names": [run.class_names[c] for c in classes],
+                                            "image_size": run.image_size})
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return path
+
+
+def load_exported_model(path: str | Path):
+    """Loads a model written by `export_model`, with its class names.
+
+    Returns:
+        `(keras.Model, class_names)`.
+    """
+    import keras
+
+    import transferkit.layers  # noqa: F401  (registers Preprocess for deserialisation)
+
+    path = Path(path)
+    return keras.saving.load_model(path), json.loads(_classes_path(path).read_text())["class_names"]
+
+
+def fold_linear_classifier(estimator, name: str = "this classifier"):
+    """A fitted `[StandardScaler ->] LogisticRegression | LinearSVC` as one softmax-ready linear map.
+
+    Args:
+        estimator: the fitted classifier, a `Pipeline` (maybe inside `GridSearchCV`) or a bare
+            linear model.
+        name: what to call the classifier in the error message.
+
+    Returns:
+        `(kernel [d, C], bias [C], classes [C])`, float64: `softmax(x @ kernel + bias)` equals
+        `transferkit.classifiers.predict_proba(estimator, x)`; `classes` are the label of each output.
+
+    Raises:
+        TransferkitError: not a linear classifier, or a step other than `StandardScaler` before it.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    estimator = getattr(estimator, "best_estimator_", estimator)
+    steps = [step for _, step in getattr(estimator, "steps", [(None, estimator)]) if step not in (None, "passthrough")]
+    *scalers, linear = steps
+    if not isinstance(linear, (LogisticRegression, LinearSVC)):
+        raise TransferkitError(f"export needs a linear classifier (logistic_regression or linear_svm); this run "
+                               f"uses {name}: use `transferkit predict` instead")
+    weights, bias = linear.coef_.astype(np.float64), linear.intercept_.astype(np.float64)
+    for scaler in reversed(scalers):  # fold from the classifier inwards
+        if not isinstance(scaler, StandardScaler):
+            raise TransferkitError(f"export can fold StandardScaler only, not {type(scaler).__name__}: "
+                                   "use `transferkit predict` instead")
+        scale = scaler.scale_ if scaler.scale_ is not None else np.ones(weights.shape[1])
+        mean = scaler.mean_ if scaler.with_mean else np.zeros(weights.shape[1])
+        weights, bias = weights / scale, bias - weights @ (mean / scale)
+    if len(weights) == 1:  # binary score z: LogisticRegression gives softmax([0, z]), LinearSVC softmax([-z, z])
+        sign = 0.0 if isinstance(linear, LogisticRegression) else -1.0
+        weights, bias = np.concatenate([sign * weights, weights]), np.concatenate([sign * bias, bias])
+    return weights.T, bias, linear.classes_
+
+
+def _classes_path(model_path: Path) -> Path:
+    return model_path.with_name(f"{model_path.stem}.classes.json")
