@@ -129,3 +129,28 @@ def test_evaluate_command_on_other_data(first_run, small_cats_dogs):
 def test_evaluate_again_on_the_runs_own_split_gives_the_same_metrics(first_run):
     again = Run.load(first_run.folder).evaluate()
     assert again["top1"] == first_run.metrics["val"]["top1"] and again["n"] == first_run.metrics["val"]["n"]
+
+
+def test_tta_is_part_of_the_saved_model_so_predict_matches_training(small_cats_dogs, home, tmp_path):
+    run = extract(make_recipe(small_cats_dogs, tmp_path / "tta", tta=True), progress=False)
+    val = [row.split(",")[0] for row in (run.folder / "val_predictions.csv").read_text().splitlines()[1:]]
+    saved = np.array([float(row.split(",")[3]) for row in (run.folder / "val_predictions.csv").read_text().splitlines()[1:]])
+    np.testing.assert_allclose(Run.load(run.folder).predict(val).max(axis=1), saved, atol=1e-4)
+    image = np.random.default_rng(0).uniform(0, 255, (1, 128, 128, 3)).astype("float32")
+    np.testing.assert_allclose(run.feature_extractor.predict(image, verbose=0),
+                               run.feature_extractor.predict(image[:, :, ::-1], verbose=0), atol=1e-4)
+
+
+def test_export_command_writes_a_model_that_agrees_with_the_run(first_run, small_cats_dogs):
+    from test_cli import transferkit
+
+    from transferkit.export import load_exported_model
+
+    result = transferkit("export", first_run.folder)
+    assert result.returncode == 0, result.stderr
+    model, class_names = load_exported_model(first_run.folder / "model" / "model.keras")
+    paths = sorted(str(p) for p in (small_cats_dogs / "cat").iterdir())[:6]
+    from transferkit.data import load_images
+    exported = model.predict(load_images(paths, 128).astype("float32"), verbose=0)
+    assert class_names == ["cat", "dog"]
+    np.testing.assert_allclose(exported, first_run.predict(paths), atol=1e-4)

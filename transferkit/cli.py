@@ -23,6 +23,7 @@ Examples:
   transferkit extract recipes/digits.yaml
   transferkit predict runs/digits image.png folder/
   transferkit evaluate runs/digits --data other_images/
+  transferkit export runs/digits
   transferkit backbones
 """
 
@@ -166,6 +167,23 @@ def evaluate(run_folder, data):
     _start_keras_quietly()
     run = Run.load(run_folder)
     click.echo(format_metrics(run.evaluate(data)))
+
+
+@cli.command()
+@click.argument("run_folder", type=click.Path(file_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), help="Where to write the .keras model. "
+              "Default: RUN_FOLDER/model/model.keras.")
+def export(run_folder, output):
+    """Fold a linear classifier into the network: one .keras model, raw images in, probabilities out.
+
+    \b
+    Example:
+      transferkit export runs/digits
+    """
+    from transferkit.export import export_model
+
+    _start_keras_quietly()
+    click.echo(f"wrote {export_model(run_folder, output)}")
 
 
 class SizeType(click.ParamType):

@@ -58,3 +58,11 @@ class Preprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class HorizontalFlip(keras.layers.Layer):
+    """Mirrors images left to right (deterministic; used for test-time augmentation)."""
+
+    def call(self, inputs):
+        return keras.ops.flip(inputs, axis=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 
 from transferkit.backbones import resolve_layer
+from transferkit.layers import HorizontalFlip
 
 POOLING = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
 
@@ -30,3 +31,14 @@ def cut(model: keras.Model, layers: str | list[str] = "top", pooling: str = "avg
     pooled = [POOLING[pooling](name=f"{name}_{pooling}_pool")(model.get_layer(name).output) for name in names]
     outputs = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="features")(pooled)
     return keras.Model(model.inputs, outputs, name=f"{model.name}_features")
+
+
+def average_over_flips(model: keras.Model) -> keras.Model:
+    """A model whose output is the mean of ``model`` on each image and on its mirror image.
+
+    Test-time augmentation built into the model, so training features, ``predict`` and exported
+    models all see the same thing.
+    """
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    outputs = keras.layers.Average(name="flip_average")([model(inputs), model(HorizontalFlip(name="flip")(inputs))])
+    return keras.Model(inputs, outputs, name=f"{model.name}_tta")

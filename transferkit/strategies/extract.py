@@ -38,7 +38,7 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     from transferkit.backbones import create_backbone
     from transferkit.classifiers import build_classifier, predict_proba
     from transferkit.evaluate import format_metrics, write_report
-    from transferkit.surgery import cut
+    from transferkit.surgery import average_over_flips, cut
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     started = time.perf_counter()
@@ -47,6 +47,8 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     splits = load_splits(recipe.data.train, recipe.data.val, recipe.data.test, seed=recipe.seed)
     body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
     extractor = cut(body, recipe.extract.layer, recipe.extract.pooling)
+    if recipe.extract.tta:
+        extractor = average_over_flips(extractor)
     log.info("features: %s at %s, %d values per image", spec.name, recipe.extract.layer, extractor.output.shape[-1])
 
     sets = {name: images for name, images in
@@ -91,7 +93,7 @@ def _cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str,
     """
     spec, config = recipe.backbone, _feature_config(recipe, image_size)
     store = FeatureStore(transferkit_home() / "features" / f"{spec.name}-{_digest(config)}.h5")
-    embed = _embedder(extractor, image_size, recipe.data.batch_size, recipe.extract.tta)
+    embed = _embedder(extractor, image_size, recipe.data.batch_size)
     by_root: dict[str, dict[str, int]] = {}
     for images in sets.values():
         by_root.setdefault(images.root, {}).update(zip(images.paths, images.labels.tolist()))
@@ -112,14 +114,11 @@ def _feature_config(recipe: Recipe, image_size: int) -> dict:
             "tta": recipe.extract.tta}
 
 
-def _embedder(extractor, image_size: int, batch_size: int, tta: bool):
-    """``paths -> features``: decode with Pillow, run the extractor (averaged over a flip with tta)."""
+def _embedder(extractor, image_size: int, batch_size: int):
+    """``paths -> features``: decode with Pillow, run the extractor."""
     def embed(paths: list[str]) -> np.ndarray:
         images = load_images(paths, image_size).astype("float32")
-        features = extractor.predict(images, batch_size=batch_size, verbose=0)
-        if tta:
-            features = (features + extractor.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
-        return features.astype("float32")
+        return extractor.predict(images, batch_size=batch_size, verbose=0).astype("float32")
     return embed
 
 
