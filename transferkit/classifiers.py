@@ -29,7 +29,7 @@ class ClassifierInfo:
 
 CLASSIFIERS = {
     "logistic_regression": ClassifierInfo("sklearn.linear_model:LogisticRegression", {"max_iter": 3000},
-                                          {"C": [0.01, 0.1, 1.0, 10.0]}),
+                                          {"C": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}),
     "linear_svm": ClassifierInfo("sklearn.svm:LinearSVC", {"max_iter": 5000}, {"C": [0.001, 0.01, 0.1, 1.0]}),
     "knn": ClassifierInfo("sklearn.neighbors:KNeighborsClassifier", {"weights": "distance"},
                           {"n_neighbors": [1, 5, 15]}),
@@ -89,7 +89,7 @@ def build_classifier(spec: ClassifierSpec, seed: int = 0, n_samples_per_class: i
                           f"(it takes: {', '.join(sorted(accepted))})")
     folds = max(2, min(5, n_samples_per_class or 5))
     return GridSearchCV(model, {f"classifier__{k}": list(v) for k, v in grid.items()},
-                        cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=None)
+                        cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=-1)
 
 
 def predict_proba(model, features: np.ndarray) -> np.ndarray:

@@ -66,3 +66,11 @@ class HorizontalFlip(keras.layers.Layer):
 
     def call(self, inputs):
         return keras.ops.flip(inputs, axis=2)
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class SignedSqrt(keras.layers.Layer):
+    """Power normalisation: sign(x) * sqrt(|x|), which evens out bursty pooled features."""
+
+    def call(self, inputs):
+        return keras.ops.sign(inputs) * keras.ops.sqrt(keras.ops.abs(inputs))

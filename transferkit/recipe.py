@@ -190,7 +190,8 @@ class ExtractSpec:
     layer: Union[str, list[str]] = _spec("top", doc="top, a layer name, or a list (concatenated)")
     pooling: Literal["avg", "max"] = _spec("avg")
     classifier: ClassifierSpec = _spec(ClassifierSpec())
-    tta: bool = _spec(False, doc="average features over horizontal flips")
+    tta: bool = _spec(True, doc="average features over horizontal flips")
+    power_norm: bool = _spec(True, doc="signed square root of each feature before the classifier")
 
 
 @dataclass

@@ -127,8 +127,7 @@ def _parse_similar(similar) -> bool:
 
 
 def _linear_probe(layer: str) -> dict:
-    return {"extract": {"layer": layer, "classifier": {"name": "logistic_regression",
-                                                      "grid": {"C": [0.01, 0.1, 1.0, 10.0]}}}}
+    return {"extract": {"layer": layer, "classifier": {"name": "logistic_regression"}}}
 
 
 def _finetune(unfreeze, epochs: int, train_batchnorm: bool) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 
 from transferkit.backbones import resolve_layer
-from transferkit.layers import HorizontalFlip
+from transferkit.layers import HorizontalFlip, SignedSqrt
 
 POOLING = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
 
@@ -42,3 +42,8 @@ def average_over_flips(model: keras.Model) -> keras.Model:
     inputs = keras.Input(model.input_shape[1:], name="image")
     outputs = keras.layers.Average(name="flip_average")([model(inputs), model(HorizontalFlip(name="flip")(inputs))])
     return keras.Model(inputs, outputs, name=f"{model.name}_tta")
+
+
+def power_normalize(model: keras.Model) -> keras.Model:
+    """``model`` followed by a signed square root of each output value."""
+    return keras.Model(model.inputs, SignedSqrt(name="power_norm")(model.output), name=f"{model.name}_sqrt")

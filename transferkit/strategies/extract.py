@@ -38,7 +38,7 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     from transferkit.backbones import create_backbone
     from transferkit.classifiers import build_classifier, predict_proba
     from transferkit.evaluate import format_metrics, write_report
-    from transferkit.surgery import average_over_flips, cut
+    from transferkit.surgery import average_over_flips, cut, power_normalize
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     started = time.perf_counter()
@@ -49,6 +49,8 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     extractor = cut(body, recipe.extract.layer, recipe.extract.pooling)
     if recipe.extract.tta:
         extractor = average_over_flips(extractor)
+    if recipe.extract.power_norm:
+        extractor = power_normalize(extractor)
     log.info("features: %s at %s, %d values per image", spec.name, recipe.extract.layer, extractor.output.shape[-1])
 
     sets = {name: images for name, images in
@@ -111,7 +113,7 @@ def _feature_config(recipe: Recipe, image_size: int) -> dict:
     spec = recipe.backbone
     return {"backbone": spec.name, "weights": spec.weights, "alpha": spec.alpha, "options": spec.options,
             "layers": recipe.extract.layer, "pooling": recipe.extract.pooling, "image_size": image_size,
-            "tta": recipe.extract.tta}
+            "tta": recipe.extract.tta, "power_norm": recipe.extract.power_norm}
 
 
 def _embedder(extractor, image_size: int, batch_size: int):
