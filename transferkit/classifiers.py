@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -90,6 +91,35 @@ def build_classifier(spec: ClassifierSpec, seed: int = 0, n_samples_per_class: i
     folds = max(2, min(5, n_samples_per_class or 5))
     return GridSearchCV(model, {f"classifier__{k}": list(v) for k, v in grid.items()},
                         cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=-1)
+
+
+def fit_cached(model, features: np.ndarray, labels: np.ndarray, cache_dir) -> tuple[object, bool]:
+    """Fit ``model``, or load the same fit from ``cache_dir`` when it was made before.
+
+    The cache key is a digest of the features, labels, the unfitted estimator (all its
+    parameters, seeds included) and the scikit-learn version, so anything that could change the
+    fit refits.
+
+    Returns:
+        ``(fitted model, True if it came from the cache)``.
+    """
+    import joblib
+    import sklearn
+
+    from transferkit.io import atomic_path
+
+    key = joblib.hash([np.ascontiguousarray(features), np.ascontiguousarray(labels), model, sklearn.__version__])
+    path = Path(cache_dir) / f"{key}.joblib"
+    if path.is_file():
+        try:
+            return joblib.load(path), True
+        except Exception:  # a cache entry that cannot be read is refitted and rewritten
+            pass
+    model.fit(features, labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        joblib.dump(model, tmp)
+    return model, False
 
 
 def predict_proba(model, features: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
         ``metrics["test"]`` when the recipe has a test set).
     """
     from transferkit.backbones import create_backbone
-    from transferkit.classifiers import build_classifier, predict_proba
+    from transferkit.classifiers import build_classifier, fit_cached, predict_proba
     from transferkit.evaluate import format_metrics, write_report
     from transferkit.surgery import average_over_flips, cut, power_normalize
 
@@ -61,8 +61,10 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     train_x, train_y = features["train"]
     classifier = build_classifier(recipe.extract.classifier, seed=recipe.seed,
                                   n_samples_per_class=int(np.bincount(train_y).min()))
-    classifier.fit(train_x, train_y)
+    classifier, reused = fit_cached(classifier, train_x, train_y, transferkit_home() / "classifiers")
     fitted = time.perf_counter()
+    if reused:
+        log.info("classifier: the same features and settings were fitted before; reusing that fit")
     if hasattr(classifier, "best_params_"):
         log.info("classifier: best %s (cv accuracy %.3f)", classifier.best_params_, classifier.best_score_)
 
