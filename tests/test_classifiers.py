@@ -31,7 +31,7 @@ def test_class_weight_on_a_classifier_without_it_names_the_key():
 
 def test_any_estimator_by_import_path_with_its_own_grid(imbalanced):
     x, y = imbalanced
-    model = build_classifier(ClassifierSpec("sklearn.svm:SVC", params={"probability": True},
+    model = build_classifier(ClassifierSpec("sklearn.svm:SVC",
                                             grid={"C": [0.1, 1.0]}), seed=0, n_samples_per_class=10).fit(x, y)
     assert type(model.best_estimator_.named_steps["classifier"]).__name__ == "SVC"
     assert model.best_params_["classifier__C"] in (0.1, 1.0)
