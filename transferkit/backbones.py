@@ -365,7 +365,7 @@ def resolve_layer(model: keras.Model, name: str) -> str:
     Raises:
         BackboneError: no such layer; the message suggests the closest name and the cut points.
     """
-    info = _backbone_of(model)
+    info = backbone_of(model)
     names = [layer.name for layer in model.layers]
     if name == "top":
         if info is None or info.cut_points[-1] not in names:
@@ -522,7 +522,7 @@ def _set_drop_connect_rate(model, rate):
             layer.rate = layer.rate * rate / _KERAS_DROP_CONNECT_RATE
 
 
-def _backbone_of(model):
+def backbone_of(model):
     """The registry entry a model was built from: by name, else by which cut points it has."""
     if model.name in BACKBONES:
         return BACKBONES[model.name]

@@ -10,14 +10,13 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from transferkit.errors import RecipeError
-from transferkit.recipe import ClassifierSpec
+from transferkit.recipe import ClassifierSpec, import_object
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,8 @@ def build_classifier(spec: ClassifierSpec, seed: int = 0, n_samples_per_class: i
     from sklearn.preprocessing import StandardScaler
 
     info = classifier_info(spec)
-    estimator_class = _import(info.path)
+    estimator_class = import_object(info.path, "extract.classifier.name",
+                                    "a scikit-learn estimator class, e.g. sklearn.svm:SVC")
     params = {**info.params, **spec.params}
     accepted = estimator_class().get_params()
     if "random_state" in accepted:
@@ -135,12 +135,3 @@ def predict_proba(model, features: np.ndarray) -> np.ndarray:
     scores = scores - scores.max(axis=1, keepdims=True)
     exp = np.exp(scores)
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def _import(path: str):
-    module_name, _, attr = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError):
-        raise RecipeError(f"extract.classifier.name: cannot import {path!r}: "
-                          f"expected module:Class, e.g. sklearn.svm:SVC") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib
 import operator
 import types
 import typing
@@ -138,6 +139,20 @@ class UnfreezeSpec:
     @classmethod
     def _from_scalar(cls, value):
         return {"all": True} if value == "all" else value
+
+    def mode(self) -> tuple[str, object]:
+        """The one mode set, as ``(recipe key, value)``; ``("from", None)`` if none.
+
+        Raises:
+            RecipeError: more than one of from, top_blocks, fraction and all is set.
+        """
+        modes = {"from": self.from_layer, "top_blocks": self.top_blocks, "fraction": self.fraction,
+                 "all": self.all or None}
+        chosen = [(key, value) for key, value in modes.items() if value is not None]
+        if len(chosen) > 1:
+            raise RecipeError(f"finetune.unfreeze: give one of from, top_blocks, fraction, all; "
+                              f"got {', '.join(key for key, _ in chosen)}")
+        return chosen[0] if chosen else ("from", None)
 
 
 @dataclass
@@ -287,12 +302,10 @@ def _apply_overrides(raw: dict, overrides) -> dict:
 
 def _check_consistency(recipe: Recipe, where: str) -> None:
     """Rules that involve more than one key."""
-    unfreeze = recipe.finetune.unfreeze
-    chosen = [k for k, v in (("from", unfreeze.from_layer), ("top_blocks", unfreeze.top_blocks),
-                             ("fraction", unfreeze.fraction), ("all", unfreeze.all or None)) if v is not None]
-    if len(chosen) > 1:
-        raise RecipeError(f"{where}: finetune.unfreeze: give one of from, top_blocks, fraction, all; "
-                          f"got {', '.join(chosen)}")
+    try:
+        recipe.finetune.unfreeze.mode()
+    except RecipeError as error:
+        raise RecipeError(f"{where}: {error}") from None
     for i, spec in enumerate(recipe.data.augment):
         name = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else spec
         if not isinstance(name, str):
@@ -468,3 +481,27 @@ def _to_plain(value):
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
     return value
+
+
+def import_object(path: str, key: str, expected: str):
+    """The callable named by a recipe's import path ``package.module:name`` (or dotted).
+
+    Args:
+        path: the import path.
+        key: the recipe key it came from, for the error message.
+        expected: what it should be, e.g. "a function fn(epoch, lr) -> lr".
+
+    Raises:
+        RecipeError: the module or name cannot be imported, or is not callable.
+    """
+    module_name, colon, attribute = str(path).partition(":")
+    if not colon:
+        module_name, _, attribute = module_name.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except Exception as error:  # noqa: BLE001 - a broken user module is reported in one line too
+        raise RecipeError(f"{key}: cannot import {path!r} ({type(error).__name__}: {error}): "
+                          f"give package.module:name of {expected}, on the Python path") from None
+    if not callable(found):
+        raise RecipeError(f"{key}: {path!r} is a {type(found).__name__}, not {expected}")
+    return found

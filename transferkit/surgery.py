@@ -1,16 +1,22 @@
-"""Network surgery: cut a backbone at named layers and pool what comes out.
+"""Network surgery: cut a backbone at named layers and pool what comes out; freeze and unfreeze.
 
 Example:
     >>> body = create_backbone("mobilenet_v2")
     >>> features = cut(body, ["block_12_add", "top"])   # images -> concatenated pooled features
+    >>> model = attach_head(body, 5, HeadSpec())          # transferkit.heads
+    >>> unfreeze(model, UnfreezeSpec(top_blocks=2))       # ['block_16_expand', ..., 'Conv_1']
 """
 
 from __future__ import annotations
 
+import math
+
 import keras
 
-from transferkit.backbones import resolve_layer
+from transferkit.backbones import BackboneInfo, backbone_of, resolve_layer
+from transferkit.errors import BackboneError, RecipeError
 from transferkit.layers import HorizontalFlip, SignedSqrt
+from transferkit.recipe import UnfreezeSpec
 
 POOLING = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
 
@@ -47,3 +53,145 @@ def average_over_flips(model: keras.Model) -> keras.Model:
 def power_normalize(model: keras.Model) -> keras.Model:
     """``model`` followed by a signed square root of each output value."""
     return keras.Model(model.inputs, SignedSqrt(name="power_norm")(model.output), name=f"{model.name}_sqrt")
+
+
+# --------------------------------------------------------------------------------------------
+# Freezing and unfreezing a classifier from `transferkit.heads.attach_head`
+# --------------------------------------------------------------------------------------------
+
+#: The pooling layer that `transferkit.heads.attach_head` puts after the cut: the first head layer.
+HEAD_POOL = "head_pool"
+
+
+def body_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The backbone's layers of a classifier: every layer before its ``head_pool`` layer.
+
+    In a functional model ``model.layers`` runs from the input to the output, and everything the
+    head computes depends on the pooled features, so the body is exactly the layers before the
+    pooling layer (the input layer included), whatever the head's own layers are called.
+
+    Args:
+        model: a classifier from `transferkit.heads.attach_head`, or a bare backbone (all body).
+
+    Returns:
+        The body's layers, in ``model.layers`` order.
+    """
+    names = [layer.name for layer in model.layers]
+    return model.layers[:names.index(HEAD_POOL)] if HEAD_POOL in names else list(model.layers)
+
+
+def freeze(layers) -> None:
+    """Makes ``layers`` untrainable; frozen BatchNormalization layers also run in inference mode.
+
+    Example:
+        >>> freeze(body_layers(model))   # warm-up: only the head trains (recompile afterwards)
+    """
+    for layer in layers:
+        layer.trainable = False
+
+
+def set_trainable(model: keras.Model, trainable_layer_names) -> None:
+    """Makes exactly the named layers of ``model`` trainable and every other layer frozen.
+
+    Args:
+        model: any Keras model; compile it again afterwards for the change to take effect.
+        trainable_layer_names: names of layers in ``model.layers``.
+
+    Raises:
+        BackboneError: a name that is not a layer of ``model``, with a did-you-mean.
+    """
+    names = set(trainable_layer_names)
+    for unknown in sorted(names - {layer.name for layer in model.layers}):
+        resolve_layer(model, unknown)  # raises with the closest name
+    model.trainable = True  # a frozen model hides the trainable weights of all its layers
+    for layer in model.layers:
+        layer.trainable = layer.name in names
+
+
+def unfreeze(model: keras.Model, spec: UnfreezeSpec, info: BackboneInfo | None = None) -> list[str]:
+    """Sets which layers fine-tuning trains: the head, and the top of the body chosen by ``spec``.
+
+    One mode picks the first body layer that trains; it and every later body layer train:
+
+    - ``from``: the named layer; null (and no other mode given) means ``info.finetune_from``.
+    - ``top_blocks: N``: the last N blocks. Blocks end at the backbone's cut points, so the N-th
+      block from the top starts right after the N-th last cut point below the body's last layer.
+      The final feature map's stage counts as a block (``top_blocks: 1`` of MobileNetV2 trains
+      ``Conv_1``); as many blocks as the body has (MobileNetV2: 17) include the stem: all of it.
+    - ``fraction: f``: the last ``ceil(f * n)`` of the body's n layers with weights (BatchNorm
+      included), and the layers without weights between them.
+    - ``all``: the whole body.
+
+    Head layers always train. Body BatchNormalization layers stay frozen, which in Keras 3 also
+    keeps them in inference mode (moving statistics untouched), unless ``spec.train_batchnorm``.
+
+    Args:
+        model: a classifier from `transferkit.heads.attach_head` (or a bare backbone).
+        spec: the recipe's ``finetune.unfreeze``.
+        info: the backbone's registry entry; None looks it up from the model's layers. Needed
+            for ``top_blocks`` and for the default ``from``.
+
+    Returns:
+        The names of the body layers with weights that now train, in ``model.layers`` order.
+
+    Raises:
+        RecipeError: more than one mode, or more top blocks than the body has.
+        BackboneError: an unknown layer name (with a did-you-mean).
+    """
+    body = body_layers(model)
+    start = _first_trained(model, body, spec, info)
+    trained = [layer for layer in body[start:]
+               if spec.train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization)]
+    set_trainable(model, {layer.name for layer in trained + model.layers[len(body):]})
+    return [layer.name for layer in trained if layer.weights]
+
+
+def count_parameters(model: keras.Model) -> dict[str, int]:
+    """Parameter counts for a per-phase printout.
+
+    Returns:
+        ``{"trainable": ..., "non_trainable": ..., "total": ...}`` (BatchNorm moving statistics
+        and frozen layers count as non-trainable).
+    """
+    def size(weights):
+        return int(sum(math.prod(weight.shape) for weight in weights))
+
+    trainable, non_trainable = size(model.trainable_weights), size(model.non_trainable_weights)
+    return {"trainable": trainable, "non_trainable": non_trainable, "total": trainable + non_trainable}
+
+
+def _first_trained(model, body, spec, info) -> int:
+    """Index into ``body`` of the first layer that ``spec`` unfreezes."""
+    mode, value = spec.mode()
+    names = [layer.name for layer in body]
+    if mode == "all":
+        return 0
+    if mode == "fraction":
+        if not 0 < value <= 1:  # 0 would index [-0], the whole body
+            raise RecipeError(f"finetune.unfreeze.fraction: expected a number > 0 and <= 1, got {value!r}")
+        with_weights = [i for i, layer in enumerate(body) if layer.weights]
+        return with_weights[-math.ceil(value * len(with_weights))]
+    if mode == "from" and value is not None:
+        name = resolve_layer(model, value)
+        if name not in names:
+            raise RecipeError(f"finetune.unfreeze.from: {name!r} is a head layer: give a layer of the backbone")
+        return names.index(name)
+    info = info or backbone_of(model)
+    if info is None:
+        raise BackboneError(f"cannot tell which backbone model {model.name!r} was built from: pass "
+                            "info=get_backbone_info(name), or give finetune.unfreeze.from a layer name")
+    if mode == "top_blocks":
+        return _top_blocks_start(names, info, value)
+    if info.finetune_from not in names:
+        raise RecipeError(f"finetune.unfreeze.from: {info.name}'s default {info.finetune_from} is not in the "
+                          f"body cut at {names[-1]}: give from, top_blocks or fraction")
+    return names.index(info.finetune_from)
+
+
+def _top_blocks_start(names: list[str], info: BackboneInfo, blocks: int) -> int:
+    """Where the last ``blocks`` blocks start: after a cut point, or at 0 for the whole body."""
+    ends = [i for i, name in enumerate(names[:-1]) if name in info.cut_points]
+    if not 1 <= blocks <= len(ends) + 1:
+        raise RecipeError(f"finetune.unfreeze.top_blocks: {blocks} is out of range: this {info.name} body has "
+                          f"{len(ends) + 1} blocks; give 1 to {len(ends) + 1}, or all: true")
+    return ends[-blocks] + 1 if blocks <= len(ends) else 0

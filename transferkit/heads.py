@@ -1,0 +1,173 @@
+"""Classification heads: build one from a recipe's ``head`` spec (or a user function), attach it.
+
+A classifier is one flat functional model: the backbone's own layers up to the cut, a pooling
+layer named ``head_pool``, then the head, ending in a float32 softmax layer named
+``probabilities``. Everything from ``head_pool`` on is the head (`head_layers`); everything before
+it is the body (`transferkit.surgery.body_layers`).
+
+A custom head is any function ``head(features, num_classes) -> probabilities`` taking the pooled
+``[batch, features]`` tensor and returning class probabilities (end it in a softmax):
+
+    >>> def my_head(features, num_classes):
+    ...     x = keras.layers.Dense(512, activation="gelu")(features)
+    ...     return keras.layers.Dense(num_classes, activation="softmax")(x)
+    >>> model = attach_head(create_backbone("mobilenet_v2"), 5, HeadSpec(), head=my_head)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+import numpy as np
+
+from transferkit.backbones import resolve_layer
+from transferkit.errors import RecipeError
+from transferkit.recipe import HeadSpec, import_object
+from transferkit.surgery import HEAD_POOL, POOLING, body_layers
+
+HeadFunction = Callable[[keras.KerasTensor, int], keras.KerasTensor]
+
+#: The custom-head protocol, quoted in error messages.
+_HEAD_PROTOCOL = "a function head(features, num_classes) -> outputs"
+
+
+def resolve_head(custom: str | HeadFunction | None) -> HeadFunction | None:
+    """Turns a recipe's ``head.custom`` into a head function.
+
+    Args:
+        custom: None (the built-in head), a callable, or an import path ``package.module:function``
+            (``package.module.function`` works too).
+
+    Returns:
+        The callable, or None.
+
+    Raises:
+        RecipeError: the path cannot be imported or is not a function.
+    """
+    if custom is None or callable(custom):
+        return custom
+    return import_object(custom, "head.custom", _HEAD_PROTOCOL)
+
+
+def build_head(features, num_classes: int, spec: HeadSpec, head: str | HeadFunction | None = None):
+    """The head on top of pooled features, ending in class probabilities.
+
+    The built-in head is, for each ``spec.layers`` entry, Dense (+ BatchNormalization) (+ Dropout),
+    then Dropout(``spec.dropout``), a Dense ``head_logits`` layer and a softmax named
+    ``probabilities`` kept in float32 under mixed precision. Dense kernels get an L1/L2 penalty
+    when ``spec.l1`` or ``spec.l2`` is set. Layer names start with ``head_``.
+
+    Args:
+        features: a ``[batch, features]`` Keras tensor.
+        num_classes: number of classes.
+        spec: the recipe's ``head``; with a custom head only ``pooling`` (used by `attach_head`)
+            matters.
+        head: a custom head (callable or import path) used instead of the built-in one; None
+            falls back to ``spec.custom``. It must return probabilities (end in a softmax).
+
+    Returns:
+        A ``[batch, num_classes]`` float32 tensor of class probabilities.
+
+    Raises:
+        RecipeError: an unknown activation, an import path that fails, or a custom head whose
+            output is not ``[batch, num_classes]``.
+    """
+    custom = resolve_head(spec.custom if head is None else head)
+    if custom is not None:
+        outputs = _call_custom_head(custom, features, num_classes)
+        # Identity, so both kinds of head end in a float32 layer named "probabilities".
+        return keras.layers.Activation("linear", dtype="float32", name="probabilities")(outputs)
+    regularizer = keras.regularizers.L1L2(spec.l1, spec.l2) if spec.l1 or spec.l2 else None
+    x = features
+    for i, layer in enumerate(spec.layers, start=1):
+        activation = _activation(layer.activation, key=f"head.layers[{i - 1}]")
+        x = keras.layers.Dense(layer.dense, activation, kernel_regularizer=regularizer, name=f"head_dense_{i}")(x)
+        if layer.batch_norm:
+            x = keras.layers.BatchNormalization(name=f"head_batch_norm_{i}")(x)
+        if layer.dropout > 0:
+            x = keras.layers.Dropout(layer.dropout, name=f"head_dropout_{i}")(x)
+    if spec.dropout > 0:
+        x = keras.layers.Dropout(spec.dropout, name="head_dropout")(x)
+    logits = keras.layers.Dense(num_classes, kernel_regularizer=regularizer, name="head_logits")(x)
+    return keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+
+
+def attach_head(body: keras.Model, num_classes: int, spec: HeadSpec,
+                head: str | HeadFunction | None = None, layer: str = "top") -> keras.Model:
+    """A classifier: the body cut at ``layer``, pooled by ``spec.pooling``, then the head.
+
+    The result is flat: the body's layers appear in ``model.layers`` under their own names (they
+    are the same layer objects, sharing weights with ``body``), followed by ``head_pool`` and the
+    head. Freezing by layer name therefore works on it directly.
+
+    Args:
+        body: a backbone from `transferkit.backbones.create_backbone` (raw 0..255 pixels in).
+        num_classes: number of classes.
+        spec: the recipe's ``head``: pooling (avg, max or flatten) and the built-in head.
+        head: a custom head, as in `build_head`.
+        layer: where to cut: "top" (the last cut point) or a layer name of ``body``.
+
+    Returns:
+        A ``keras.Model`` named ``<body>_classifier`` from images to class probabilities.
+
+    Raises:
+        BackboneError: an unknown layer (with a did-you-mean).
+        RecipeError: a bad head, as in `build_head`.
+    """
+    cut = body.get_layer(resolve_layer(body, layer)).output
+    pool = keras.layers.Flatten if spec.pooling == "flatten" else POOLING[spec.pooling]
+    outputs = build_head(pool(name=HEAD_POOL)(cut), num_classes, spec, head)
+    return keras.Model(body.input, outputs, name=f"{body.name}_classifier")
+
+
+def head_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers `attach_head` added: ``head_pool`` and everything after it (what warm-up trains).
+
+    Found by position, not by name, so a custom head's layers count whatever they are called.
+    """
+    return model.layers[len(body_layers(model)):]
+
+
+def reinitialize(layers, seed: int) -> None:
+    """Gives ``layers`` fresh weights drawn from their own initializers (a "fresh head").
+
+    Each layer is rebuilt from its config with every seedable initializer seeded from ``seed``,
+    and its weights are copied over, so any layer type works and the layers keep their identity.
+
+    Args:
+        layers: built layers, e.g. ``head_layers(model)``.
+        seed: the same seed gives the same weights.
+    """
+    seeds = np.random.default_rng(seed)
+    for layer in layers:
+        if not layer.weights:
+            continue
+        config = layer.get_config()
+        for key, value in config.items():
+            if key.endswith("_initializer") and isinstance(value, dict) and "seed" in value.get("config", {}):
+                value["config"]["seed"] = int(seeds.integers(2**31 - 1))
+        fresh = layer.__class__.from_config(config)
+        fresh.build_from_config(layer.get_build_config())
+        layer.set_weights(fresh.get_weights())
+
+
+def _call_custom_head(head: HeadFunction, features, num_classes: int):
+    """Calls a custom head and checks that it returns one ``[batch, num_classes]`` tensor."""
+    outputs = head(features, num_classes)
+    shape = getattr(outputs, "shape", None)
+    if shape is None or len(shape) != 2 or shape[-1] != num_classes:
+        got = f"shape {tuple(shape)}" if shape is not None else f"a {type(outputs).__name__}"
+        raise RecipeError(f"head.custom: {getattr(head, '__name__', repr(head))} returned {got}, expected one "
+                          f"tensor of shape (batch, {num_classes}): end it with "
+                          "keras.layers.Dense(num_classes, activation='softmax')")
+    return outputs
+
+
+def _activation(name: str, key: str):
+    """A Keras activation by name, or a RecipeError naming the head layer's recipe key."""
+    try:
+        return keras.activations.get(name)
+    except ValueError:
+        raise RecipeError(f"{key}.activation: unknown activation {name!r}: give a "
+                          "keras.activations name such as relu, gelu, swish or tanh") from None
