@@ -28,3 +28,23 @@ def datasets() -> Path:
 def keras_home() -> Path:
     """The folder holding Keras' ImageNet weight files under models/."""
     return KERAS_HOME
+
+
+@pytest.fixture(scope="session")
+def small_cats_dogs(datasets, tmp_path_factory) -> Path:
+    """20 cats and 20 dogs (symlinks to the real files)."""
+    root = tmp_path_factory.mktemp("cats_dogs20")
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir()
+        for path in sorted((datasets / "cats_dogs" / cls).iterdir())[:20]:
+            os.symlink(path, root / cls / path.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory):
+    """A fresh TRANSFERKIT_HOME (feature store, classifier cache) for the whole session."""
+    path = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRANSFERKIT_HOME", str(path))
+        yield path

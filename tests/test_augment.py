@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from transferkit.augment import AUGMENTATIONS, VALUE_RANGE, build_augmentation, parse_augment_spec
+from transferkit.augment import AUGMENTATIONS, BatchMixer, VALUE_RANGE, build_augmentation, parse_augment_spec
 from transferkit.errors import RecipeError, TransferkitError
 
 # one working spec per augmentation, for the layers that need an argument
@@ -111,3 +111,31 @@ def test_nothing_to_build_and_ready_layers():
     layer = keras.layers.RandomFlip("vertical")
     pipeline = build_augmentation([layer, "random_grayscale"])
     assert pipeline.layers[0] is layer and type(pipeline.layers[1]).__name__ == "RandomGrayscale"
+
+
+def _two_images():
+    pixels = np.stack([np.zeros((10, 10, 3), np.float32), np.full((10, 10, 3), 100, np.float32)])
+    return pixels, np.eye(2, dtype=np.float32)
+
+
+def test_mixup_blends_images_and_labels_in_the_same_proportion():
+    pixels, labels = _two_images()
+    mixed, soft = BatchMixer(mixup=1.0, seed=3)(pixels, labels)
+    for image, target in zip(mixed, soft):
+        assert np.allclose(image, image.flat[0])  # a uniform blend of two uniform images
+        np.testing.assert_allclose(image.flat[0] / 100, target[1], atol=1e-5)  # share of image 2 = its label
+    np.testing.assert_allclose(soft.sum(axis=1), 1, atol=1e-6)
+
+
+def test_cutmix_pastes_a_box_and_labels_follow_its_area():
+    pixels, labels = _two_images()
+    for seed in range(20):
+        mixed, soft = BatchMixer(cutmix=1.0, seed=seed)(pixels, labels)
+        for image, target, own in zip(mixed, soft, (0, 1)):
+            pasted = np.mean(image[..., 0] != pixels[own][..., 0])  # area taken from the other image
+            np.testing.assert_allclose(target[1 - own], pasted, atol=1e-6)  # 0 when paired with itself
+
+
+def test_batch_mixer_needs_an_alpha():
+    with pytest.raises(RecipeError, match="finetune.mixup / finetune.cutmix"):
+        BatchMixer()

@@ -369,6 +369,21 @@ def test_batches_train_a_keras_model(pets, pipeline):
     assert probabilities.shape == (20, 2)
 
 
+@pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
+def test_one_hot_labels_and_batch_mixing(pets, pipeline):
+    from transferkit.augment import BatchMixer
+
+    ((x, y),) = _batches(make_dataset(pets, 32, 20, num_classes=2, pipeline=pipeline))
+    assert y.dtype == np.float32 and np.array_equal(y.argmax(axis=1), pets.labels) and np.all(y.sum(axis=1) == 1)
+    ((mx, my),) = _batches(make_dataset(pets, 32, 20, num_classes=2, pipeline=pipeline,
+                                        mix=BatchMixer(mixup=0.4, seed=0)))
+    assert mx.shape == x.shape and not np.array_equal(mx, x)
+    np.testing.assert_allclose(my.sum(axis=1), 1, atol=1e-6)
+    assert np.any((my > 0) & (my < 1))  # soft targets
+    with pytest.raises(ValueError, match="mix needs one-hot labels"):
+        make_dataset(pets, 32, mix=BatchMixer(mixup=0.4), pipeline=pipeline)
+
+
 def test_importing_data_and_augment_loads_no_tensorflow_or_keras():
     code = ("import sys, transferkit.data, transferkit.augment; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")

@@ -12,25 +12,6 @@ from transferkit.run import Run
 from transferkit.strategies.extract import extract
 
 
-@pytest.fixture(scope="module")
-def small_cats_dogs(datasets, tmp_path_factory):
-    """20 cats and 20 dogs (symlinks to the real files)."""
-    root = tmp_path_factory.mktemp("cats_dogs20")
-    for cls in ("cat", "dog"):
-        (root / cls).mkdir()
-        for path in sorted((datasets / "cats_dogs" / cls).iterdir())[:20]:
-            os.symlink(path, root / cls / path.name)
-    return root
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRANSFERKIT_HOME", str(path))
-        yield path
-
-
 def make_recipe(data, output, **extract):
     return load_recipe({"name": "cd", "seed": 0,
                         "data": {"train": str(data), "val": 0.25, "image_size": 128, "batch_size": 16},

@@ -4,14 +4,18 @@ A spec is a name (``random_flip``), or a one-key mapping from a name to either t
 argument (``{random_rotation: 0.1}``) or its keyword arguments (``{rand_augment: {factor: 0.5}}``).
 Images are raw RGB in 0..255, so every layer that takes ``value_range`` gets ``(0, 255)``.
 
-MixUp and CutMix mix labels too; the training code applies them, not this module.
-Keras is imported only when layers are built: :data:`AUGMENTATIONS` is a plain table.
+MixUp and CutMix mix labels too: :class:`BatchMixer` does them on whole batches (NumPy), after
+the per-image layers. Keras is imported only when layers are built: :data:`AUGMENTATIONS` is a
+plain table.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import threading
+
+import numpy as np
 
 from transferkit.errors import RecipeError
 
@@ -147,3 +151,48 @@ def _arguments(name: str) -> dict[str, inspect.Parameter]:
     signature = inspect.signature(getattr(keras.layers, AUGMENTATIONS[name]).__init__)
     return {a: p for a, p in signature.parameters.items()
             if a != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+class BatchMixer:
+    """MixUp and CutMix on a batch of images with one-hot labels; one of them per batch when both are on.
+
+    MixUp blends each image with another of the batch, ``lam * x + (1 - lam) * x[perm]``; CutMix
+    pastes a box of the other image covering ``1 - lam`` of the area. Labels mix in the same
+    proportion, so soft targets match what the image shows. ``lam ~ Beta(alpha, alpha)``.
+
+    Example:
+        >>> mixer = BatchMixer(mixup=0.2, cutmix=1.0, seed=0)
+        >>> pixels, labels = mixer(pixels, one_hot_labels)
+    """
+
+    def __init__(self, mixup: float = 0.0, cutmix: float = 0.0, seed: int = 0):
+        if mixup < 0 or cutmix < 0 or not (mixup or cutmix):
+            raise RecipeError(f"finetune.mixup / finetune.cutmix: expected alphas >= 0, one of them > 0; "
+                              f"got {mixup} and {cutmix}")
+        self.kinds = [(kind, alpha) for kind, alpha in (("mixup", mixup), ("cutmix", cutmix)) if alpha > 0]
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()  # tf.data may call from several threads
+
+    def __call__(self, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            kind, alpha = self.kinds[self._rng.integers(len(self.kinds))]
+            lam = float(self._rng.beta(alpha, alpha))
+            perm = self._rng.permutation(len(pixels))
+            box = _box(pixels.shape[1], pixels.shape[2], lam, self._rng) if kind == "cutmix" else None
+        pixels, labels = np.array(pixels, copy=True), np.asarray(labels, dtype=np.float32)
+        if box is None:
+            mixed = lam * pixels + (1 - lam) * pixels[perm]
+        else:
+            top, bottom, left, right = box
+            mixed = pixels
+            mixed[:, top:bottom, left:right] = pixels[perm, top:bottom, left:right]
+            lam = 1 - (bottom - top) * (right - left) / (pixels.shape[1] * pixels.shape[2])
+        return mixed.astype(pixels.dtype), (lam * labels + (1 - lam) * labels[perm]).astype(np.float32)
+
+
+def _box(height: int, width: int, lam: float, rng) -> tuple[int, int, int, int]:
+    """A box of about ``(1 - lam)`` of the image, centred uniformly at random, clipped to the image."""
+    side = np.sqrt(1 - lam)
+    cy, cx = rng.integers(height), rng.integers(width)
+    half_h, half_w = int(height * side / 2), int(width * side / 2)
+    return (max(cy - half_h, 0), min(cy + half_h, height), max(cx - half_w, 0), min(cx + half_w, width))

@@ -21,6 +21,7 @@ Examples:
   transferkit recommend --data photos/ --similar no --write recipe.yaml
   transferkit validate recipes/digits.yaml
   transferkit extract recipes/digits.yaml
+  transferkit finetune recipes/flowers5_finetune.yaml
   transferkit predict runs/digits image.png folder/
   transferkit evaluate runs/digits --data other_images/
   transferkit export runs/digits
@@ -111,6 +112,41 @@ def extract(recipe, overrides, quiet):
     preflight(recipe)  # a missing weights file fails in seconds, before TensorFlow starts
     _start_keras_quietly()
     run = run_extract(recipe, progress=not quiet)
+    click.echo(f"run folder: {run.folder}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set finetune.epochs=2 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted run's checkpoint and start over.")
+@click.option("--quiet", is_flag=True, help="No per-batch progress bar (epoch summaries still print).")
+def finetune(recipe, overrides, resume, restart, quiet):
+    """Attach a new head, warm it up on the frozen body, unfreeze and fine-tune; write the run folder.
+
+    Every epoch is checkpointed; after an interruption (even kill -9) run the same command with
+    --resume. history.json, history.csv and curves.png are rewritten after each epoch.
+
+    \b
+    Examples:
+      transferkit finetune recipes/flowers5_finetune.yaml
+      transferkit finetune recipes/flowers5_finetune.yaml --resume
+      transferkit finetune recipe.yaml --set finetune.epochs=2 --set data.image_size=128
+    """
+    from transferkit.recipe import load_recipe
+    from transferkit.strategies import preflight
+    from transferkit.strategies.finetune import finetune as run_finetune
+
+    if resume and restart:
+        raise click.UsageError("give --resume or --restart, not both")
+    recipe = load_recipe(recipe, overrides=overrides)
+    if recipe.strategy != "finetune":
+        raise click.UsageError(f"the recipe's strategy is {recipe.strategy}: run `transferkit "
+                               f"{_command_for(recipe.strategy)} RECIPE`, or --set strategy=finetune")
+    preflight(recipe)
+    _start_keras_quietly()
+    run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)
     click.echo(f"run folder: {run.folder}")
 
 

@@ -441,7 +441,8 @@ def _value_range(pixels: np.ndarray, mode: str) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 
 def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shuffle: bool = False,
-                 augment=None, seed: int = 0, pipeline: str = "auto"):
+                 augment=None, seed: int = 0, pipeline: str = "auto", num_classes: int | None = None,
+                 mix=None):
     """Batches of ``(pixels float32 [B, S, S, 3] in 0..255, labels int32 [B])`` for Keras.
 
     Args:
@@ -454,6 +455,9 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         seed: random state of the shuffle.
         pipeline: ``"tf"`` (``tf.data``), ``"pydataset"`` (``keras.utils.PyDataset``, no TensorFlow
             needed) or ``"auto"``: ``"tf"`` under Keras' TensorFlow backend when TF is installed.
+        num_classes: give it for one-hot float32 labels ``[B, num_classes]`` instead.
+        mix: a batch function ``(pixels, one_hot) -> (pixels, one_hot)`` in NumPy run after
+            ``augment``, e.g. :class:`transferkit.augment.BatchMixer`; needs ``num_classes``.
 
     Returns:
         A ``tf.data.Dataset`` or a ``keras.utils.PyDataset``; both work with ``Model.fit`` and
@@ -463,8 +467,11 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
     if pipeline == "auto":
         pipeline = "tf" if _tensorflow_backend() else "pydataset"
+    if mix is not None and num_classes is None:
+        raise ValueError("mix needs one-hot labels: give num_classes too")
     build = _tf_dataset if pipeline == "tf" else _image_batches_class()
-    return build(images, image_size, batch_size, shuffle=shuffle, augment=augment, seed=seed)
+    return build(images, image_size, batch_size, shuffle=shuffle, augment=augment, seed=seed,
+                 num_classes=num_classes, mix=mix)
 
 
 def _tensorflow_backend() -> bool:
@@ -475,8 +482,8 @@ def _tensorflow_backend() -> bool:
     return importlib.util.find_spec("tensorflow") is not None and keras.backend.backend() == "tensorflow"
 
 
-def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, augment, seed):
-    """paths -> shuffle -> Pillow decode in parallel -> batch -> augment -> prefetch."""
+def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, augment, seed, num_classes, mix):
+    """paths -> shuffle -> Pillow decode in parallel -> batch -> augment -> one-hot, mix -> prefetch."""
     import tensorflow as tf
 
     def decode(path):
@@ -493,6 +500,15 @@ def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if num_classes is not None:
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
+    if mix is not None:
+        def mixed(x, y):
+            x, y = tf.numpy_function(mix, [x, y], (tf.float32, tf.float32), stateful=True)
+            x.set_shape((None, image_size, image_size, 3))
+            y.set_shape((None, num_classes))
+            return x, y
+        ds = ds.map(mixed, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -504,10 +520,10 @@ def _image_batches_class():
     class ImageBatches(keras.utils.PyDataset):
         """Batches decoded with Pillow in a thread pool; a new seeded order every epoch."""
 
-        def __init__(self, images, image_size, batch_size, *, shuffle, augment, seed):
+        def __init__(self, images, image_size, batch_size, *, shuffle, augment, seed, num_classes, mix):
             super().__init__()
             self.images, self.image_size, self.batch_size = images, image_size, batch_size
-            self.shuffle, self.augment = shuffle, augment
+            self.shuffle, self.augment, self.num_classes, self.mix = shuffle, augment, num_classes, mix
             self._rng = np.random.default_rng(seed)
             self._order = np.arange(len(images))
             self.on_epoch_end()
@@ -522,7 +538,12 @@ def _image_batches_class():
             pixels = load_images([self.images.paths[i] for i in batch], self.image_size).astype(np.float32)
             if self.augment is not None:
                 pixels = keras.ops.convert_to_numpy(self.augment(pixels, training=True))
-            return pixels, self.images.labels[batch].astype(np.int32)
+            labels = self.images.labels[batch].astype(np.int32)
+            if self.num_classes is not None:
+                labels = np.eye(self.num_classes, dtype=np.float32)[labels]
+            if self.mix is not None:
+                pixels, labels = self.mix(pixels, labels)
+            return pixels, labels
 
         def on_epoch_end(self):
             if self.shuffle:

@@ -1,6 +1,6 @@
-"""Export an extract run as one Keras model: raw images -> class probabilities.
+"""Export a run as one Keras model: raw images -> class probabilities.
 
-The run's `StandardScaler` and linear classifier fold into a single `Dense` layer on top of the
+A fine-tuned run already is such a model. For an extract run, the run's `StandardScaler` and linear classifier fold into a single `Dense` layer on top of the
 feature extractor, followed by a softmax, so the exported model needs neither scikit-learn nor
 transferkit's predict code:
 
@@ -28,14 +28,15 @@ from transferkit.io import atomic_path, atomic_write_json
 
 
 def export_model(run, path: str | Path | None = None) -> Path:
-    """Writes a run's feature extractor and linear classifier as one Keras model.
+    """Writes a run as one Keras model: a fine-tuned run's model, or an extract run's feature
+    extractor and linear classifier folded together.
 
     The model takes raw RGB pixels (float32 `[N, S, S, 3]`, 0..255) and outputs the class
     probabilities of `transferkit.classifiers.predict_proba`, through a `Dense` layer named
     "classifier" and a softmax.
 
     Args:
-        run: a `transferkit.run.Run` of the extract strategy, or its run folder.
+        run: a `transferkit.run.Run`, or its run folder.
         path: the `.keras` file to write; default `<run folder>/model/model.keras`. The class
             names go to `<stem>.classes.json` beside it.
 
@@ -43,32 +44,32 @@ def export_model(run, path: str | Path | None = None) -> Path:
         The path of the model file (written atomically).
 
     Raises:
-        TransferkitError: the classifier is not linear (logistic_regression or linear_svm), or
-            there is no path to write to.
+        TransferkitError: an extract run's classifier is not linear (logistic_regression or
+            linear_svm), or there is no path to write to.
     """
     import keras
 
     from transferkit.run import Run
 
     run = run if isinstance(run, Run) else Run.load(run)
-    if run.classifier is None:
-        raise TransferkitError(f"export needs an extract run with a linear classifier; this run "
-                               f"({run.strategy}) has no scikit-learn classifier")
-    kernel, bias, classes = fold_linear_classifier(run.classifier, run.recipe.extract.classifier.name)
     if path is None and run.folder is None:
         raise TransferkitError("this run has no folder yet: save it, or give export_model a path")
     path = Path(path or Path(run.folder) / "model" / "model.keras")
     if path.suffix != ".keras":
         raise TransferkitError(f"export path {path} must end in .keras")
 
-    extractor = run.feature_extractor
-    classifier = keras.layers.Dense(len(bias), name="classifier")
-    probabilities = keras.layers.Softmax(name="probabilities")(classifier(extractor.output))
-    model = keras.Model(extractor.inputs, probabilities, name=f"{extractor.name}_classifier")
-    classifier.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    if run.model is not None:
+        model, class_names = keras.Model(run.model.input, run.model.output, name=run.model.name), run.class_names
+    else:
+        kernel, bias, classes = fold_linear_classifier(run.classifier, run.recipe.extract.classifier.name)
+        extractor = run.feature_extractor
+        classifier = keras.layers.Dense(len(bias), name="classifier")
+        probabilities = keras.layers.Softmax(name="probabilities")(classifier(extractor.output))
+        model = keras.Model(extractor.inputs, probabilities, name=f"{extractor.name}_classifier")
+        classifier.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+        class_names = [run.class_names[c] for c in classes]
 
-    atomic_write_json(_classes_path(path), {"class_names": [run.class_names[c] for c in classes],
-                                            "image_size": run.image_size})
+    atomic_write_json(_classes_path(path), {"class_names": class_names, "image_size": run.image_size})
     with atomic_path(path) as tmp:
         model.save(tmp)
     return path

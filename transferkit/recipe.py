@@ -160,6 +160,7 @@ class WarmupSpec:
     """Train the new head on the frozen body."""
     epochs: int = _spec(3, ge=0)
     optimizer: OptimizerSpec = _spec(OptimizerSpec("rmsprop", 1e-3))
+    linear_probe: bool = _spec(False, doc="LP-FT: start the head from a logistic regression on cached features")
 
 
 @dataclass

@@ -6,6 +6,8 @@ Run folder layout::
       recipe.yaml                  the resolved recipe
       run.json                     strategy, class names, input size, metrics, timings, versions
       model/feature_extractor.keras + model/classifier.joblib    (extract)
+      model/model.keras            images -> class probabilities (finetune, imag)
+      history.json, history.csv, curves.png, diagnosis.txt       (finetune, imag)
       val_*.{json,csv,png,txt}, test_*...                       evaluation reports
 
 Example:
@@ -38,6 +40,7 @@ class Run:
         image_size: the square input size images are resized to.
         feature_extractor: keras model, raw images -> features (extract strategy).
         classifier: scikit-learn estimator on those features (extract strategy).
+        model: keras model, raw images -> class probabilities (fine-tuning strategies).
         metrics: ``{"val": {...}, "test": {...}}`` from :func:`transferkit.evaluate.evaluate_predictions`.
         history: per-epoch curves (fine-tuning); empty for extract.
         info: timings and anything else worth keeping.
@@ -47,6 +50,7 @@ class Run:
     image_size: int
     feature_extractor: Any = None
     classifier: Any = None
+    model: Any = None
     metrics: dict = field(default_factory=dict)
     history: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
@@ -63,6 +67,8 @@ class Run:
 
         if not isinstance(images, np.ndarray):
             images = load_images(list(map(str, images)), self.image_size)
+        if self.model is not None:
+            return self.model.predict(images.astype("float32"), batch_size=batch_size, verbose=0).astype("float64")
         features = self.feature_extractor.predict(images.astype("float32"), batch_size=batch_size, verbose=0)
         return predict_proba(self.classifier, features)
 
@@ -114,12 +120,19 @@ class Run:
         """Write the run folder (default: the recipe's ``output``); every file is written atomically."""
         import joblib
 
+        import keras
+
         folder = Path(folder or self.recipe.output)
         (folder / "model").mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "model" / "feature_extractor.keras") as tmp:
-            self.feature_extractor.save(tmp)
-        with atomic_path(folder / "model" / "classifier.joblib") as tmp:
-            joblib.dump(self.classifier, tmp)
+        if self.model is not None:
+            with atomic_path(folder / "model" / "model.keras") as tmp:
+                # an uncompiled twin sharing the layers: the file holds no optimizer state
+                keras.Model(self.model.input, self.model.output, name=self.model.name).save(tmp)
+        else:
+            with atomic_path(folder / "model" / "feature_extractor.keras") as tmp:
+                self.feature_extractor.save(tmp)
+            with atomic_path(folder / "model" / "classifier.joblib") as tmp:
+                joblib.dump(self.classifier, tmp)
         atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
         atomic_write_json(folder / "run.json", self._summary())
         self.folder = folder
@@ -138,10 +151,12 @@ class Run:
             raise TransferkitError(f"not a run folder: {folder} (expected run.json there; "
                                    f"train one with `transferkit extract RECIPE`)")
         summary = json.loads((folder / "run.json").read_text())
+        parts = ({"model": keras.saving.load_model(folder / "model" / "model.keras", compile=False)}
+                 if summary["strategy"] != "extract" else
+                 {"feature_extractor": keras.saving.load_model(folder / "model" / "feature_extractor.keras"),
+                  "classifier": joblib.load(folder / "model" / "classifier.joblib")})
         return cls(recipe=load_recipe(folder / "recipe.yaml"), class_names=summary["class_names"],
-                   image_size=summary["image_size"],
-                   feature_extractor=keras.saving.load_model(folder / "model" / "feature_extractor.keras"),
-                   classifier=joblib.load(folder / "model" / "classifier.joblib"),
+                   image_size=summary["image_size"], **parts,
                    metrics=summary.get("metrics", {}), history=summary.get("history", {}),
                    info=summary.get("info", {}), folder=folder)
 

@@ -1,0 +1,221 @@
+"""The fine-tuning strategy end to end on real images and ImageNet weights (MobileNet alpha 0.25, 128 px)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from transferkit.backbones import create_backbone
+from transferkit.recipe import DenseSpec, load_recipe
+from transferkit.run import Run
+from transferkit.strategies.extract import extract
+from transferkit.strategies.finetune import TrainingError, finetune
+from transferkit.surgery import body_layers
+
+
+def make_recipe(data, output, warmup=1, epochs=1, **finetune_keys):
+    return load_recipe({
+        "name": "cd-ft", "seed": 0, "strategy": "finetune",
+        "data": {"train": str(data), "val": 0.25, "image_size": 128, "batch_size": 8},
+        "backbone": {"name": "mobilenet", "alpha": 0.25},
+        "warmup": {"epochs": warmup, "optimizer": {"name": "adam", "learning_rate": 1e-3}},
+        "finetune": {"epochs": epochs, "optimizer": {"name": "adam", "learning_rate": 1e-3}, **finetune_keys},
+        "output": str(output)})
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    """Layer name -> ImageNet weights of the backbone the runs start from."""
+    body = create_backbone("mobilenet", image_size=128, alpha=0.25)
+    return {layer.name: [np.array(w) for w in layer.get_weights()] for layer in body.layers}
+
+
+@pytest.fixture(scope="module")
+def first_run(small_cats_dogs, home, tmp_path_factory):
+    recipe = make_recipe(small_cats_dogs, tmp_path_factory.mktemp("run"), warmup=1, epochs=1,
+                         unfreeze={"from": "conv_dw_13"})
+    return finetune(recipe, progress=False)
+
+
+def changed_layers(model, pretrained):
+    """Names of the body layers whose weights differ from the ImageNet ones."""
+    return [layer.name for layer in body_layers(model) if layer.weights and not all(
+        np.array_equal(a, b) for a, b in zip(layer.get_weights(), pretrained[layer.name]))]
+
+
+def test_finetune_writes_the_run_folder_and_reloads(first_run, small_cats_dogs):
+    folder = first_run.folder
+    for name in ["run.json", "recipe.yaml", "model/model.keras", "history.json", "history.csv", "curves.png",
+                 "diagnosis.txt", "val_metrics.json", "val_confusion_matrix.png", "val_predictions.csv"]:
+        assert (folder / name).is_file(), name
+    assert not (folder / "checkpoint").exists()  # a finished run keeps no checkpoint
+    history = json.loads((folder / "history.json").read_text())
+    assert history["phase"] == ["warmup", "finetune"] and len(history["val_loss"]) == 2
+    assert (folder / "history.csv").read_text().splitlines()[0].startswith("epoch,phase,")
+    summary = json.loads((folder / "run.json").read_text())
+    assert summary["strategy"] == "finetune" and summary["info"]["diagnosis"]["verdict"]
+    assert summary["info"]["parameters"]["warmup"]["trainable"] < summary["info"]["parameters"]["finetune"]["trainable"]
+    paths = sorted(str(p) for p in (small_cats_dogs / "dog").iterdir())[:4]
+    loaded = Run.load(folder)
+    assert loaded.class_names == ["cat", "dog"] and loaded.model is not None
+    np.testing.assert_allclose(loaded.predict(paths), first_run.predict(paths), atol=1e-5)
+    assert loaded.evaluate()["top1"] == first_run.metrics["val"]["top1"]
+
+
+def test_predict_and_export_commands_work_on_a_finetuned_run(first_run, small_cats_dogs):
+    from test_cli import transferkit
+
+    from transferkit.export import load_exported_model
+
+    result = transferkit("predict", first_run.folder, small_cats_dogs / "cat", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 20
+    assert transferkit("export", first_run.folder).returncode == 0
+    model, class_names = load_exported_model(first_run.folder / "model" / "model.keras")
+    assert class_names == ["cat", "dog"] and model.output.shape[-1] == 2
+
+
+def test_only_layers_from_the_named_one_change_and_batchnorm_stays(first_run, pretrained):
+    changed = changed_layers(first_run.model, pretrained)
+    names = [layer.name for layer in body_layers(first_run.model)]
+    assert changed and all(names.index(name) >= names.index("conv_dw_13") for name in changed)
+    assert not any("bn" in name for name in changed)  # frozen BatchNorm: no statistics updates either
+    assert set(changed) == {"conv_dw_13", "conv_pw_13"}
+
+
+def test_warmup_changes_no_backbone_weight(small_cats_dogs, home, tmp_path, pretrained):
+    run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=2, epochs=0), progress=False)
+    assert run.history["phase"] == ["warmup", "warmup"]
+    assert changed_layers(run.model, pretrained) == []
+    assert run.history["loss"][1] < run.history["loss"][0]  # the head itself did learn
+
+
+def test_train_batchnorm_updates_statistics_only_when_asked(small_cats_dogs, home, tmp_path, pretrained):
+    run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=0, epochs=1,
+                               unfreeze={"from": "conv_dw_13", "train_batchnorm": True}), progress=False)
+    assert {"conv_dw_13_bn", "conv_pw_13_bn"} <= set(changed_layers(run.model, pretrained))
+
+
+def tiny_head(features, num_classes):
+    import keras
+    x = keras.layers.Dense(16, activation="gelu", name="custom_hidden")(features)
+    return keras.layers.Dense(num_classes, activation="softmax", name="custom_out")(x)
+
+
+def test_custom_head_from_the_api_trains(small_cats_dogs, home, tmp_path):
+    run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0), head=tiny_head, progress=False)
+    names = [layer.name for layer in run.model.layers]
+    assert names[-3:] == ["custom_hidden", "custom_out", "probabilities"]
+    assert np.isfinite(run.history["loss"]).all()
+    assert Run.load(run.folder).predict(np.zeros((1, 128, 128, 3), "float32")).shape == (1, 2)
+
+
+def test_custom_head_from_a_recipe_import_path_trains(small_cats_dogs, home, tmp_path, monkeypatch):
+    (tmp_path / "my_heads.py").write_text(textwrap.dedent("""
+        import keras
+
+        def wide(features, num_classes):
+            return keras.layers.Dense(num_classes, activation="softmax", name="wide_out")(features)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = make_recipe(small_cats_dogs, tmp_path / "run", warmup=1, epochs=0)
+    recipe.head.custom = "my_heads:wide"
+    run = finetune(recipe, progress=False)
+    assert "wide_out" in [layer.name for layer in run.model.layers]
+    assert np.isfinite(run.history["loss"]).all()
+
+
+def test_linear_probe_starts_the_head_from_logistic_regression(small_cats_dogs, home, tmp_path):
+    recipe = make_recipe(small_cats_dogs, tmp_path, warmup=3, epochs=0)
+    recipe.warmup.linear_probe = True
+    run = finetune(recipe, progress=False)
+    assert run.history["phase"] == []  # LP-FT replaces the warm-up epochs; no training at all here
+    # The head is the extract strategy's logistic regression on the same (cached) features.
+    probe = load_recipe({**recipe.to_dict(), "strategy": "extract", "output": str(tmp_path / "probe"),
+                         "extract": {"layer": "top", "tta": False, "power_norm": False}})
+    extracted = extract(probe, progress=False)
+    paths = [row.split(",")[0] for row in (run.folder / "val_predictions.csv").read_text().splitlines()[1:]]
+    np.testing.assert_allclose(run.predict(paths), extracted.predict(paths), atol=1e-4)
+
+
+def test_linear_probe_needs_a_linear_head(small_cats_dogs, home, tmp_path):
+    from transferkit.errors import RecipeError
+
+    recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0)
+    recipe.warmup.linear_probe, recipe.head.layers = True, [DenseSpec(dense=8)]
+    with pytest.raises(RecipeError, match="warmup.linear_probe: needs the built-in head without hidden layers"):
+        finetune(recipe, progress=False)
+
+
+def nan_head(features, num_classes):
+    import keras
+    return keras.layers.Dense(num_classes, activation="softmax",
+                              kernel_initializer=keras.initializers.Constant(float("nan")))(features)
+
+
+def test_a_nan_loss_stops_with_what_to_try(small_cats_dogs, home, tmp_path):
+    recipe = make_recipe(small_cats_dogs, tmp_path, warmup=2, epochs=0)
+    with pytest.raises(TrainingError, match=r"the loss became nan in epoch 1 \(warmup\): lower "
+                                            r"warmup.optimizer.learning_rate \(now 0.001\)"):
+        finetune(recipe, head=nan_head, progress=False)
+    assert not (tmp_path / "history.json").exists()  # the NaN epoch was never recorded
+
+
+def test_mixup_cutmix_label_smoothing_and_schedule_options_train(small_cats_dogs, home, tmp_path):
+    run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=0, epochs=2, mixup=0.2, cutmix=1.0,
+                               label_smoothing=0.1, layer_decay=0.8, unfreeze={"top_blocks": 2},
+                               schedule={"name": "sgdr", "restart_epochs": 1}), progress=False)
+    assert np.isfinite(run.history["loss"]).all() and len(run.history["learning_rate"]) == 2
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(small_cats_dogs, home, tmp_path):
+    run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=0, epochs=6,
+                               early_stopping={"monitor": "val_accuracy", "patience": 1, "min_delta": 0.5}),
+                   progress=False)
+    # min_delta 0.5 makes every epoch after the first "no improvement": it stops after epoch 2
+    assert run.history["phase"] == ["finetune", "finetune"]
+    assert run.info["early_stopping"] == {"best": run.history["val_accuracy"][0], "best_epoch": 1,
+                                          "wait": 1, "stopped": True}
+
+
+def test_kill_then_resume_runs_each_epoch_exactly_once(small_cats_dogs, home, tmp_path):
+    from test_cli import ROOT, assert_one_line_error, transferkit
+
+    recipe = make_recipe(small_cats_dogs, tmp_path / "run", warmup=2, epochs=4)
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    state = tmp_path / "run" / "checkpoint" / "state.json"
+    process = subprocess.Popen([sys.executable, "-m", "transferkit", "finetune", str(tmp_path / "recipe.yaml"),
+                                "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= 3:  # inside fine-tuning
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = json.loads(state.read_text())
+    assert 3 <= before["epoch"] < 6, "the run finished before it could be killed"
+
+    assert_one_line_error(transferkit("finetune", tmp_path / "recipe.yaml"), "unfinished run", "--resume")
+    result = transferkit("finetune", tmp_path / "recipe.yaml", "--resume", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"resuming after epoch {before['epoch']} of 6" in result.stderr
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history["phase"] == ["warmup"] * 2 + ["finetune"] * 4
+    assert history["loss"][:before["epoch"]] == before["history"]["loss"]  # kept, not re-run
+    assert not state.exists()
+
+
+def test_finetune_command_rejects_an_extract_recipe(tmp_path, small_cats_dogs):
+    from test_cli import assert_one_line_error, transferkit
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": str(small_cats_dogs)}, "strategy": "extract"}))
+    assert_one_line_error(transferkit("finetune", path), "strategy is extract", "transferkit extract")

@@ -1,0 +1,498 @@
+"""Fine-tuning by network surgery: a new head on the frozen body, warm it up, unfreeze, train on.
+
+Training runs as a list of phases (``warmup``, then ``finetune``), each with its own trainable
+layers, optimizer and epoch range in one shared epoch count. After every epoch the run folder gets:
+
+    checkpoint/epoch-N.weights.h5, epoch-N.optimizer.npz   model and optimizer state of epoch N
+    checkpoint/best.weights.h5                             best epoch so far (early stopping)
+    checkpoint/state.json                                  epoch, phase, history, early stopping
+    history.json, history.csv, curves.png                  the training monitor
+
+``state.json`` is written last, so it only ever names complete files; ``resume=True`` rebuilds the
+model from the recipe, loads them and carries on with the next epoch. A finished run removes its
+checkpoint folder and leaves ``model/model.keras`` and the reports.
+
+Example:
+    >>> run = finetune(load_recipe("recipes/flowers5_finetune.yaml"))
+    >>> run.metrics["val"]["top1"], run.info["diagnosis"]["verdict"]
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import logging
+import math
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.data import load_splits, make_dataset
+from transferkit.errors import RecipeError, TransferkitError
+from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
+from transferkit.recipe import OptimizerSpec, Recipe, load_recipe
+from transferkit.run import Run
+from transferkit.strategies import preflight
+
+log = logging.getLogger("transferkit")
+
+
+class TrainingError(TransferkitError):
+    """Training cannot go on (the loss diverged, an unfinished run is in the way)."""
+
+
+@dataclass
+class Phase:
+    """A stretch of training with one trainable set and one optimizer."""
+    name: str       # "warmup" or "finetune"
+    first: int      # epochs done before it starts
+    last: int       # epochs done when it ends
+    optimizer: OptimizerSpec
+
+
+def plan_phases(recipe: Recipe) -> list[Phase]:
+    """The phases a recipe asks for, with their epoch ranges; empty phases are left out."""
+    warmup = 0 if recipe.warmup.linear_probe else recipe.warmup.epochs
+    phases = [Phase("warmup", 0, warmup, recipe.warmup.optimizer),
+              Phase("finetune", warmup, warmup + recipe.finetune.epochs, recipe.finetune.optimizer)]
+    return [phase for phase in phases if phase.last > phase.first]
+
+
+def finetune(recipe: Recipe | str | Path, *, head=None, resume: bool = False, restart: bool = False,
+             progress: bool = True) -> Run:
+    """Train the fine-tuning strategy end to end and write its run folder.
+
+    Args:
+        recipe: a :class:`Recipe` or the path of a recipe file.
+        head: a custom head ``head(features, num_classes) -> probabilities`` (or an import path),
+            used instead of ``recipe.head``; see :mod:`transferkit.heads`.
+        resume: continue an interrupted run from its last finished epoch.
+        restart: throw an interrupted run's checkpoint away and start over.
+        progress: show Keras' per-batch progress bar (an epoch summary is always logged).
+
+    Returns:
+        The :class:`Run`, saved to ``recipe.output``, with ``metrics``, ``history`` (one entry per
+        epoch, ``history["phase"]`` naming each epoch's phase) and ``info["diagnosis"]``.
+
+    Raises:
+        TrainingError: an unfinished run in the folder without resume/restart, or a loss that
+            became NaN (the last good epoch stays resumable).
+    """
+    import keras
+
+    from transferkit.diagnose import diagnose
+    from transferkit.evaluate import format_metrics, write_report
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    started = time.perf_counter()
+    image_size = preflight(recipe)
+    folder = Path(recipe.output)
+    checkpoints = Checkpoints(folder / "checkpoint")
+    state = _starting_state(checkpoints, resume, restart)
+    splits = load_splits(recipe.data.train, recipe.data.val, recipe.data.test, seed=recipe.seed)
+    if splits.val is None:
+        raise RecipeError("data.val: fine-tuning needs a validation split to monitor: "
+                          "give a fraction (0.2) or a folder")
+    class_names = splits.class_names
+    precision = resolve_precision(recipe.precision)
+    keras.utils.set_random_seed(recipe.seed)
+    with dtype_policy(precision):
+        model = build_model(recipe, len(class_names), image_size, head=head)
+    log.info("model: %s + head, %d classes, %dpx, precision %s", recipe.backbone.name, len(class_names),
+             image_size, precision)
+
+    phases = plan_phases(recipe)
+    total = phases[-1].last if phases else 0
+    trainer = _Trainer(recipe, model, checkpoints, folder, total, state)
+    if state is not None:
+        model.load_weights(checkpoints.weights(state["epoch"]))
+        log.info("resuming after epoch %d of %d (%s)", state["epoch"], total, state["phase"])
+    elif recipe.warmup.linear_probe:
+        _linear_probe(recipe, model, splits, image_size, progress)
+    val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names))
+    for phase in phases:
+        if trainer.epoch >= phase.last or trainer.stopped:
+            continue
+        train = _train_dataset(recipe, phase, splits.train, image_size, len(class_names))
+        trainer.run_phase(phase, train, val, verbose=1 if progress and sys.stderr.isatty() else 0)
+    trainer.finish()
+
+    run = Run(recipe=recipe, class_names=class_names, image_size=image_size, model=model,
+              history={**trainer.history, "phase": trainer.phases})
+    for name, images in (("val", splits.val), ("test", splits.test)):
+        if images is not None:
+            data = make_dataset(images, image_size, recipe.data.batch_size)
+            probabilities = model.predict(data, verbose=0).astype("float64")
+            run.metrics[name] = write_report(folder, images.labels, probabilities, class_names,
+                                             paths=images.paths, prefix=name)
+            log.info("%s: %s", name, format_metrics(run.metrics[name]))
+    diagnosis = diagnose(trainer.history, trainer.phases) if trainer.phases else None
+    if diagnosis is not None:
+        atomic_write_text(folder / "diagnosis.txt", diagnosis.to_text() + "\n")
+        log.info("%s", diagnosis.to_text())
+    run.info = {"seconds": {"train": round(trainer.seconds, 2), "this_session": round(time.perf_counter() - started, 2)},
+                "images": {name: len(images) for name, images in
+                           (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images},
+                "epochs": len(trainer.phases), "precision": precision, "parameters": trainer.parameters,
+                "early_stopping": trainer.early_stopping,
+                "diagnosis": diagnosis.to_dict() if diagnosis else None}
+    run.save(folder)
+    checkpoints.clear()
+    log.info("run saved to %s (%.1fs)", folder, run.info["seconds"]["this_session"])
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Model, precision, data
+# --------------------------------------------------------------------------------------------
+
+def build_model(recipe: Recipe, num_classes: int, image_size: int, head=None):
+    """The backbone cut at its top with the recipe's (or a custom) head attached."""
+    from transferkit.backbones import create_backbone
+    from transferkit.heads import attach_head
+
+    spec = recipe.backbone
+    body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
+    return attach_head(body, num_classes, recipe.head, head=head)
+
+
+def gpu_available() -> bool:
+    """Whether the Keras backend sees a GPU."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+        return any(device.platform == "gpu" for device in jax.devices())
+    if backend == "torch":
+        import torch
+        return torch.cuda.is_available()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return bool(tf.config.list_physical_devices("GPU"))
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    """The Keras dtype policy for a recipe's ``precision``: ``auto`` is bfloat16 on a GPU, else float32."""
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if gpu_available() else "float32"
+
+
+@contextmanager
+def dtype_policy(name: str):
+    """Build layers under a Keras dtype policy, then put the previous one back."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, num_classes: int):
+    """Shuffled, augmented one-hot batches; MixUp/CutMix only while fine-tuning."""
+    from transferkit.augment import BatchMixer, build_augmentation
+
+    augment = build_augmentation(recipe.data.augment, seed=recipe.seed) if recipe.data.augment else None
+    spec = recipe.finetune
+    mix = (BatchMixer(spec.mixup, spec.cutmix, seed=recipe.seed + phase.first)
+           if phase.name == "finetune" and (spec.mixup or spec.cutmix) else None)
+    return make_dataset(images, image_size, recipe.data.batch_size, shuffle=True, augment=augment,
+                        seed=recipe.seed + phase.first, num_classes=num_classes, mix=mix)
+
+
+def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool) -> None:
+    """LP-FT: set ``head_logits`` to a logistic regression fitted on cached pooled features."""
+    from transferkit.classifiers import build_classifier, fit_cached
+    from transferkit.export import fold_linear_classifier
+    from transferkit.io import transferkit_home
+    from transferkit.recipe import ExtractSpec
+    from transferkit.strategies.extract import _cached_features
+    from transferkit.surgery import HEAD_POOL
+
+    names = [layer.name for layer in model.layers]
+    if "head_logits" not in names or names[names.index(HEAD_POOL) + 1:] not in (
+            ["head_logits", "probabilities"], ["head_dropout", "head_logits", "probabilities"]):
+        raise RecipeError("warmup.linear_probe: needs the built-in head without hidden layers "
+                          "(head.layers: [], no head.custom); or use warmup.epochs instead")
+    if recipe.head.pooling == "flatten":
+        raise RecipeError("warmup.linear_probe: works with head.pooling avg or max, not flatten")
+    probe = dataclasses.replace(recipe, extract=ExtractSpec(layer="top", pooling=recipe.head.pooling,
+                                                            tta=False, power_norm=False))
+    extractor = _keras_model(model.input, model.get_layer(HEAD_POOL).output)
+    features = _cached_features(probe, extractor, image_size, {"train": splits.train}, progress)
+    x, y = features["train"]
+    classifier = build_classifier(probe.extract.classifier, seed=recipe.seed,
+                                  n_samples_per_class=int(np.bincount(y).min()))
+    classifier, _ = fit_cached(classifier, x, y, transferkit_home() / "classifiers")
+    kernel, bias, classes = fold_linear_classifier(classifier, "logistic_regression")
+    order = np.argsort(classes)
+    model.get_layer("head_logits").set_weights([kernel[:, order].astype("float32"), bias[order].astype("float32")])
+    log.info("warm-up: head initialised from a logistic regression on %d cached feature vectors (LP-FT)", len(x))
+
+
+def _keras_model(inputs, outputs):
+    import keras
+    return keras.Model(inputs, outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+class Checkpoints:
+    """The ``checkpoint/`` folder of a run: per-epoch weights and optimizer state, ``state.json``."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def state(self) -> dict | None:
+        """The last saved state, or None when there is no unfinished run."""
+        import json
+
+        path = self.folder / "state.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def weights(self, epoch: int) -> Path:
+        return self.folder / f"epoch-{epoch}.weights.h5"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.weights.h5"
+
+    def optimizer(self, epoch: int) -> Path:
+        return self.folder / f"epoch-{epoch}.optimizer.npz"
+
+    def save(self, model, epoch: int, state: dict) -> None:
+        """Weights and optimizer state of ``epoch``, then ``state.json``, then older epochs go."""
+        import keras
+
+        self._save_weights(model, self.weights(epoch))
+        arrays = {f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.optimizer.variables)}
+        with atomic_path(self.optimizer(epoch)) as tmp:
+            with open(tmp, "wb") as file:
+                np.savez(file, **arrays)
+        atomic_write_json(self.folder / "state.json", {**state, "epoch": epoch})
+        for path in self.folder.glob("epoch-*"):
+            if not path.name.startswith(f"epoch-{epoch}."):
+                path.unlink()
+
+    def save_best(self, model) -> None:
+        self._save_weights(model, self.best)
+
+    def restore_optimizer(self, optimizer, trainable_variables, epoch: int) -> None:
+        """Builds ``optimizer`` and loads the variables saved with ``epoch``."""
+        optimizer.build(trainable_variables)
+        with np.load(self.optimizer(epoch)) as saved:
+            values = [saved[f"v{i}"] for i in range(len(saved.files))]
+        if len(values) != len(optimizer.variables):
+            raise TrainingError(f"the checkpoint's optimizer state ({len(values)} variables) does not fit this "
+                                f"recipe's optimizer ({len(optimizer.variables)}): the recipe changed since the "
+                                "run stopped; put it back, or start over with --restart")
+        for variable, value in zip(optimizer.variables, values):
+            variable.assign(value)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @staticmethod
+    def _save_weights(model, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name.removesuffix('.weights.h5')}.tmp.weights.h5")
+        model.save_weights(tmp)  # Keras insists on the .weights.h5 ending
+        tmp.replace(path)
+
+
+def _starting_state(checkpoints: Checkpoints, resume: bool, restart: bool) -> dict | None:
+    state = checkpoints.state()
+    if state is not None and restart:
+        checkpoints.clear()
+        return None
+    if state is not None and not resume:
+        raise TrainingError(f"{checkpoints.folder.parent} holds an unfinished run (stopped after epoch "
+                            f"{state['epoch']} of {state['total_epochs']}): add --resume to continue it "
+                            "or --restart to start over")
+    if state is None and resume:
+        log.info("nothing to resume in %s: starting from epoch 1", checkpoints.folder.parent)
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+
+class _Trainer:
+    """Runs the phases and keeps the shared epoch count, history, early stopping and checkpoints."""
+
+    def __init__(self, recipe: Recipe, model, checkpoints: Checkpoints, folder: Path, total: int, state):
+        state = state or {}
+        self.recipe, self.model, self.checkpoints, self.folder, self.total = recipe, model, checkpoints, folder, total
+        self.epoch = state.get("epoch", 0)
+        self.history: dict[str, list] = state.get("history", {})
+        self.phases: list[str] = state.get("phases", [])
+        self.early_stopping: dict = state.get("early_stopping", {})
+        self.parameters: dict = state.get("parameters", {})
+        self.seconds: float = state.get("seconds", 0.0)
+        self.num_classes = model.output.shape[-1]
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.early_stopping.get("stopped"))
+
+    def run_phase(self, phase: Phase, train, val, verbose: int) -> None:
+        import keras
+
+        from transferkit.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
+
+        if phase.name == "warmup":
+            set_trainable(self.model, [layer.name for layer in self.model.layers])
+            freeze(body_layers(self.model))
+        else:
+            unfreeze(self.model, self.recipe.finetune.unfreeze)
+        counts = count_parameters(self.model)
+        self.parameters[phase.name] = counts
+        log.info("%s: epochs %d-%d, %s trainable of %s parameters", phase.name, phase.first + 1, phase.last,
+                 f"{counts['trainable']:,}", f"{counts['total']:,}")
+        optimizer = self._optimizer(phase, steps_per_epoch=len(train))
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        if self.num_classes > 5:
+            metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
+        self.model.compile(optimizer=optimizer, metrics=metrics, jit_compile=self.recipe.jit_compile,
+                           loss=keras.losses.CategoricalCrossentropy(label_smoothing=self._label_smoothing(phase)))
+        if self.epoch > phase.first:  # resuming inside this phase
+            self.checkpoints.restore_optimizer(optimizer, self.model.trainable_variables, self.epoch)
+        monitor = _monitor_class()(self, phase)
+        self.model.fit(train, validation_data=val, epochs=phase.last, initial_epoch=self.epoch,
+                       callbacks=[monitor], verbose=verbose, shuffle=False)  # the dataset shuffles
+        if monitor.diverged:
+            again = f"continue after epoch {self.epoch} with --resume" if self.epoch else "run it again"
+            raise TrainingError(
+                f"the loss became {monitor.diverged_loss} in epoch {self.epoch + 1} ({phase.name}): lower "
+                f"{phase.name}.optimizer.learning_rate (now {phase.optimizer.learning_rate}), add warm-up "
+                f"epochs or use precision: float32, then {again}")
+
+    def finish(self) -> None:
+        """Restores the best epoch's weights when early stopping asks for it."""
+        spec = self.recipe.finetune.early_stopping
+        best = self.checkpoints.best
+        if spec is not None and spec.restore_best_weights and best.is_file() and \
+                self.early_stopping.get("best_epoch") != self.epoch:
+            self.model.load_weights(best)
+            log.info("restored the weights of epoch %d (best %s %.4f)", self.early_stopping["best_epoch"],
+                     spec.monitor, self.early_stopping["best"])
+
+    def end_epoch(self, phase: Phase, logs: dict, seconds: float) -> None:
+        """Records an epoch, updates early stopping, checkpoints and rewrites the monitor files."""
+        import keras
+
+        self.epoch += 1
+        logs = {key: float(value) for key, value in logs.items()}
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        for key in set(self.history) | set(logs):
+            self.history.setdefault(key, [None] * len(self.phases)).append(logs.get(key))
+        self.phases.append(phase.name)
+        self.seconds += seconds
+        if phase.name == "finetune" and self._early_stop(logs):
+            self.model.stop_training = True
+        self.checkpoints.save(self.model, self.epoch, self._state(phase))
+        self._write_monitor()
+        shown = "  ".join(f"{key} {logs[key]:.4f}" for key in
+                          ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs)
+        log.info("epoch %d/%d [%s]  %s  lr %.2e  (%.0fs)", self.epoch, self.total, phase.name, shown,
+                 logs["learning_rate"], seconds)
+
+    def _early_stop(self, logs: dict) -> bool:
+        spec = self.recipe.finetune.early_stopping
+        if spec is None:
+            return False
+        if spec.monitor not in logs:
+            raise RecipeError(f"finetune.early_stopping.monitor: {spec.monitor!r} is not logged; give one of "
+                              f"{', '.join(sorted(k for k in logs if k != 'learning_rate'))}")
+        value, state = logs[spec.monitor], self.early_stopping
+        sign = 1 if "loss" in spec.monitor else -1  # losses fall, accuracies rise
+        if "best" not in state or sign * (value - state["best"]) < -spec.min_delta:
+            state.update(best=value, best_epoch=self.epoch, wait=0)
+            self.checkpoints.save_best(self.model)
+            return False
+        state["wait"] += 1
+        if state["wait"] >= spec.patience:
+            state["stopped"] = True
+            log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                     spec.monitor, state["wait"], state["best"], state["best_epoch"])
+        return self.stopped
+
+    def _optimizer(self, phase: Phase, steps_per_epoch: int):
+        from transferkit.optim import build_optimizer, build_schedule, layer_decay_multipliers
+
+        try:
+            if phase.name == "warmup":
+                return build_optimizer(phase.optimizer)
+            spec = self.recipe.finetune
+            epochs = phase.last - phase.first
+            schedule = build_schedule(spec.schedule, phase.optimizer.learning_rate, epochs, steps_per_epoch)
+            multipliers = layer_decay_multipliers(self.model, spec.layer_decay) if spec.layer_decay else None
+            return build_optimizer(phase.optimizer, schedule, layer_multipliers=multipliers)
+        except RecipeError as error:
+            message = str(error)
+            raise RecipeError(message if message.startswith(("finetune.", "warmup.")) else
+                              f"{phase.name}.{message}") from None
+
+    def _label_smoothing(self, phase: Phase) -> float:
+        return self.recipe.finetune.label_smoothing if phase.name == "finetune" else 0.0
+
+    def _state(self, phase: Phase) -> dict:
+        return {"total_epochs": self.total, "phase": phase.name, "history": self.history, "phases": self.phases,
+                "early_stopping": self.early_stopping, "parameters": self.parameters,
+                "seconds": round(self.seconds, 2)}
+
+    def _write_monitor(self) -> None:
+        from transferkit.evaluate import plot_history
+
+        atomic_write_json(self.folder / "history.json", {**self.history, "phase": self.phases})
+        keys = sorted(self.history)
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["epoch", "phase", *keys])
+        for i, phase in enumerate(self.phases):
+            writer.writerow([i + 1, phase, *("" if self.history[k][i] is None else self.history[k][i] for k in keys)])
+        atomic_write_text(self.folder / "history.csv", text.getvalue())
+        curves = {k: v for k, v in self.history.items() if k != "learning_rate"}
+        plot_history(curves, self.folder / "curves.png", phases=self.phases, title=f"{self.recipe.name}: training")
+
+
+@functools.cache
+def _monitor_class():
+    import keras
+
+    class Monitor(keras.callbacks.Callback):
+        """Hands each finished epoch to the trainer; stops on a NaN loss before it is checkpointed."""
+
+        def __init__(self, trainer: _Trainer, phase: Phase):
+            super().__init__()
+            self.trainer, self.phase = trainer, phase
+            self.diverged, self.diverged_loss, self._started = False, None, 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            loss = float((logs or {}).get("loss", math.nan))
+            if not math.isfinite(loss):
+                self.diverged, self.diverged_loss = True, loss
+                self.model.stop_training = True
+                return
+            self.trainer.end_epoch(self.phase, logs, time.perf_counter() - self._started)
+
+    return Monitor
+
