@@ -118,7 +118,7 @@ def test_custom_head_from_the_api_trains(small_cats_dogs, home, tmp_path):
 
 
 def test_custom_head_from_a_recipe_import_path_trains(small_cats_dogs, home, tmp_path, monkeypatch):
-    (tmp_path / "my_heads.py").write_text(textwrap.dedent("""
+    (tmp_path / "recipe_heads.py").write_text(textwrap.dedent("""
         import keras
 
         def wide(features, num_classes):
@@ -126,7 +126,7 @@ def test_custom_head_from_a_recipe_import_path_trains(small_cats_dogs, home, tmp
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = make_recipe(small_cats_dogs, tmp_path / "run", warmup=1, epochs=0)
-    recipe.head.custom = "my_heads:wide"
+    recipe.head.custom = "recipe_heads:wide"
     run = finetune(recipe, progress=False)
     assert "wide_out" in [layer.name for layer in run.model.layers]
     assert np.isfinite(run.history["loss"]).all()
@@ -219,3 +219,30 @@ def test_finetune_command_rejects_an_extract_recipe(tmp_path, small_cats_dogs):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"data": {"train": str(small_cats_dogs)}, "strategy": "extract"}))
     assert_one_line_error(transferkit("finetune", path), "strategy is extract", "transferkit extract")
+
+
+def test_saved_model_and_tflite_exports_agree_with_the_run(first_run):
+    import tensorflow as tf
+
+    from transferkit.export import export_model
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 128, 128, 3)).astype("float32")
+    expected = first_run.predict(pixels)
+    saved = tf.saved_model.load(str(export_model(first_run, format="saved_model")))
+    np.testing.assert_allclose(saved.serve(pixels).numpy(), expected, atol=1e-4)
+    interpreter = tf.lite.Interpreter(model_path=str(export_model(first_run, format="tflite")))
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], pixels.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels)
+    interpreter.invoke()
+    np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected, atol=1e-4)
+    assert json.loads((first_run.folder / "export" / "model.classes.json").read_text())["class_names"] == ["cat", "dog"]
+
+
+def test_mixed_precision_keeps_probabilities_in_float32(small_cats_dogs, home, tmp_path):
+    recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0)
+    recipe.precision = "mixed_bfloat16"
+    run = finetune(recipe, progress=False)
+    assert run.model.get_layer("head_logits").dtype_policy.name == "mixed_bfloat16"
+    assert run.model.output.dtype == "float32" and np.isfinite(run.history["loss"]).all()
+    assert run.info["precision"] == "mixed_bfloat16"

@@ -207,19 +207,22 @@ def evaluate(run_folder, data):
 
 @cli.command()
 @click.argument("run_folder", type=click.Path(file_okay=False))
-@click.option("--output", type=click.Path(dir_okay=False), help="Where to write the .keras model. "
-              "Default: RUN_FOLDER/model/model.keras.")
-def export(run_folder, output):
-    """Fold a linear classifier into the network: one .keras model, raw images in, probabilities out.
+@click.option("--output", type=click.Path(), help="Where to write the model. Default: RUN_FOLDER/model/model.keras, "
+              "RUN_FOLDER/export/saved_model or RUN_FOLDER/export/model.tflite.")
+@click.option("--format", "format_", type=click.Choice(["keras", "saved_model", "tflite"]), default="keras",
+              show_default=True, help="saved_model and tflite need the TensorFlow backend.")
+def export(run_folder, output, format_):
+    """One model, raw images in, probabilities out (an extract run's linear classifier folded in).
 
     \b
-    Example:
+    Examples:
       transferkit export runs/digits
+      transferkit export runs/flowers-finetune --format tflite
     """
     from transferkit.export import export_model
 
     _start_keras_quietly()
-    click.echo(f"wrote {export_model(run_folder, output)}")
+    click.echo(f"wrote {export_model(run_folder, output, format=format_)}")
 
 
 class SizeType(click.ParamType):

@@ -27,7 +27,10 @@ from transferkit.errors import TransferkitError
 from transferkit.io import atomic_path, atomic_write_json
 
 
-def export_model(run, path: str | Path | None = None) -> Path:
+FORMATS = {"keras": "model/model.keras", "saved_model": "export/saved_model", "tflite": "export/model.tflite"}
+
+
+def export_model(run, path: str | Path | None = None, format: str = "keras") -> Path:
     """Writes a run as one Keras model: a fine-tuned run's model, or an extract run's feature
     extractor and linear classifier folded together.
 
@@ -37,25 +40,32 @@ def export_model(run, path: str | Path | None = None) -> Path:
 
     Args:
         run: a `transferkit.run.Run`, or its run folder.
-        path: the `.keras` file to write; default `<run folder>/model/model.keras`. The class
-            names go to `<stem>.classes.json` beside it.
+        path: where to write; default under the run folder: `model/model.keras`,
+            `export/saved_model` or `export/model.tflite`. The class names go to
+            `<stem>.classes.json` beside it.
+        format: "keras"; or, under the TensorFlow backend, "saved_model" (TF Serving) or "tflite".
 
     Returns:
         The path of the model file (written atomically).
 
     Raises:
         TransferkitError: an extract run's classifier is not linear (logistic_regression or
-            linear_svm), or there is no path to write to.
+            linear_svm), an unknown format or one the backend cannot write, or no path to write to.
     """
     import keras
 
     from transferkit.run import Run
 
+    if format not in FORMATS:
+        raise TransferkitError(f"unknown export format {format!r}: give one of {', '.join(FORMATS)}")
+    if format != "keras" and keras.backend.backend() != "tensorflow":
+        raise TransferkitError(f"{format} export needs the TensorFlow backend: run it with "
+                               f"KERAS_BACKEND=tensorflow (now {keras.backend.backend()}), or export format keras")
     run = run if isinstance(run, Run) else Run.load(run)
     if path is None and run.folder is None:
         raise TransferkitError("this run has no folder yet: save it, or give export_model a path")
-    path = Path(path or Path(run.folder) / "model" / "model.keras")
-    if path.suffix != ".keras":
+    path = Path(path or Path(run.folder) / FORMATS[format])
+    if format == "keras" and path.suffix != ".keras":
         raise TransferkitError(f"export path {path} must end in .keras")
 
     if run.model is not None:
@@ -70,9 +80,31 @@ def export_model(run, path: str | Path | None = None) -> Path:
         class_names = [run.class_names[c] for c in classes]
 
     atomic_write_json(_classes_path(path), {"class_names": class_names, "image_size": run.image_size})
-    with atomic_path(path) as tmp:
-        model.save(tmp)
+    if format == "keras":
+        with atomic_path(path) as tmp:
+            model.save(tmp)
+    else:
+        _export_tensorflow(model, path, format)
     return path
+
+
+def _export_tensorflow(model, path: Path, format: str) -> None:
+    """A SavedModel folder or a .tflite file (built from a SavedModel), replacing any earlier one."""
+    import shutil
+    import tempfile
+
+    import tensorflow as tf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        saved = Path(tmp) / "saved_model"
+        model.export(str(saved), format="tf_saved_model", verbose=False)
+        if format == "saved_model":
+            shutil.rmtree(path, ignore_errors=True)
+            saved.rename(path)
+        else:
+            with atomic_path(path) as out:
+                out.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert())
 
 
 def load_exported_model(path: str | Path):

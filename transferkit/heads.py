@@ -21,7 +21,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from transferkit.backbones import resolve_layer
+from transferkit.backbones import backbone_of, resolve_layer
 from transferkit.errors import RecipeError
 from transferkit.recipe import HeadSpec, import_object
 from transferkit.surgery import HEAD_POOL, POOLING, body_layers
@@ -102,7 +102,9 @@ def attach_head(body: keras.Model, num_classes: int, spec: HeadSpec,
     head. Freezing by layer name therefore works on it directly.
 
     Args:
-        body: a backbone from `transferkit.backbones.create_backbone` (raw 0..255 pixels in).
+        body: a backbone from `transferkit.backbones.create_backbone` (raw 0..255 pixels in), or
+            any Keras model of your own: with ``layer="top"`` its output is the cut (a feature
+            map is pooled, a feature vector used as it is).
         num_classes: number of classes.
         spec: the recipe's ``head``: pooling (avg, max or flatten) and the built-in head.
         head: a custom head, as in `build_head`.
@@ -115,10 +117,14 @@ def attach_head(body: keras.Model, num_classes: int, spec: HeadSpec,
         BackboneError: an unknown layer (with a did-you-mean).
         RecipeError: a bad head, as in `build_head`.
     """
-    cut = body.get_layer(resolve_layer(body, layer)).output
-    pool = keras.layers.Flatten if spec.pooling == "flatten" else POOLING[spec.pooling]
+    own = layer == "top" and backbone_of(body) is None  # a user's own network: its output is the cut
+    cut = body.outputs[0] if own else body.get_layer(resolve_layer(body, layer)).output
+    if len(cut.shape) == 2:  # already a feature vector: nothing to pool
+        pool = keras.layers.Identity
+    else:
+        pool = keras.layers.Flatten if spec.pooling == "flatten" else POOLING[spec.pooling]
     outputs = build_head(pool(name=HEAD_POOL)(cut), num_classes, spec, head)
-    return keras.Model(body.input, outputs, name=f"{body.name}_classifier")
+    return keras.Model(body.inputs[0], outputs, name=f"{body.name}_classifier")
 
 
 def head_layers(model: keras.Model) -> list[keras.layers.Layer]:

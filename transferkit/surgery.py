@@ -113,7 +113,8 @@ def unfreeze(model: keras.Model, spec: UnfreezeSpec, info: BackboneInfo | None =
 
     One mode picks the first body layer that trains; it and every later body layer train:
 
-    - ``from``: the named layer; null (and no other mode given) means ``info.finetune_from``.
+    - ``from``: the named layer; null (and no other mode given) means ``info.finetune_from``, or
+      the whole body for a model that is not in the registry (a user's own network).
     - ``top_blocks: N``: the last N blocks. Blocks end at the backbone's cut points, so the N-th
       block from the top starts right after the N-th last cut point below the body's last layer.
       The final feature map's stage counts as a block (``top_blocks: 1`` of MobileNetV2 trains
@@ -177,6 +178,8 @@ def _first_trained(model, body, spec, info) -> int:
             raise RecipeError(f"finetune.unfreeze.from: {name!r} is a head layer: give a layer of the backbone")
         return names.index(name)
     info = info or backbone_of(model)
+    if info is None and mode == "from":
+        return 0  # a model of the user's own: no registry default, so all of it trains
     if info is None:
         raise BackboneError(f"cannot tell which backbone model {model.name!r} was built from: pass "
                             "info=get_backbone_info(name), or give finetune.unfreeze.from a layer name")

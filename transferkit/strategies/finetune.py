@@ -1,7 +1,8 @@
 """Fine-tuning by network surgery: a new head on the frozen body, warm it up, unfreeze, train on.
 
-Training runs as a list of phases (``warmup``, then ``finetune``), each with its own trainable
-layers, optimizer and epoch range in one shared epoch count. After every epoch the run folder gets:
+Training runs as a list of phases (``warmup``, then ``finetune``; with ``strategy: imag`` the
+fine-tuning epochs alternate ``finetune`` and ``imag`` episodes, see :mod:`transferkit.imag`), each
+with its own trainable layers, optimizer and epoch range in one shared epoch count. After every epoch the run folder gets:
 
     checkpoint/epoch-N.weights.h5, epoch-N.optimizer.npz   model and optimizer state of epoch N
     checkpoint/best.weights.h5                             best epoch so far (early stopping)
@@ -51,28 +52,42 @@ class TrainingError(TransferkitError):
 @dataclass
 class Phase:
     """A stretch of training with one trainable set and one optimizer."""
-    name: str       # "warmup" or "finetune"
+    name: str       # "warmup", "finetune" or "imag"
     first: int      # epochs done before it starts
     last: int       # epochs done when it ends
     optimizer: OptimizerSpec
+    episode: int = 0  # imag episodes: 1, 2, ... (seeds the fresh head and the label permutation)
 
 
 def plan_phases(recipe: Recipe) -> list[Phase]:
     """The phases a recipe asks for, with their epoch ranges; empty phases are left out."""
+    from transferkit.imag import episode_plan
+
     warmup = 0 if recipe.warmup.linear_probe else recipe.warmup.epochs
-    phases = [Phase("warmup", 0, warmup, recipe.warmup.optimizer),
-              Phase("finetune", warmup, warmup + recipe.finetune.epochs, recipe.finetune.optimizer)]
-    return [phase for phase in phases if phase.last > phase.first]
+    phases = [Phase("warmup", 0, warmup, recipe.warmup.optimizer)] if warmup else []
+    epochs, imag = recipe.finetune.epochs, recipe.imag
+    episodes = (episode_plan(epochs, imag.normal_epochs, imag.imag_epochs) if recipe.strategy == "imag"
+                else [("finetune", epochs)] if epochs else [])
+    first, imag_count = warmup, 0
+    for kind, length in episodes:
+        imag_count += kind == "imag"
+        phases.append(Phase(kind, first, first + length, recipe.finetune.optimizer,
+                            episode=imag_count if kind == "imag" else 0))
+        first += length
+    return phases
 
 
-def finetune(recipe: Recipe | str | Path, *, head=None, resume: bool = False, restart: bool = False,
-             progress: bool = True) -> Run:
-    """Train the fine-tuning strategy end to end and write its run folder.
+def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: bool = False,
+             restart: bool = False, progress: bool = True) -> Run:
+    """Train the fine-tuning strategy (``finetune`` or ``imag``) end to end and write its run folder.
 
     Args:
         recipe: a :class:`Recipe` or the path of a recipe file.
         head: a custom head ``head(features, num_classes) -> probabilities`` (or an import path),
             used instead of ``recipe.head``; see :mod:`transferkit.heads`.
+        backbone: a Keras model of your own (raw 0..255 pixels in) used instead of
+            ``recipe.backbone``, or a function returning one; its output (a feature map or
+            vector) gets the head. Unless ``finetune.unfreeze`` says otherwise all of it trains.
         resume: continue an interrupted run from its last finished epoch.
         restart: throw an interrupted run's checkpoint away and start over.
         progress: show Keras' per-batch progress bar (an epoch summary is always logged).
@@ -92,7 +107,11 @@ def finetune(recipe: Recipe | str | Path, *, head=None, resume: bool = False, re
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     started = time.perf_counter()
-    image_size = preflight(recipe)
+    if backbone is None:
+        image_size = preflight(recipe)
+    else:
+        backbone = backbone if isinstance(backbone, keras.Model) else backbone()
+        image_size = recipe.data.image_size or backbone.input.shape[1]
     folder = Path(recipe.output)
     checkpoints = Checkpoints(folder / "checkpoint")
     state = _starting_state(checkpoints, resume, restart)
@@ -104,24 +123,24 @@ def finetune(recipe: Recipe | str | Path, *, head=None, resume: bool = False, re
     precision = resolve_precision(recipe.precision)
     keras.utils.set_random_seed(recipe.seed)
     with dtype_policy(precision):
-        model = build_model(recipe, len(class_names), image_size, head=head)
-    log.info("model: %s + head, %d classes, %dpx, precision %s", recipe.backbone.name, len(class_names),
-             image_size, precision)
+        model = build_model(recipe, len(class_names), image_size, head=head, backbone=backbone)
+    log.info("model: %s + head, %d classes, %dpx, precision %s", recipe.backbone.name if backbone is None
+             else backbone.name, len(class_names), image_size, precision)
 
     phases = plan_phases(recipe)
     total = phases[-1].last if phases else 0
-    trainer = _Trainer(recipe, model, checkpoints, folder, total, state)
+    val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names))
+    trainer = _Trainer(recipe, model, checkpoints, folder, phases, val, state)
     if state is not None:
         model.load_weights(checkpoints.weights(state["epoch"]))
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], total, state["phase"])
     elif recipe.warmup.linear_probe:
         _linear_probe(recipe, model, splits, image_size, progress)
-    val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names))
     for phase in phases:
         if trainer.epoch >= phase.last or trainer.stopped:
             continue
-        train = _train_dataset(recipe, phase, splits.train, image_size, len(class_names))
-        trainer.run_phase(phase, train, val, verbose=1 if progress and sys.stderr.isatty() else 0)
+        train = _train_dataset(recipe, phase, splits.train, image_size, class_names)
+        trainer.run_phase(phase, train, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
     run = Run(recipe=recipe, class_names=class_names, image_size=image_size, model=model,
@@ -153,13 +172,14 @@ def finetune(recipe: Recipe | str | Path, *, head=None, resume: bool = False, re
 # Model, precision, data
 # --------------------------------------------------------------------------------------------
 
-def build_model(recipe: Recipe, num_classes: int, image_size: int, head=None):
-    """The backbone cut at its top with the recipe's (or a custom) head attached."""
+def build_model(recipe: Recipe, num_classes: int, image_size: int, head=None, backbone=None):
+    """The backbone (the recipe's, or a given model) cut at its top, with the recipe's or a custom head."""
     from transferkit.backbones import create_backbone
     from transferkit.heads import attach_head
 
     spec = recipe.backbone
-    body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
+    body = backbone or create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha,
+                                       **spec.options)
     return attach_head(body, num_classes, recipe.head, head=head)
 
 
@@ -200,20 +220,34 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
-def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, num_classes: int):
-    """Shuffled, augmented one-hot batches; MixUp/CutMix only while fine-tuning."""
+def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, class_names: list[str]):
+    """Shuffled, augmented one-hot batches; MixUp/CutMix after warm-up; imagined labels in imag episodes."""
     from transferkit.augment import BatchMixer, build_augmentation
 
+    if phase.name == "imag":
+        images = imagined(images, recipe, phase.episode)
     augment = build_augmentation(recipe.data.augment, seed=recipe.seed) if recipe.data.augment else None
     spec = recipe.finetune
     mix = (BatchMixer(spec.mixup, spec.cutmix, seed=recipe.seed + phase.first)
-           if phase.name == "finetune" and (spec.mixup or spec.cutmix) else None)
+           if phase.name != "warmup" and (spec.mixup or spec.cutmix) else None)
     return make_dataset(images, image_size, recipe.data.batch_size, shuffle=True, augment=augment,
-                        seed=recipe.seed + phase.first, num_classes=num_classes, mix=mix)
+                        seed=recipe.seed + phase.first, num_classes=len(class_names), mix=mix)
+
+
+def imagined(images, recipe: Recipe, episode: int):
+    """``images`` with the imagined labels of imag episode ``episode`` (its own seeded permutation)."""
+    from transferkit.imag import label_mapping
+
+    mapping = label_mapping(recipe.imag.mapping, images.class_names, seed=recipe.seed * 1000 + episode)
+    log.info("imag episode %d: %s", episode, ", ".join(f"{images.class_names[i]}->{images.class_names[j]}"
+                                                      for i, j in enumerate(mapping) if i != j))
+    return dataclasses.replace(images, labels=mapping[images.labels])
 
 
 def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool) -> None:
     """LP-FT: set ``head_logits`` to a logistic regression fitted on cached pooled features."""
+    import keras
+
     from transferkit.classifiers import build_classifier, fit_cached
     from transferkit.export import fold_linear_classifier
     from transferkit.io import transferkit_home
@@ -230,7 +264,7 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
         raise RecipeError("warmup.linear_probe: works with head.pooling avg or max, not flatten")
     probe = dataclasses.replace(recipe, extract=ExtractSpec(layer="top", pooling=recipe.head.pooling,
                                                             tta=False, power_norm=False))
-    extractor = _keras_model(model.input, model.get_layer(HEAD_POOL).output)
+    extractor = keras.Model(model.input, model.get_layer(HEAD_POOL).output)
     features = _cached_features(probe, extractor, image_size, {"train": splits.train}, progress)
     x, y = features["train"]
     classifier = build_classifier(probe.extract.classifier, seed=recipe.seed,
@@ -240,11 +274,6 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
     order = np.argsort(classes)
     model.get_layer("head_logits").set_weights([kernel[:, order].astype("float32"), bias[order].astype("float32")])
     log.info("warm-up: head initialised from a logistic regression on %d cached feature vectors (LP-FT)", len(x))
-
-
-def _keras_model(inputs, outputs):
-    import keras
-    return keras.Model(inputs, outputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,15 +303,18 @@ class Checkpoints:
     def optimizer(self, epoch: int) -> Path:
         return self.folder / f"epoch-{epoch}.optimizer.npz"
 
-    def save(self, model, epoch: int, state: dict) -> None:
-        """Weights and optimizer state of ``epoch``, then ``state.json``, then older epochs go."""
+    def normal_head(self, epoch: int) -> Path:
+        return self.folder / f"epoch-{epoch}.normal_head.npz"
+
+    def save(self, model, epoch: int, state: dict, normal_head: list | None = None) -> None:
+        """Weights and optimizer state of ``epoch`` (and the normal head kept aside during an imag
+        episode), then ``state.json``, then older epochs go."""
         import keras
 
         self._save_weights(model, self.weights(epoch))
-        arrays = {f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.optimizer.variables)}
-        with atomic_path(self.optimizer(epoch)) as tmp:
-            with open(tmp, "wb") as file:
-                np.savez(file, **arrays)
+        _save_arrays(self.optimizer(epoch), [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables])
+        if normal_head is not None:
+            _save_arrays(self.normal_head(epoch), normal_head)
         atomic_write_json(self.folder / "state.json", {**state, "epoch": epoch})
         for path in self.folder.glob("epoch-*"):
             if not path.name.startswith(f"epoch-{epoch}."):
@@ -294,8 +326,7 @@ class Checkpoints:
     def restore_optimizer(self, optimizer, trainable_variables, epoch: int) -> None:
         """Builds ``optimizer`` and loads the variables saved with ``epoch``."""
         optimizer.build(trainable_variables)
-        with np.load(self.optimizer(epoch)) as saved:
-            values = [saved[f"v{i}"] for i in range(len(saved.files))]
+        values = _load_arrays(self.optimizer(epoch))
         if len(values) != len(optimizer.variables):
             raise TrainingError(f"the checkpoint's optimizer state ({len(values)} variables) does not fit this "
                                 f"recipe's optimizer ({len(optimizer.variables)}): the recipe changed since the "
@@ -312,6 +343,17 @@ class Checkpoints:
         tmp = path.with_name(f".{path.name.removesuffix('.weights.h5')}.tmp.weights.h5")
         model.save_weights(tmp)  # Keras insists on the .weights.h5 ending
         tmp.replace(path)
+
+
+def _save_arrays(path: Path, arrays: list) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as file:
+            np.savez(file, **{f"v{i}": array for i, array in enumerate(arrays)})
+
+
+def _load_arrays(path: Path) -> list[np.ndarray]:
+    with np.load(path) as saved:
+        return [saved[f"v{i}"] for i in range(len(saved.files))]
 
 
 def _starting_state(checkpoints: Checkpoints, resume: bool, restart: bool) -> dict | None:
@@ -335,9 +377,14 @@ def _starting_state(checkpoints: Checkpoints, resume: bool, restart: bool) -> di
 class _Trainer:
     """Runs the phases and keeps the shared epoch count, history, early stopping and checkpoints."""
 
-    def __init__(self, recipe: Recipe, model, checkpoints: Checkpoints, folder: Path, total: int, state):
+    def __init__(self, recipe: Recipe, model, checkpoints: Checkpoints, folder: Path, phases: list[Phase], val,
+                 state):
         state = state or {}
-        self.recipe, self.model, self.checkpoints, self.folder, self.total = recipe, model, checkpoints, folder, total
+        self.recipe, self.model, self.checkpoints, self.folder, self.val = recipe, model, checkpoints, folder, val
+        self.total = phases[-1].last if phases else 0
+        # the fine-tuning schedule runs over all finetune and imag episodes together
+        self.budget_first = next((phase.first for phase in phases if phase.name != "warmup"), 0)
+        self.normal_head: list | None = None  # kept aside during an imag episode
         self.epoch = state.get("epoch", 0)
         self.history: dict[str, list] = state.get("history", {})
         self.phases: list[str] = state.get("phases", [])
@@ -350,16 +397,19 @@ class _Trainer:
     def stopped(self) -> bool:
         return bool(self.early_stopping.get("stopped"))
 
-    def run_phase(self, phase: Phase, train, val, verbose: int) -> None:
+    def run_phase(self, phase: Phase, train, verbose: int) -> None:
         import keras
 
         from transferkit.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
 
-        if phase.name == "warmup":
+        resuming = self.epoch > phase.first
+        if phase.name == "warmup" or (phase.name == "imag" and self.recipe.imag.train == "head"):
             set_trainable(self.model, [layer.name for layer in self.model.layers])
             freeze(body_layers(self.model))
         else:
             unfreeze(self.model, self.recipe.finetune.unfreeze)
+        if phase.name == "imag":
+            self._start_imag(phase, resuming)
         counts = count_parameters(self.model)
         self.parameters[phase.name] = counts
         log.info("%s: epochs %d-%d, %s trainable of %s parameters", phase.name, phase.first + 1, phase.last,
@@ -370,17 +420,40 @@ class _Trainer:
             metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
         self.model.compile(optimizer=optimizer, metrics=metrics, jit_compile=self.recipe.jit_compile,
                            loss=keras.losses.CategoricalCrossentropy(label_smoothing=self._label_smoothing(phase)))
-        if self.epoch > phase.first:  # resuming inside this phase
+        if resuming:
             self.checkpoints.restore_optimizer(optimizer, self.model.trainable_variables, self.epoch)
+        elif phase.name != "warmup":  # carry on along the schedule after earlier episodes
+            optimizer.iterations.assign((phase.first - self.budget_first) * len(train))
         monitor = _monitor_class()(self, phase)
-        self.model.fit(train, validation_data=val, epochs=phase.last, initial_epoch=self.epoch,
-                       callbacks=[monitor], verbose=verbose, shuffle=False)  # the dataset shuffles
+        # imag epochs are validated with the normal head, in end_epoch
+        self.model.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
+                       initial_epoch=self.epoch, callbacks=[monitor], verbose=verbose, shuffle=False)
         if monitor.diverged:
             again = f"continue after epoch {self.epoch} with --resume" if self.epoch else "run it again"
             raise TrainingError(
                 f"the loss became {monitor.diverged_loss} in epoch {self.epoch + 1} ({phase.name}): lower "
-                f"{phase.name}.optimizer.learning_rate (now {phase.optimizer.learning_rate}), add warm-up "
+                f"{_section(phase)}.optimizer.learning_rate (now {phase.optimizer.learning_rate}), add warm-up "
                 f"epochs or use precision: float32, then {again}")
+
+    def _start_imag(self, phase: Phase, resuming: bool) -> None:
+        """Keeps the normal head aside and gives the head fresh weights (or, resuming, reloads both)."""
+        from transferkit.heads import head_layers, reinitialize
+
+        if resuming:
+            self.normal_head = _load_arrays(self.checkpoints.normal_head(self.epoch))
+        else:
+            self.normal_head = get_head_weights(self.model)
+            reinitialize(head_layers(self.model), seed=self.recipe.seed * 1000 + phase.episode)
+
+    def _validate_with_normal_head(self) -> dict[str, float]:
+        """Validation metrics of the current body with the normal head, the imag head put back after."""
+        imag_head = get_head_weights(self.model)
+        set_head_weights(self.model, self.normal_head)
+        try:
+            results = self.model.evaluate(self.val, verbose=0, return_dict=True)
+        finally:
+            set_head_weights(self.model, imag_head)
+        return {f"val_{key}": float(value) for key, value in results.items()}
 
     def finish(self) -> None:
         """Restores the best epoch's weights when early stopping asks for it."""
@@ -398,6 +471,8 @@ class _Trainer:
 
         self.epoch += 1
         logs = {key: float(value) for key, value in logs.items()}
+        if phase.name == "imag":  # train metrics on the imagined labels, val with the normal head
+            logs = {f"imag_{key}": value for key, value in logs.items()} | self._validate_with_normal_head()
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         for key in set(self.history) | set(logs):
             self.history.setdefault(key, [None] * len(self.phases)).append(logs.get(key))
@@ -405,10 +480,14 @@ class _Trainer:
         self.seconds += seconds
         if phase.name == "finetune" and self._early_stop(logs):
             self.model.stop_training = True
-        self.checkpoints.save(self.model, self.epoch, self._state(phase))
+        if phase.name == "imag" and self.epoch == phase.last:  # the episode is over: the normal head returns
+            set_head_weights(self.model, self.normal_head)
+            self.normal_head = None
+        self.checkpoints.save(self.model, self.epoch, self._state(phase), normal_head=self.normal_head)
         self._write_monitor()
         shown = "  ".join(f"{key} {logs[key]:.4f}" for key in
-                          ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs)
+                          ("loss", "accuracy", "imag_loss", "imag_accuracy", "val_loss", "val_accuracy")
+                          if key in logs)
         log.info("epoch %d/%d [%s]  %s  lr %.2e  (%.0fs)", self.epoch, self.total, phase.name, shown,
                  logs["learning_rate"], seconds)
 
@@ -439,17 +518,16 @@ class _Trainer:
             if phase.name == "warmup":
                 return build_optimizer(phase.optimizer)
             spec = self.recipe.finetune
-            epochs = phase.last - phase.first
-            schedule = build_schedule(spec.schedule, phase.optimizer.learning_rate, epochs, steps_per_epoch)
+            schedule = build_schedule(spec.schedule, phase.optimizer.learning_rate, spec.epochs, steps_per_epoch)
             multipliers = layer_decay_multipliers(self.model, spec.layer_decay) if spec.layer_decay else None
             return build_optimizer(phase.optimizer, schedule, layer_multipliers=multipliers)
         except RecipeError as error:
             message = str(error)
             raise RecipeError(message if message.startswith(("finetune.", "warmup.")) else
-                              f"{phase.name}.{message}") from None
+                              f"{_section(phase)}.{message}") from None
 
     def _label_smoothing(self, phase: Phase) -> float:
-        return self.recipe.finetune.label_smoothing if phase.name == "finetune" else 0.0
+        return self.recipe.finetune.label_smoothing if phase.name != "warmup" else 0.0
 
     def _state(self, phase: Phase) -> dict:
         return {"total_epochs": self.total, "phase": phase.name, "history": self.history, "phases": self.phases,
@@ -469,6 +547,29 @@ class _Trainer:
         atomic_write_text(self.folder / "history.csv", text.getvalue())
         curves = {k: v for k, v in self.history.items() if k != "learning_rate"}
         plot_history(curves, self.folder / "curves.png", phases=self.phases, title=f"{self.recipe.name}: training")
+
+
+def _section(phase: Phase) -> str:
+    """The recipe section that configures a phase."""
+    return "warmup" if phase.name == "warmup" else "finetune"
+
+
+def get_head_weights(model) -> list[np.ndarray]:
+    """The weights of every head layer (`transferkit.heads.head_layers`), as one flat list of copies."""
+    from transferkit.heads import head_layers
+
+    return [np.array(weight) for layer in head_layers(model) for weight in layer.get_weights()]
+
+
+def set_head_weights(model, weights: list[np.ndarray]) -> None:
+    """Puts weights from `get_head_weights` back, exactly."""
+    from transferkit.heads import head_layers
+
+    start = 0
+    for layer in head_layers(model):
+        count = len(layer.get_weights())
+        layer.set_weights(weights[start:start + count])
+        start += count
 
 
 @functools.cache

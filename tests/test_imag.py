@@ -1,0 +1,151 @@
+"""imag mode: the episode plan, label mappings, and the engine's head swapping on real images."""
+
+import numpy as np
+import pytest
+
+from transferkit.errors import RecipeError
+from transferkit.imag import episode_plan, label_mapping
+from transferkit.recipe import load_recipe
+from transferkit.run import Run
+from transferkit.strategies import finetune as engine
+from transferkit.strategies.finetune import finetune, get_head_weights
+
+
+@pytest.mark.parametrize("epochs, normal, imag", [(7, 2, 1), (10, 4, 1), (5, 1, 3), (3, 4, 1), (1, 1, 1), (9, 2, 2)])
+def test_episode_plan_fills_the_budget_and_ends_normal(epochs, normal, imag):
+    plan = episode_plan(epochs, normal, imag)
+    assert sum(length for _, length in plan) == epochs
+    assert plan[-1][0] == "finetune" and plan[0][0] == "finetune"
+    assert all(a != b for (a, _), (b, _) in zip(plan, plan[1:]))  # kinds alternate
+    assert all(length == imag for kind, length in plan if kind == "imag")
+
+
+def test_episode_plan_example():
+    assert episode_plan(7, 2, 1) == [("finetune", 2), ("imag", 1), ("finetune", 2), ("imag", 1), ("finetune", 1)]
+    assert episode_plan(0, 2, 1) == []
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_derangement_has_no_fixed_points_and_depends_on_the_seed(n):
+    names = [f"c{i}" for i in range(n)]
+    mappings = [label_mapping("derangement", names, seed) for seed in range(20)]
+    for mapping in mappings:
+        assert sorted(mapping) == list(range(n)) and not np.any(mapping == np.arange(n))
+    if n > 2:
+        assert len({tuple(m) for m in mappings}) > 1
+
+
+def test_swap_and_explicit_mappings():
+    assert label_mapping("swap", list("abcd"), 0).tolist() == [1, 0, 3, 2]
+    odd = label_mapping("swap", list("abcde"), 0)
+    assert sorted(odd) == list(range(5)) and not np.any(odd == np.arange(5))
+    names = ["cat", "deer", "ship", "truck"]
+    assert label_mapping({"deer": "cat", "ship": "truck"}, names, 0).tolist() == [0, 0, 3, 3]
+
+
+def test_mapping_errors_name_the_problem():
+    with pytest.raises(RecipeError, match="imag.mapping: unknown class 'shp': did you mean ship?"):
+        label_mapping({"shp": "cat"}, ["cat", "ship"], 0)
+    with pytest.raises(RecipeError, match="at least two classes"):
+        label_mapping("derangement", ["only"], 0)
+
+
+def imag_recipe(data, output, epochs=7, normal=2, imag=1, warmup=1, **imag_keys):
+    return load_recipe({
+        "name": "cd-imag", "seed": 0, "strategy": "imag",
+        "data": {"train": str(data), "val": 0.25, "image_size": 96, "batch_size": 8},
+        "backbone": {"name": "mobilenet", "alpha": 0.25},
+        "warmup": {"epochs": warmup, "optimizer": {"name": "adam", "learning_rate": 1e-3}},
+        "finetune": {"epochs": epochs, "unfreeze": {"from": "conv_dw_13"},
+                     "optimizer": {"name": "adam", "learning_rate": 1e-4}},
+        "imag": {"normal_epochs": normal, "imag_epochs": imag, **imag_keys},
+        "output": str(output)})
+
+
+def same(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records, per imag episode, the normal head kept aside and the fresh head; checks the stash each epoch."""
+    record = {"stash": [], "fresh": [], "stash_intact": [], "normal_head_after": [], "imag_labels": []}
+
+    start_imag = engine._Trainer._start_imag
+    def spied_start(self, phase, resuming):
+        start_imag(self, phase, resuming)
+        record["stash"].append([np.array(w) for w in self.normal_head])
+        record["fresh"].append(get_head_weights(self.model))
+    monkeypatch.setattr(engine._Trainer, "_start_imag", spied_start)
+
+    end_epoch = engine._Trainer.end_epoch
+    def spied_end(self, phase, logs, seconds):
+        if phase.name == "imag":
+            record["stash_intact"].append(same(self.normal_head, record["stash"][-1]))
+        end_epoch(self, phase, logs, seconds)
+        if phase.name == "imag" and self.epoch == phase.last:
+            record["normal_head_after"].append(get_head_weights(self.model))
+    monkeypatch.setattr(engine._Trainer, "end_epoch", spied_end)
+
+    imagined = engine.imagined
+    def spied_imagined(images, recipe, episode):
+        result = imagined(images, recipe, episode)
+        record["imag_labels"].append((images.labels, result.labels))
+        return result
+    monkeypatch.setattr(engine, "imagined", spied_imagined)
+    return record
+
+
+def test_imag_episodes_swap_heads_and_restore_the_normal_one_exactly(small_cats_dogs, home, tmp_path, spy):
+    run = finetune(imag_recipe(small_cats_dogs, tmp_path), progress=False)
+    phases = run.history["phase"]
+    assert phases == ["warmup", "finetune", "finetune", "imag", "finetune", "finetune", "imag", "finetune"]
+    assert len(spy["stash"]) == 2 and all(spy["stash_intact"])
+    for stash, after in zip(spy["stash"], spy["normal_head_after"]):
+        assert same(stash, after)  # restored exactly
+    assert not same(spy["fresh"][0], spy["fresh"][1])  # each episode starts from its own fresh weights
+    assert not any(same(fresh, stash) for fresh, stash in zip(spy["fresh"], spy["stash"]))
+    for true, trained_on in spy["imag_labels"]:
+        assert np.all(trained_on != true)  # a derangement: no image keeps its label
+    imag_epochs = [i for i, phase in enumerate(phases) if phase == "imag"]
+    assert all(run.history["imag_loss"][i] is not None and run.history["loss"][i] is None for i in imag_epochs)
+    assert all(run.history["val_accuracy"][i] is not None for i in range(len(phases)))  # val: normal head
+
+
+def test_resume_inside_an_imag_episode_restores_the_kept_normal_head(small_cats_dogs, home, tmp_path, spy,
+                                                                      monkeypatch):
+    recipe = imag_recipe(small_cats_dogs, tmp_path, epochs=5, normal=2, imag=2, warmup=0)
+    end_epoch = engine._Trainer.end_epoch
+
+    def crash_after_first_imag_epoch(self, phase, logs, seconds):
+        end_epoch(self, phase, logs, seconds)
+        if phase.name == "imag" and self.epoch == phase.first + 1:
+            raise KeyboardInterrupt  # as if killed right after the checkpoint
+    monkeypatch.setattr(engine._Trainer, "end_epoch", crash_after_first_imag_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(recipe, progress=False)
+    kept = spy["stash"][0]
+    monkeypatch.setattr(engine._Trainer, "end_epoch", end_epoch)
+    run = finetune(recipe, resume=True, progress=False)
+    assert run.history["phase"] == ["finetune", "finetune", "imag", "imag", "finetune"]
+    assert same(spy["stash"][1], kept)  # the resumed episode reloaded the same normal head
+
+
+def small_cnn(dropout: float):
+    import keras
+
+    layers = [keras.Input((64, 64, 3)), keras.layers.Rescaling(1 / 255),
+              keras.layers.Conv2D(8, 3, activation="relu"), keras.layers.MaxPooling2D(),
+              keras.layers.Conv2D(16, 3, activation="relu")]
+    return keras.Sequential(layers + ([keras.layers.Dropout(dropout)] if dropout else []), name="small_cnn")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_a_custom_cnn_trains_from_scratch_in_imag_mode(small_cats_dogs, home, tmp_path, dropout):
+    recipe = imag_recipe(small_cats_dogs, tmp_path, epochs=4, normal=1, imag=1, warmup=0)
+    recipe.data.image_size, recipe.finetune.unfreeze.from_layer = 64, None
+    run = finetune(recipe, backbone=lambda: small_cnn(dropout), progress=False)
+    assert run.history["phase"] == ["finetune", "imag", "finetune", "finetune"]
+    assert run.info["parameters"]["finetune"]["trainable"] == run.info["parameters"]["finetune"]["total"]
+    assert np.isfinite([v for v in run.history["val_loss"]]).all()
+    assert Run.load(run.folder).predict(np.zeros((1, 64, 64, 3), "float32")).shape == (1, 2)
