@@ -22,6 +22,7 @@ Examples:
   transferkit validate recipes/digits.yaml
   transferkit extract recipes/digits.yaml
   transferkit finetune recipes/flowers5_finetune.yaml
+  transferkit compare recipes/digits8_imag.yaml --seeds 3
   transferkit predict runs/digits image.png folder/
   transferkit evaluate runs/digits --data other_images/
   transferkit export runs/digits
@@ -123,7 +124,7 @@ def extract(recipe, overrides, quiet):
 @click.option("--restart", is_flag=True, help="Discard an interrupted run's checkpoint and start over.")
 @click.option("--quiet", is_flag=True, help="No per-batch progress bar (epoch summaries still print).")
 def finetune(recipe, overrides, resume, restart, quiet):
-    """Attach a new head, warm it up on the frozen body, unfreeze and fine-tune; write the run folder.
+    """Attach a new head, warm it up on the frozen body, unfreeze and fine-tune (strategy finetune or imag).
 
     Every epoch is checkpointed; after an interruption (even kill -9) run the same command with
     --resume. history.json, history.csv and curves.png are rewritten after each epoch.
@@ -141,13 +142,43 @@ def finetune(recipe, overrides, resume, restart, quiet):
     if resume and restart:
         raise click.UsageError("give --resume or --restart, not both")
     recipe = load_recipe(recipe, overrides=overrides)
-    if recipe.strategy != "finetune":
-        raise click.UsageError(f"the recipe's strategy is {recipe.strategy}: run `transferkit "
-                               f"{_command_for(recipe.strategy)} RECIPE`, or --set strategy=finetune")
+    if recipe.strategy == "extract":
+        raise click.UsageError("the recipe's strategy is extract: run `transferkit extract RECIPE`, "
+                               "or --set strategy=finetune")
     preflight(recipe)
     _start_keras_quietly()
     run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)
     click.echo(f"run folder: {run.folder}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--modes", default="normal,imag", show_default=True, help="Comma-separated modes to compare.")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(2), help="Seeds per mode.")
+@click.option("--output", type=click.Path(file_okay=False), help="Default: the recipe's output/compare.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set imag.imag_epochs=2 (repeatable).")
+def compare(recipe, modes, seeds, output, overrides):
+    """Train each mode with several seeds on the same split and budget; compare the validation curves.
+
+    Writes compare.json, compare.md (mean ± std per mode, the paired difference with a 95%
+    confidence interval and a paired t-test) and curves.png. Rerun the same command after an
+    interruption: finished runs are reused and an unfinished one resumes.
+
+    \b
+    Example:
+      transferkit compare recipes/digits8_imag.yaml --modes normal,imag --seeds 3
+    """
+    from transferkit.compare import compare as run_compare, to_markdown
+    from transferkit.recipe import load_recipe
+    from transferkit.strategies import preflight
+
+    recipe = load_recipe(recipe, overrides=overrides)
+    preflight(recipe)
+    _start_keras_quietly()
+    summary = run_compare(recipe, modes=[m.strip() for m in modes.split(",") if m.strip()], seeds=seeds,
+                          output=output)
+    click.echo(to_markdown(summary), nl=False)
 
 
 @cli.command()

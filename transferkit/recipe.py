@@ -54,6 +54,7 @@ class DataSpec:
     test: Union[float, str, None] = _spec(None, path=True, gt=0, lt=1, doc="stratified fraction, a folder, or null")
     image_size: Optional[int] = _spec(None, ge=8, doc="square input size; null: the backbone's default")
     batch_size: int = _spec(32, ge=1)
+    split_seed: Optional[int] = _spec(None, doc="seed of the val/test split; null: the recipe's seed")
     augment: list = _spec([], doc="Keras augmentation layers by name, e.g. [random_flip, {random_rotation: 0.1}]")
 
 

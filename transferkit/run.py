@@ -99,7 +99,8 @@ class Run:
         Returns:
             The metrics of :func:`transferkit.evaluate.evaluate_predictions`.
         """
-        from transferkit.data import load_splits, scan_folder
+        from transferkit.data import scan_folder
+        from transferkit.strategies import recipe_splits
         from transferkit.evaluate import write_report
 
         folder = Path(self.folder or self.recipe.output)
@@ -107,8 +108,7 @@ class Run:
             images, prefix = scan_folder(data, class_names=self.class_names), "eval"
             folder = folder / "evaluations" / Path(data).resolve().name
         else:
-            data_spec = self.recipe.data
-            splits = load_splits(data_spec.train, data_spec.val, data_spec.test, seed=self.recipe.seed)
+            splits = recipe_splits(self.recipe)
             prefix = "test" if splits.test is not None else "val"
             images = getattr(splits, prefix)
             if images is None:

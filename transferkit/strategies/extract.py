@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data import ImageSet, load_images, load_splits
+from transferkit.data import ImageSet, load_images
 from transferkit.features import FeatureStore, cache_key
 from transferkit.io import transferkit_home
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run import Run
-from transferkit.strategies import preflight
+from transferkit.strategies import preflight, recipe_splits
 
 log = logging.getLogger("transferkit")
 
@@ -44,7 +44,7 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     started = time.perf_counter()
     spec = recipe.backbone
     image_size = preflight(recipe)
-    splits = load_splits(recipe.data.train, recipe.data.val, recipe.data.test, seed=recipe.seed)
+    splits = recipe_splits(recipe)
     body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
     extractor = cut(body, recipe.extract.layer, recipe.extract.pooling)
     if recipe.extract.tta:

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data import load_splits, make_dataset
+from transferkit.data import make_dataset
 from transferkit.errors import RecipeError, TransferkitError
 from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
 from transferkit.recipe import OptimizerSpec, Recipe, load_recipe
 from transferkit.run import Run
-from transferkit.strategies import preflight
+from transferkit.strategies import preflight, recipe_splits
 
 log = logging.getLogger("transferkit")
 
@@ -115,7 +115,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     folder = Path(recipe.output)
     checkpoints = Checkpoints(folder / "checkpoint")
     state = _starting_state(checkpoints, resume, restart)
-    splits = load_splits(recipe.data.train, recipe.data.val, recipe.data.test, seed=recipe.seed)
+    splits = recipe_splits(recipe)
     if splits.val is None:
         raise RecipeError("data.val: fine-tuning needs a validation split to monitor: "
                           "give a fraction (0.2) or a folder")

@@ -1,0 +1,64 @@
+"""transferkit compare: paired statistics, and a small real comparison of normal vs imag fine-tuning."""
+
+import json
+
+import numpy as np
+import pytest
+
+from transferkit.compare import compare, paired_difference, run_measures
+from transferkit.recipe import load_recipe
+
+
+def test_paired_difference_worked_example():
+    # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.464 with 2 degrees of freedom
+    d = paired_difference([0.5, 0.5, 0.5], [0.6, 0.7, 0.8])
+    assert d["mean"] == pytest.approx(0.2) and d["n"] == 3
+    half = 4.302653 * 0.1 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert d["ci"] == pytest.approx([0.2 - half, 0.2 + half], abs=1e-6)
+    assert d["p"] == pytest.approx(0.07418, abs=1e-4)
+
+
+def test_paired_difference_without_spread():
+    assert paired_difference([1, 2], [1, 2]) == {"mean": 0.0, "ci": [0.0, 0.0], "p": 1.0, "n": 2}
+
+
+def test_run_measures_skip_missing_epochs():
+    history = {"val_accuracy": [0.5, 0.9, None, 0.8], "val_loss": [1.0, 0.3, None, 0.4]}
+    assert run_measures(history) == {"final_top1": 0.8, "best_top1": 0.9, "final_loss": 0.4, "best_loss": 0.3,
+                                     "epochs": 4}
+
+
+def test_compare_normal_and_imag_writes_tables_and_curves(small_cats_dogs, home, tmp_path, monkeypatch):
+    recipe = load_recipe({
+        "name": "cd-compare", "seed": 0, "strategy": "imag",
+        "data": {"train": str(small_cats_dogs), "val": 0.25, "image_size": 64, "batch_size": 8},
+        "backbone": {"name": "mobilenet", "alpha": 0.25},
+        "warmup": {"epochs": 0},
+        "finetune": {"epochs": 3, "unfreeze": {"from": "conv_dw_13"}, "optimizer": {"name": "adam", "learning_rate": 1e-3}},
+        "imag": {"normal_epochs": 1, "imag_epochs": 1},
+        "output": str(tmp_path / "out")})
+    summary = compare(recipe, modes=["normal", "imag"], seeds=2)
+    folder = tmp_path / "out" / "compare"
+    for name in ["compare.json", "compare.md", "curves.png", "runs/normal-seed0/run.json", "runs/imag-seed1/run.json"]:
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "runs/imag-seed0/run.json").read_text())["history"]["phase"] == \
+        ["finetune", "imag", "finetune"]
+    assert [m["epochs"] for m in summary["runs"]["normal"]] == [3, 3]
+    difference = summary["differences"]["imag"]["best_top1"]
+    normal = [m["best_top1"] for m in summary["runs"]["normal"]]
+    imag = [m["best_top1"] for m in summary["runs"]["imag"]]
+    assert difference["mean"] == pytest.approx(np.mean(np.subtract(imag, normal)))
+    assert "| imag |" in (folder / "compare.md").read_text() and "paired t-test p" in (folder / "compare.md").read_text()
+
+    # A second call reads the finished runs back instead of training again.
+    monkeypatch.setattr("transferkit.strategies.finetune.finetune", lambda *a, **k: pytest.fail("retrained"))
+    assert compare(recipe, modes=["normal", "imag"], seeds=2)["runs"] == summary["runs"]
+
+
+def test_compare_command_usage_errors(tmp_path, small_cats_dogs):
+    from test_cli import assert_one_line_error, transferkit
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"data: {{train: {small_cats_dogs}}}\nbackbone: {{name: mobilenet, alpha: 0.25}}\n")
+    assert_one_line_error(transferkit("compare", path, "--modes", "normal,dream"), "compare: modes must be")
+    assert transferkit("compare", path, "--seeds", "1").returncode == 2
