@@ -8,6 +8,8 @@ import pytest
 from transferkit.compare import compare, paired_difference, run_measures
 from transferkit.recipe import load_recipe
 
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
+
 
 def test_paired_difference_worked_example():
     # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.464 with 2 degrees of freedom

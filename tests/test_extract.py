@@ -11,6 +11,8 @@ from transferkit.recipe import load_recipe
 from transferkit.run import Run
 from transferkit.strategies.extract import extract
 
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
+
 
 def make_recipe(data, output, **extract):
     return load_recipe({"name": "cd", "seed": 0,

@@ -19,6 +19,8 @@ from transferkit.strategies.extract import extract
 from transferkit.strategies.finetune import TrainingError, finetune
 from transferkit.surgery import body_layers
 
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
+
 
 def make_recipe(data, output, warmup=1, epochs=1, **finetune_keys):
     return load_recipe({
@@ -222,6 +224,10 @@ def test_finetune_command_rejects_an_extract_recipe(tmp_path, small_cats_dogs):
 
 
 def test_saved_model_and_tflite_exports_agree_with_the_run(first_run):
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("SavedModel and TFLite export need the TensorFlow backend")
     import tensorflow as tf
 
     from transferkit.export import export_model

@@ -10,6 +10,8 @@ from transferkit.run import Run
 from transferkit.strategies import finetune as engine
 from transferkit.strategies.finetune import finetune, get_head_weights
 
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
+
 
 @pytest.mark.parametrize("epochs, normal, imag", [(7, 2, 1), (10, 4, 1), (5, 1, 3), (3, 4, 1), (1, 1, 1), (9, 2, 2)])
 def test_episode_plan_fills_the_budget_and_ends_normal(epochs, normal, imag):

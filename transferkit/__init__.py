@@ -20,7 +20,7 @@ _LAZY = {  # imported on first use: these pull in Keras / TensorFlow
     "create_backbone": "transferkit.backbones", "list_backbones": "transferkit.backbones",
     "load_splits": "transferkit.data", "make_dataset": "transferkit.data", "scan_folder": "transferkit.data",
     "extract": "transferkit.strategies.extract", "finetune": "transferkit.strategies.finetune",
-    "attach_head": "transferkit.heads", "unfreeze": "transferkit.surgery", "Run": "transferkit.run", "cut": "transferkit.surgery",
+    "attach_head": "transferkit.heads", "compare": "transferkit.compare", "unfreeze": "transferkit.surgery", "Run": "transferkit.run", "cut": "transferkit.surgery",
     "FeatureExtractor": "transferkit.transformer", "export_model": "transferkit.export",
 }
 
