@@ -271,32 +271,51 @@ class SizeType(click.ParamType):
 @cli.command()
 @click.option("--size", type=SizeType(), help="small, large, or images per class (large from 1000). "
               "Default: counted in --data.")
-@click.option("--similar", type=click.Choice(["yes", "no"]), help="Do the images look like ImageNet's photos?")
-@click.option("--data", type=str, help="Class-per-folder images (or builtin:digits): counts the images "
-              "and goes into the written recipe.")
+@click.option("--similar", type=click.Choice(["yes", "no"]), help="Do the images look like ImageNet's photos? "
+              "Default with --data: measured.")
+@click.option("--data", type=str, help="Class-per-folder images (or builtin:digits): counts the images, "
+              "measures similarity and the best layer, and goes into the written recipe.")
 @click.option("--backbone", default="mobilenet_v2", show_default=True, help="Backbone the settings refer to.")
+@click.option("--alpha", type=float, help="The backbone's width multiplier (MobileNet families).")
+@click.option("--backbones", "candidates", help="Rank these backbones on --data by LogME and by the probe, "
+              "e.g. mobilenet_v2,mobilenet_v2:0.35,mobilenet:0.25 (name:alpha).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the accuracy-vs-depth PNG here "
+              "(default with --write: beside the recipe).")
 @click.option("--write", "write_to", type=click.Path(dir_okay=False), help="Write a runnable recipe here.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def recommend(size, similar, data, backbone, write_to, as_json):
-    """Recommend a strategy from dataset size x similarity to ImageNet.
+def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, as_json):
+    """Recommend a strategy from dataset size x similarity to ImageNet, measured from --data.
 
     \b
     Examples:
       transferkit recommend --size small --similar yes
       transferkit recommend --size 2000 --similar no --json
-      transferkit recommend --data photos/ --similar yes --write recipe.yaml
+      transferkit recommend --data photos/ --write recipe.yaml      # measures size, similarity, layer
+      transferkit recommend --data photos/ --backbones mobilenet_v2,mobilenet:0.25
     """
     from pathlib import Path
 
     from transferkit.recommend import recommend as recommend_strategy
 
-    rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone)
-    recipe = rec.recipe(data=_absolute(data), backbone=backbone,
+    if data is not None and (similar is None or candidates):
+        _start_keras_quietly()
+    rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone, alpha=alpha)
+    recipe = rec.recipe(data=_absolute(data), backbone=backbone, alpha=alpha,
                         name=Path(write_to).stem if write_to else "my-run")
+    ranking = _rank(data, candidates) if candidates else None
+    plot = plot or (str(Path(write_to).with_suffix(".depth.png")) if write_to and rec.measurement else None)
+    if plot and rec.measurement:
+        from transferkit.measure import Measurement, plot_depth
+        plot_depth(Measurement(**rec.measurement), plot)
     if write_to:
         _write_recipe(write_to, recipe, rec, placeholder=data is None)
+        if data is not None and rec.strategy == "extract":
+            from transferkit.recipe import load_recipe
+            from transferkit.strategies.extract import cache_features
+            cache_features(load_recipe(write_to), progress=not as_json)
     if as_json:
-        click.echo(json.dumps({**rec.to_dict(), "recipe": recipe, "written_to": write_to}, indent=2))
+        click.echo(json.dumps({**rec.to_dict(), "recipe": recipe, "written_to": write_to, "plot": plot,
+                               "backbone_ranking": ranking}, indent=2))
         return
     click.echo(f"{rec.size} dataset, {'similar to' if rec.similar else 'different from'} ImageNet "
                f"-> {rec.strategy}: {rec.summary}")
@@ -307,9 +326,35 @@ def recommend(size, similar, data, backbone, write_to, as_json):
         click.echo(f"  - {line}")
     click.echo("settings:")
     click.echo("  " + yaml.safe_dump(rec.settings, sort_keys=False).rstrip().replace("\n", "\n  "))
+    if ranking:
+        click.echo("backbones (by LogME; probe accuracy at each one's best layer):")
+        for row in ranking:
+            name = row["backbone"] + (f":{row['alpha']}" if row["alpha"] else "")
+            click.echo(f"  {name}: skipped ({row['skipped']})" if "skipped" in row else
+                       f"  {row['rank_logme']}. {name}: LogME {row['logme']:.3f}, probe {row['probe']:.3f} "
+                       f"(rank {row['rank_probe']}) at {row['best_layer']}, {row['seconds']:.0f}s")
+    if plot and rec.measurement:
+        click.echo(f"wrote {plot}")
     if write_to:
         hint = " (fill in data.train first)" if data is None else ""
-        click.echo(f"wrote {write_to}{hint}; run it with: transferkit {_command_for(rec.strategy)} {write_to}")
+        cached = "; its features are cached" if data is not None and rec.strategy == "extract" else ""
+        click.echo(f"wrote {write_to}{hint}{cached}; run it with: transferkit {_command_for(rec.strategy)} {write_to}")
+
+
+def _rank(data, candidates: str) -> list[dict]:
+    from transferkit.data import resolve_source, scan_folder
+    from transferkit.measure import rank_backbones
+
+    if data is None:
+        raise click.UsageError("--backbones ranks backbones on your images: give --data too")
+    parsed = []
+    for item in filter(None, (c.strip() for c in candidates.split(","))):
+        name, _, alpha = item.partition(":")
+        try:
+            parsed.append((name, float(alpha) if alpha else None))
+        except ValueError:
+            raise click.UsageError(f"--backbones: {item!r}: expected name or name:alpha, e.g. mobilenet:0.25") from None
+    return rank_backbones(scan_folder(resolve_source(data), screen=False), parsed)
 
 
 def _absolute(data):

@@ -40,13 +40,15 @@ class Recommendation:
     rationale: list[str]
     settings: dict            # recipe sections: extract or head/warmup/finetune
     evidence: dict = field(default_factory=dict)   # what was given or measured
+    measurement: dict | None = None                # transferkit.measure.Measurement.to_dict(), when measured
 
-    def recipe(self, data: str | None = None, backbone: str = "mobilenet_v2", name: str = "my-run") -> dict:
+    def recipe(self, data: str | None = None, backbone: str = "mobilenet_v2", name: str = "my-run",
+               alpha: float | None = None) -> dict:
         """A complete, runnable recipe mapping (``data`` None leaves a placeholder to fill in)."""
         return {"name": name,
                 "data": {"train": data or PLACEHOLDER_DATA, "val": 0.2,
                          **({"augment": ["random_flip"]} if self.strategy == "finetune" else {})},
-                "backbone": {"name": backbone, "weights": "imagenet"},
+                "backbone": {"name": backbone, "weights": "imagenet", **({"alpha": alpha} if alpha else {})},
                 "strategy": self.strategy,
                 **self.settings}
 
@@ -65,20 +67,25 @@ def count_images(data: str | Path) -> dict:
 
     counts = list(scan_folder(resolve_source(data), screen=False).class_counts().values())
     return {"classes": len(counts), "images": sum(counts), "min_per_class": min(counts),
-            "median_per_class": statistics.median(counts), "max_per_class": max(counts)}
+            "median_per_class": statistics.median(counts), "max_per_class": max(counts),
+            "imbalance": round(max(counts) / max(min(counts), 1), 2)}
 
 
 def recommend(size: str | int | None = None, similar: bool | str | None = None, *,
-              data: str | Path | None = None, backbone: str = "mobilenet_v2") -> Recommendation:
-    """Pick a strategy from the decision table.
+              data: str | Path | None = None, backbone: str = "mobilenet_v2", alpha: float | None = None,
+              seed: int = 0) -> Recommendation:
+    """Pick a strategy from the decision table, measuring what is not given.
 
     Args:
         size: ``"small"``, ``"large"``, or a number of images per class. ``None`` counts the
             images in ``data``.
         similar: whether the images look like ImageNet's photos (``True``/``"yes"``,
-            ``False``/``"no"``).
+            ``False``/``"no"``). ``None`` with ``data`` measures it (`transferkit.measure`), and the
+            measured best layer becomes the extract layer.
         data: a class-per-folder dataset, used to count images when ``size`` is not given.
         backbone: the registry name whose cut points the settings refer to.
+        alpha: the backbone's width multiplier, for measuring.
+        seed: seeds the measurement's subsample.
 
     Returns:
         A :class:`Recommendation`; ``.recipe(data)`` turns it into a runnable recipe.
@@ -93,11 +100,40 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
         evidence["size_rule"] = (f"median {evidence['median_per_class']:g} images per class "
                                  f"{'>=' if size == 'large' else '<'} {LARGE_IMAGES_PER_CLASS}")
     size = _parse_size(size, evidence)
+    measurement = None
+    if similar is None and data is not None:
+        from transferkit.data import resolve_source, scan_folder
+        from transferkit.measure import measure
+
+        measurement = measure(scan_folder(resolve_source(data), screen=False), backbone, alpha, seed=seed)
+        similar = measurement.similar
+        evidence.update(_similarity_evidence(measurement))
     similar = _parse_similar(similar)
     info = get_backbone_info(backbone)
     cell = _TABLE[(size, similar)]
+    settings = cell["settings"](info)
+    rationale = list(cell["rationale"])
+    if measurement is not None and cell["strategy"] == "extract":
+        settings["extract"]["layer"] = measurement.recipe_layer
+        rationale[-1] = f"The depth sweep measured {measurement.recipe_layer} as the best cut point."
     return Recommendation(size=size, similar=similar, strategy=cell["strategy"], summary=cell["summary"],
-                          rationale=cell["rationale"], settings=cell["settings"](info), evidence=evidence)
+                          rationale=rationale, settings=settings, evidence=evidence,
+                          measurement=measurement.to_dict() if measurement else None)
+
+
+def _similarity_evidence(m) -> dict:
+    """The measured signals as printable lines."""
+    top, best = m.layers[-1], m.best_layer
+    evidence = {"similarity": f"{'similar to' if m.similar else 'different from'} ImageNet, by the depth sweep "
+                              f"on {m.images} images ({m.seconds['total']:.0f}s)",
+                "depth_sweep": f"best {best} {m.probe[best]:.3f} vs top {m.probe[top]:.3f} "
+                               f"(linear probe, {m.images} images, cross-validated)",
+                "logme": f"best {max(m.logme, key=m.logme.get)} {max(m.logme.values()):.3f} vs top {m.logme[top]:.3f}"}
+    if m.confidence:
+        evidence["imagenet_confidence"] = (f"mean max-probability {m.confidence['mean_max_probability']:.3f}, "
+                                           f"entropy {m.confidence['mean_entropy']:.3f} ({m.confidence['backbone']})")
+    evidence["signals_saying_similar"] = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in m.signals.items())
+    return evidence
 
 
 def _parse_size(size, evidence: dict) -> str:

@@ -35,26 +35,15 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
         The :class:`Run`, already saved to ``recipe.output``, with ``metrics["val"]`` (and
         ``metrics["test"]`` when the recipe has a test set).
     """
-    from transferkit.backbones import create_backbone
     from transferkit.classifiers import build_classifier, fit_cached, predict_proba
     from transferkit.evaluate import format_metrics, write_report
-    from transferkit.surgery import average_over_flips, cut, power_normalize
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     started = time.perf_counter()
-    spec = recipe.backbone
     image_size = preflight(recipe)
     splits = recipe_splits(recipe)
-    body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
-    extractor = cut(body, recipe.extract.layer, recipe.extract.pooling)
-    if recipe.extract.tta:
-        extractor = average_over_flips(extractor)
-    if recipe.extract.power_norm:
-        extractor = power_normalize(extractor)
-    log.info("features: %s at %s, %d values per image", spec.name, recipe.extract.layer, extractor.output.shape[-1])
-
-    sets = {name: images for name, images in
-            (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images is not None}
+    extractor = feature_extractor(recipe, image_size)
+    sets = _named_sets(splits)
     features = _cached_features(recipe, extractor, image_size, sets, progress)
     extracted = time.perf_counter()
 
@@ -86,6 +75,34 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     run.save(folder)
     log.info("run saved to %s (%.1fs)", folder, run.info["seconds"]["total"])
     return run
+
+
+def feature_extractor(recipe: Recipe, image_size: int):
+    """The recipe's backbone cut at ``extract.layer``, pooled, with flip averaging and power norm as set."""
+    from transferkit.backbones import create_backbone
+    from transferkit.surgery import average_over_flips, cut, power_normalize
+
+    spec = recipe.backbone
+    body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
+    extractor = cut(body, recipe.extract.layer, recipe.extract.pooling)
+    if recipe.extract.tta:
+        extractor = average_over_flips(extractor)
+    if recipe.extract.power_norm:
+        extractor = power_normalize(extractor)
+    log.info("features: %s at %s, %d values per image", spec.name, recipe.extract.layer, extractor.output.shape[-1])
+    return extractor
+
+
+def cache_features(recipe: Recipe, progress: bool = True) -> None:
+    """Compute a recipe's features into the feature store, so that its ``extract`` starts from them."""
+    image_size = preflight(recipe)
+    _cached_features(recipe, feature_extractor(recipe, image_size), image_size,
+                     _named_sets(recipe_splits(recipe)), progress)
+
+
+def _named_sets(splits) -> dict[str, ImageSet]:
+    return {name: images for name, images in
+            (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images is not None}
 
 
 def _cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str, ImageSet],
