@@ -70,23 +70,24 @@ def same(a, b):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records, per imag episode, the normal head kept aside and the fresh head; checks the stash each epoch."""
-    record = {"stash": [], "fresh": [], "stash_intact": [], "normal_head_after": [], "imag_labels": []}
+    """Records per imag episode the normal and the fresh imag head, and per imag epoch both heads again."""
+    record = {"normal_at_start": [], "imag_at_start": [], "normal_intact": [], "imag_after_epoch": [],
+              "imag_labels": []}
 
-    start_imag = engine._Trainer._start_imag
-    def spied_start(self, phase, resuming):
-        start_imag(self, phase, resuming)
-        record["stash"].append([np.array(w) for w in self.normal_head])
-        record["fresh"].append(get_head_weights(self.model))
-    monkeypatch.setattr(engine._Trainer, "_start_imag", spied_start)
+    imag_model = engine._Trainer._imag_model
+    def spied_imag_model(self, phase, resuming):
+        model = imag_model(self, phase, resuming)
+        record["normal_at_start"].append(get_head_weights(self.model))
+        record["imag_at_start"].append(get_head_weights(model))
+        return model
+    monkeypatch.setattr(engine._Trainer, "_imag_model", spied_imag_model)
 
     end_epoch = engine._Trainer.end_epoch
     def spied_end(self, phase, logs, seconds):
-        if phase.name == "imag":
-            record["stash_intact"].append(same(self.normal_head, record["stash"][-1]))
         end_epoch(self, phase, logs, seconds)
-        if phase.name == "imag" and self.epoch == phase.last:
-            record["normal_head_after"].append(get_head_weights(self.model))
+        if phase.name == "imag":
+            record["normal_intact"].append(same(get_head_weights(self.model), record["normal_at_start"][-1]))
+            record["imag_after_epoch"].append(get_head_weights(self.trained))
     monkeypatch.setattr(engine._Trainer, "end_epoch", spied_end)
 
     imagined = engine.imagined
@@ -98,15 +99,15 @@ def spy(monkeypatch):
     return record
 
 
-def test_imag_episodes_swap_heads_and_restore_the_normal_one_exactly(small_cats_dogs, home, tmp_path, spy):
+def test_imag_episodes_train_fresh_heads_and_leave_the_normal_one_untouched(small_cats_dogs, home, tmp_path, spy):
     run = finetune(imag_recipe(small_cats_dogs, tmp_path), progress=False)
     phases = run.history["phase"]
     assert phases == ["warmup", "finetune", "finetune", "imag", "finetune", "finetune", "imag", "finetune"]
-    assert len(spy["stash"]) == 2 and all(spy["stash_intact"])
-    for stash, after in zip(spy["stash"], spy["normal_head_after"]):
-        assert same(stash, after)  # restored exactly
-    assert not same(spy["fresh"][0], spy["fresh"][1])  # each episode starts from its own fresh weights
-    assert not any(same(fresh, stash) for fresh, stash in zip(spy["fresh"], spy["stash"]))
+    assert len(spy["imag_at_start"]) == 2 and spy["normal_intact"] == [True, True]
+    first, second = spy["imag_at_start"]
+    assert not same(first, second)  # each episode starts from its own fresh weights
+    assert not any(same(fresh, normal) for fresh, normal in zip(spy["imag_at_start"], spy["normal_at_start"]))
+    assert not same(spy["imag_after_epoch"][0], first)  # the imag head did train
     for true, trained_on in spy["imag_labels"]:
         assert np.all(trained_on != true)  # a derangement: no image keeps its label
     imag_epochs = [i for i, phase in enumerate(phases) if phase == "imag"]
@@ -114,10 +115,18 @@ def test_imag_episodes_swap_heads_and_restore_the_normal_one_exactly(small_cats_
     assert all(run.history["val_accuracy"][i] is not None for i in range(len(phases)))  # val: normal head
 
 
-def test_resume_inside_an_imag_episode_restores_the_kept_normal_head(small_cats_dogs, home, tmp_path, spy,
-                                                                      monkeypatch):
+def test_the_recipe_can_name_another_head_for_imag_episodes(small_cats_dogs, home, tmp_path, spy):
+    recipe = imag_recipe(small_cats_dogs, tmp_path, epochs=3, normal=1, imag=1, warmup=0,
+                         head={"layers": [{"dense": 8}], "dropout": 0.1})
+    run = finetune(recipe, progress=False)
+    assert run.history["phase"] == ["finetune", "imag", "finetune"]
+    assert len(spy["imag_at_start"][0]) == 4 and len(spy["normal_at_start"][0]) == 2  # two Dense vs one
+    assert "head_dense_1" not in [layer.name for layer in run.model.layers]  # the saved model keeps its own head
+
+
+def test_resume_inside_an_imag_episode_reloads_both_heads(small_cats_dogs, home, tmp_path, spy, monkeypatch):
     recipe = imag_recipe(small_cats_dogs, tmp_path, epochs=5, normal=2, imag=2, warmup=0)
-    end_epoch = engine._Trainer.end_epoch
+    end_epoch = engine._Trainer.end_epoch  # the spy's
 
     def crash_after_first_imag_epoch(self, phase, logs, seconds):
         end_epoch(self, phase, logs, seconds)
@@ -126,11 +135,12 @@ def test_resume_inside_an_imag_episode_restores_the_kept_normal_head(small_cats_
     monkeypatch.setattr(engine._Trainer, "end_epoch", crash_after_first_imag_epoch)
     with pytest.raises(KeyboardInterrupt):
         finetune(recipe, progress=False)
-    kept = spy["stash"][0]
     monkeypatch.setattr(engine._Trainer, "end_epoch", end_epoch)
     run = finetune(recipe, resume=True, progress=False)
     assert run.history["phase"] == ["finetune", "finetune", "imag", "imag", "finetune"]
-    assert same(spy["stash"][1], kept)  # the resumed episode reloaded the same normal head
+    assert same(spy["imag_at_start"][1], spy["imag_after_epoch"][0])  # the imag head as checkpointed
+    assert same(spy["normal_at_start"][1], spy["normal_at_start"][0])  # and the normal head as it was
+    assert spy["normal_intact"] == [True, True]
 
 
 def small_cnn(dropout: float):

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Callable
 
 import keras
-import numpy as np
 
 from transferkit.backbones import backbone_of, resolve_layer
 from transferkit.errors import RecipeError
@@ -133,29 +132,6 @@ def head_layers(model: keras.Model) -> list[keras.layers.Layer]:
     Found by position, not by name, so a custom head's layers count whatever they are called.
     """
     return model.layers[len(body_layers(model)):]
-
-
-def reinitialize(layers, seed: int) -> None:
-    """Gives ``layers`` fresh weights drawn from their own initializers (a "fresh head").
-
-    Each layer is rebuilt from its config with every seedable initializer seeded from ``seed``,
-    and its weights are copied over, so any layer type works and the layers keep their identity.
-
-    Args:
-        layers: built layers, e.g. ``head_layers(model)``.
-        seed: the same seed gives the same weights.
-    """
-    seeds = np.random.default_rng(seed)
-    for layer in layers:
-        if not layer.weights:
-            continue
-        config = layer.get_config()
-        for key, value in config.items():
-            if key.endswith("_initializer") and isinstance(value, dict) and "seed" in value.get("config", {}):
-                value["config"]["seed"] = int(seeds.integers(2**31 - 1))
-        fresh = layer.__class__.from_config(config)
-        fresh.build_from_config(layer.get_build_config())
-        layer.set_weights(fresh.get_weights())
 
 
 def _call_custom_head(head: HeadFunction, features, num_classes: int):

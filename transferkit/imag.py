@@ -2,9 +2,10 @@
 
 The fine-tuning epochs are split into episodes: ``normal_epochs`` on the true labels, then
 ``imag_epochs`` in which a freshly initialised head learns a permutation of the labels, then normal
-again, and so on, always ending on a normal episode. The normal head is kept aside during an imag
-episode and restored exactly afterwards; with ``train: head_and_body`` the unfrozen body learns
-from the imagined task too, which is what changes the shared features.
+again, and so on, always ending on a normal episode. An imag episode trains a second model that
+shares the body but has its own fresh head (seeded per episode), so the normal head stays exactly
+as it was; with ``train: head_and_body`` the unfrozen body learns from the imagined task too,
+which is what changes the shared features.
 
 Example:
     >>> episode_plan(10, normal_epochs=4, imag_epochs=1)

@@ -185,6 +185,7 @@ class ImagSpec:
     imag_epochs: int = _spec(1, ge=1)
     mapping: Union[Literal["derangement", "swap"], dict] = _spec("derangement")
     train: Literal["head", "head_and_body"] = _spec("head_and_body")
+    head: Optional[HeadSpec] = _spec(None, doc="the imag episodes' head; null: a fresh one like the normal head")
 
 
 @dataclass

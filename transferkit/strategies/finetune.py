@@ -130,7 +130,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     phases = plan_phases(recipe)
     total = phases[-1].last if phases else 0
     val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names))
-    trainer = _Trainer(recipe, model, checkpoints, folder, phases, val, state)
+    trainer = _Trainer(recipe, model, checkpoints, folder, phases, val, state, head=head, precision=precision)
     if state is not None:
         model.load_weights(checkpoints.weights(state["epoch"]))
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], total, state["phase"])
@@ -303,18 +303,18 @@ class Checkpoints:
     def optimizer(self, epoch: int) -> Path:
         return self.folder / f"epoch-{epoch}.optimizer.npz"
 
-    def normal_head(self, epoch: int) -> Path:
-        return self.folder / f"epoch-{epoch}.normal_head.npz"
+    def imag_head(self, epoch: int) -> Path:
+        return self.folder / f"epoch-{epoch}.imag_head.npz"
 
-    def save(self, model, epoch: int, state: dict, normal_head: list | None = None) -> None:
-        """Weights and optimizer state of ``epoch`` (and the normal head kept aside during an imag
-        episode), then ``state.json``, then older epochs go."""
+    def save(self, model, optimizer, epoch: int, state: dict, imag_head: list | None = None) -> None:
+        """The model's weights, the optimizer's state (and inside an imag episode the imag head's
+        weights) of ``epoch``, then ``state.json``, then older epochs go."""
         import keras
 
         self._save_weights(model, self.weights(epoch))
-        _save_arrays(self.optimizer(epoch), [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables])
-        if normal_head is not None:
-            _save_arrays(self.normal_head(epoch), normal_head)
+        _save_arrays(self.optimizer(epoch), [keras.ops.convert_to_numpy(v) for v in optimizer.variables])
+        if imag_head is not None:
+            _save_arrays(self.imag_head(epoch), imag_head)
         atomic_write_json(self.folder / "state.json", {**state, "epoch": epoch})
         for path in self.folder.glob("epoch-*"):
             if not path.name.startswith(f"epoch-{epoch}."):
@@ -378,13 +378,14 @@ class _Trainer:
     """Runs the phases and keeps the shared epoch count, history, early stopping and checkpoints."""
 
     def __init__(self, recipe: Recipe, model, checkpoints: Checkpoints, folder: Path, phases: list[Phase], val,
-                 state):
+                 state, head=None, precision: str = "float32"):
         state = state or {}
         self.recipe, self.model, self.checkpoints, self.folder, self.val = recipe, model, checkpoints, folder, val
+        self.head, self.precision = head, precision
         self.total = phases[-1].last if phases else 0
         # the fine-tuning schedule runs over all finetune and imag episodes together
         self.budget_first = next((phase.first for phase in phases if phase.name != "warmup"), 0)
-        self.normal_head: list | None = None  # kept aside during an imag episode
+        self.trained = model  # the model being fitted: ``model``, or in an imag episode the imag model
         self.epoch = state.get("epoch", 0)
         self.history: dict[str, list] = state.get("history", {})
         self.phases: list[str] = state.get("phases", [])
@@ -408,26 +409,22 @@ class _Trainer:
             freeze(body_layers(self.model))
         else:
             unfreeze(self.model, self.recipe.finetune.unfreeze)
-        if phase.name == "imag":
-            self._start_imag(phase, resuming)
-        counts = count_parameters(self.model)
+        self.trained = self._imag_model(phase, resuming) if phase.name == "imag" else self.model
+        counts = count_parameters(self.trained)
         self.parameters[phase.name] = counts
         log.info("%s: epochs %d-%d, %s trainable of %s parameters", phase.name, phase.first + 1, phase.last,
                  f"{counts['trainable']:,}", f"{counts['total']:,}")
         optimizer = self._optimizer(phase, steps_per_epoch=len(train))
-        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-        if self.num_classes > 5:
-            metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
-        self.model.compile(optimizer=optimizer, metrics=metrics, jit_compile=self.recipe.jit_compile,
-                           loss=keras.losses.CategoricalCrossentropy(label_smoothing=self._label_smoothing(phase)))
+        self._compile(self.trained, phase, optimizer)
+        if phase.name == "imag":  # the normal model only validates, in end_epoch
+            self._compile(self.model, phase, "sgd")
         if resuming:
-            self.checkpoints.restore_optimizer(optimizer, self.model.trainable_variables, self.epoch)
+            self.checkpoints.restore_optimizer(optimizer, self.trained.trainable_variables, self.epoch)
         elif phase.name != "warmup":  # carry on along the schedule after earlier episodes
             optimizer.iterations.assign((phase.first - self.budget_first) * len(train))
         monitor = _monitor_class()(self, phase)
-        # imag epochs are validated with the normal head, in end_epoch
-        self.model.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
-                       initial_epoch=self.epoch, callbacks=[monitor], verbose=verbose, shuffle=False)
+        self.trained.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
+                         initial_epoch=self.epoch, callbacks=[monitor], verbose=verbose, shuffle=False)
         if monitor.diverged:
             again = f"continue after epoch {self.epoch} with --resume" if self.epoch else "run it again"
             raise TrainingError(
@@ -435,25 +432,36 @@ class _Trainer:
                 f"{_section(phase)}.optimizer.learning_rate (now {phase.optimizer.learning_rate}), add warm-up "
                 f"epochs or use precision: float32, then {again}")
 
-    def _start_imag(self, phase: Phase, resuming: bool) -> None:
-        """Keeps the normal head aside and gives the head fresh weights (or, resuming, reloads both)."""
-        from transferkit.heads import head_layers, reinitialize
+    def _compile(self, model, phase: Phase, optimizer) -> None:
+        import keras
 
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        if self.num_classes > 5:
+            metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
+        model.compile(optimizer=optimizer, metrics=metrics, jit_compile=self.recipe.jit_compile,
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=self._label_smoothing(phase)))
+
+    def _imag_model(self, phase: Phase, resuming: bool):
+        """The body with a fresh head (seeded per episode); resuming, the head's checkpointed weights.
+
+        The head is ``imag.head``'s, else one like the normal head (the recipe's ``head``, or the
+        custom head function called again). The normal head is not part of this model, so it stays
+        exactly as it is while the imag episode trains the shared body.
+        """
+        import keras
+
+        from transferkit.heads import build_head
+        from transferkit.surgery import HEAD_POOL
+
+        spec = self.recipe.imag.head or self.recipe.head
+        keras.utils.set_random_seed(self.recipe.seed * 1000 + phase.episode)
+        with dtype_policy(self.precision):
+            outputs = build_head(self.model.get_layer(HEAD_POOL).output, self.num_classes, spec,
+                                 None if self.recipe.imag.head else self.head)
+        model = keras.Model(self.model.input, outputs, name=f"{self.model.name}_imag")
         if resuming:
-            self.normal_head = _load_arrays(self.checkpoints.normal_head(self.epoch))
-        else:
-            self.normal_head = get_head_weights(self.model)
-            reinitialize(head_layers(self.model), seed=self.recipe.seed * 1000 + phase.episode)
-
-    def _validate_with_normal_head(self) -> dict[str, float]:
-        """Validation metrics of the current body with the normal head, the imag head put back after."""
-        imag_head = get_head_weights(self.model)
-        set_head_weights(self.model, self.normal_head)
-        try:
-            results = self.model.evaluate(self.val, verbose=0, return_dict=True)
-        finally:
-            set_head_weights(self.model, imag_head)
-        return {f"val_{key}": float(value) for key, value in results.items()}
+            set_head_weights(model, _load_arrays(self.checkpoints.imag_head(self.epoch)))
+        return model
 
     def finish(self) -> None:
         """Restores the best epoch's weights when early stopping asks for it."""
@@ -472,18 +480,19 @@ class _Trainer:
         self.epoch += 1
         logs = {key: float(value) for key, value in logs.items()}
         if phase.name == "imag":  # train metrics on the imagined labels, val with the normal head
-            logs = {f"imag_{key}": value for key, value in logs.items()} | self._validate_with_normal_head()
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            normal = self.model.evaluate(self.val, verbose=0, return_dict=True)
+            logs = {f"imag_{key}": value for key, value in logs.items()}
+            logs |= {f"val_{key}": float(value) for key, value in normal.items()}
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.trained.optimizer.learning_rate))
         for key in set(self.history) | set(logs):
             self.history.setdefault(key, [None] * len(self.phases)).append(logs.get(key))
         self.phases.append(phase.name)
         self.seconds += seconds
         if phase.name == "finetune" and self._early_stop(logs):
             self.model.stop_training = True
-        if phase.name == "imag" and self.epoch == phase.last:  # the episode is over: the normal head returns
-            set_head_weights(self.model, self.normal_head)
-            self.normal_head = None
-        self.checkpoints.save(self.model, self.epoch, self._state(phase), normal_head=self.normal_head)
+        inside_imag = phase.name == "imag" and self.epoch < phase.last
+        self.checkpoints.save(self.model, self.trained.optimizer, self.epoch, self._state(phase),
+                              imag_head=get_head_weights(self.trained) if inside_imag else None)
         self._write_monitor()
         shown = "  ".join(f"{key} {logs[key]:.4f}" for key in
                           ("loss", "accuracy", "imag_loss", "imag_accuracy", "val_loss", "val_accuracy")
@@ -519,7 +528,7 @@ class _Trainer:
                 return build_optimizer(phase.optimizer)
             spec = self.recipe.finetune
             schedule = build_schedule(spec.schedule, phase.optimizer.learning_rate, spec.epochs, steps_per_epoch)
-            multipliers = layer_decay_multipliers(self.model, spec.layer_decay) if spec.layer_decay else None
+            multipliers = layer_decay_multipliers(self.trained, spec.layer_decay) if spec.layer_decay else None
             return build_optimizer(phase.optimizer, schedule, layer_multipliers=multipliers)
         except RecipeError as error:
             message = str(error)
