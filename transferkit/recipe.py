@@ -227,6 +227,7 @@ class Recipe:
     extract: ExtractSpec = _spec(ExtractSpec())
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = _spec("auto")
     jit_compile: Union[bool, Literal["auto"]] = _spec("auto")
+    distribute: Literal["none", "data_parallel"] = _spec("none", doc="data_parallel: every local GPU (or device)")
     output: Optional[str] = _spec(None, path=True, doc="run folder; default: runs/<name>")
 
     def to_dict(self) -> dict:

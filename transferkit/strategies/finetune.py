@@ -122,7 +122,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     class_names = splits.class_names
     precision = resolve_precision(recipe.precision)
     keras.utils.set_random_seed(recipe.seed)
-    with dtype_policy(precision):
+    with distribution(recipe.distribute), dtype_policy(precision):
         model = build_model(recipe, len(class_names), image_size, head=head, backbone=backbone)
     log.info("model: %s + head, %d classes, %dpx, precision %s", recipe.backbone.name if backbone is None
              else backbone.name, len(class_names), image_size, precision)
@@ -136,11 +136,12 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], total, state["phase"])
     elif recipe.warmup.linear_probe:
         _linear_probe(recipe, model, splits, image_size, progress)
-    for phase in phases:
-        if trainer.epoch >= phase.last or trainer.stopped:
-            continue
-        train = _train_dataset(recipe, phase, splits.train, image_size, class_names)
-        trainer.run_phase(phase, train, verbose=1 if progress and sys.stderr.isatty() else 0)
+    with distribution(recipe.distribute):
+        for phase in phases:
+            if trainer.epoch >= phase.last or trainer.stopped:
+                continue
+            train = _train_dataset(recipe, phase, splits.train, image_size, class_names)
+            trainer.run_phase(phase, train, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
     run = Run(recipe=recipe, class_names=class_names, image_size=image_size, model=model,
@@ -205,6 +206,44 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "mixed_bfloat16" if gpu_available() else "float32"
+
+
+@contextmanager
+def distribution(kind: str):
+    """Data-parallel training over every local device: Keras' DataParallel under JAX, a
+    MirroredStrategy under TensorFlow. The recipe's batch size is the global batch."""
+    import keras
+
+    if kind != "data_parallel":
+        yield
+        return
+    backend = keras.backend.backend()
+    if backend == "jax":
+        previous = keras.distribution.distribution()
+        devices = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        log.info("data parallel over %d devices: %s", len(devices), ", ".join(devices))
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(previous)
+    elif backend == "tensorflow":
+        strategy = _mirrored_strategy()
+        log.info("data parallel over %d devices (MirroredStrategy)", strategy.num_replicas_in_sync)
+        with strategy.scope():
+            yield
+    else:
+        raise RecipeError(f"distribute: data_parallel runs under the jax or tensorflow backend, not {backend}: "
+                          "set KERAS_BACKEND=jax, or distribute: none")
+
+
+@functools.cache
+def _mirrored_strategy():
+    """A MirroredStrategy over the GPUs, or over the logical CPUs where there are none."""
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
 
 
 @contextmanager
@@ -484,6 +523,7 @@ class _Trainer:
             logs = {f"imag_{key}": value for key, value in logs.items()}
             logs |= {f"val_{key}": float(value) for key, value in normal.items()}
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.trained.optimizer.learning_rate))
+        logs["seconds"] = round(seconds, 3)
         for key in set(self.history) | set(logs):
             self.history.setdefault(key, [None] * len(self.phases)).append(logs.get(key))
         self.phases.append(phase.name)
@@ -554,7 +594,7 @@ class _Trainer:
         for i, phase in enumerate(self.phases):
             writer.writerow([i + 1, phase, *("" if self.history[k][i] is None else self.history[k][i] for k in keys)])
         atomic_write_text(self.folder / "history.csv", text.getvalue())
-        curves = {k: v for k, v in self.history.items() if k != "learning_rate"}
+        curves = {k: v for k, v in self.history.items() if k not in ("learning_rate", "seconds")}
         plot_history(curves, self.folder / "curves.png", phases=self.phases, title=f"{self.recipe.name}: training")
 
 
