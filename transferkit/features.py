@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +40,8 @@ from transferkit.io import atomic_path
 
 logger = logging.getLogger("transferkit")
 
+#: ``embed(paths) -> features [n, D]``. An embed that also has ``load(paths) -> inputs`` and
+#: ``forward(inputs) -> features`` is run in two stages: the next chunk loads while this one runs.
 Embed = Callable[[list[str]], np.ndarray]
 _OWN_ATTRS = ("key", "complete", "chunk_size")
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
@@ -214,8 +217,8 @@ class FeatureStore:
         remaining = sum(stop - start for start, stop in chunks)
         report = _Progress(group.name.lstrip("/"), len(paths), len(paths) - remaining,
                            progress and remaining > 0)
-        for index, (start, stop) in zip(todo, chunks):
-            features = np.asarray(embed(paths[start:stop]), dtype=np.float32)
+        for index, (start, stop), features in zip(todo, chunks, _chunk_features(embed, paths, chunks)):
+            features = np.asarray(features, dtype=np.float32)
             if "features" not in group:
                 _create_features(group, len(paths), features, chunk_size)
             expected = (stop - start, group["features"].shape[1])
@@ -230,6 +233,23 @@ class FeatureStore:
         if not group.attrs["complete"]:
             group.attrs.modify("complete", True)  # in place: same type and size
             file.flush()
+
+
+def _chunk_features(embed: Embed, paths: list[str], chunks: list[tuple[int, int]]):
+    """Each chunk's features in turn; with a two-stage embed the next chunk loads in a thread meanwhile."""
+    if not (hasattr(embed, "load") and hasattr(embed, "forward")):
+        for start, stop in chunks:
+            yield embed(paths[start:stop])
+        return
+    with ThreadPoolExecutor(1) as pool:
+        loading = [pool.submit(embed.load, paths[start:stop]) for start, stop in chunks[:1]]
+        for i in range(len(chunks)):
+            inputs = loading[i].result()
+            if i + 1 < len(chunks):
+                start, stop = chunks[i + 1]
+                loading.append(pool.submit(embed.load, paths[start:stop]))
+            loading[i] = None  # let the decoded chunk go once it is used
+            yield embed.forward(inputs)
 
 
 def _preallocated():

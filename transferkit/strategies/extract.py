@@ -114,7 +114,7 @@ def _cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str,
     """
     spec, config = recipe.backbone, _feature_config(recipe, image_size)
     store = FeatureStore(transferkit_home() / "features" / f"{spec.name}-{_digest(config)}.h5")
-    embed = _embedder(extractor, image_size, recipe.data.batch_size)
+    embed = _Embedder(extractor, image_size, recipe.data.batch_size)
     by_root: dict[str, dict[str, int]] = {}
     for images in sets.values():
         by_root.setdefault(images.root, {}).update(zip(images.paths, images.labels.tolist()))
@@ -135,12 +135,23 @@ def _feature_config(recipe: Recipe, image_size: int) -> dict:
             "tta": recipe.extract.tta, "power_norm": recipe.extract.power_norm}
 
 
-def _embedder(extractor, image_size: int, batch_size: int):
-    """``paths -> features``: decode with Pillow, run the extractor."""
-    def embed(paths: list[str]) -> np.ndarray:
-        images = load_images(paths, image_size).astype("float32")
-        return extractor.predict(images, batch_size=batch_size, verbose=0).astype("float32")
-    return embed
+class _Embedder:
+    """``paths -> features`` in two stages (see `transferkit.features.Embed`): decode with Pillow,
+    then run the extractor batch by batch."""
+
+    def __init__(self, extractor, image_size: int, batch_size: int):
+        self.extractor, self.image_size, self.batch_size = extractor, image_size, batch_size
+
+    def load(self, paths: list[str]) -> np.ndarray:
+        return load_images(paths, self.image_size).astype("float32")
+
+    def forward(self, pixels: np.ndarray) -> np.ndarray:
+        batches = [self.extractor.predict_on_batch(pixels[i:i + self.batch_size])
+                   for i in range(0, len(pixels), self.batch_size)]
+        return np.concatenate([np.asarray(batch) for batch in batches]).astype("float32")
+
+    def __call__(self, paths: list[str]) -> np.ndarray:
+        return self.forward(self.load(paths))
 
 
 def _digest(value) -> str:

@@ -1,0 +1,101 @@
+"""Fine-tuning speed: transferkit's training epochs against a hand-written model.fit, same model and batch.
+
+transferkit: `transferkit.finetune` on a folder of JPEGs (decode in the input pipeline, one-hot
+labels, checkpoint and monitor files every epoch). Hand-written: the same classifier
+(`transferkit.heads.attach_head`, whole body trainable) compiled with the same optimizer and loss,
+`model.fit` on pre-decoded in-memory arrays. Both validate on the same images every epoch. The first
+epoch (compilation) is left out; images/s is training images over the mean epoch time of the rest.
+
+    KERAS_HOME=../shared/keras_home python benchmarks/finetune_step.py --images 512 --epochs 3
+"""
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(SHARED / "datasets" / "flowers5"))
+    parser.add_argument("--images", type=int, default=512, help="training images (plus 1/8 as many to validate)")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("KERAS_HOME", str(SHARED / "keras_home"))
+
+    import keras
+    import numpy as np
+
+    from transferkit.backbones import create_backbone
+    from transferkit.data import load_images, scan_folder
+    from transferkit.heads import attach_head
+    from transferkit.recipe import HeadSpec, load_recipe
+    from transferkit.strategies import recipe_splits
+    from transferkit.strategies.finetune import finetune
+
+    images = scan_folder(args.data, screen=False)
+    order = np.random.default_rng(0).permutation(len(images))[:args.images + args.images // 8]
+    chosen = images.subset(np.sort(order))
+    classes = len(images.class_names)
+
+    with tempfile.TemporaryDirectory() as home:
+        subset = Path(home) / "images"
+        for path, label in zip(chosen.paths, chosen.labels):
+            target = subset / images.class_names[label] / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+        recipe = load_recipe({
+            "seed": 0, "strategy": "finetune", "output": str(Path(home) / "run"),
+            "data": {"train": str(subset), "val": 1 / 9, "image_size": args.size, "batch_size": args.batch},
+            "backbone": {"name": args.backbone}, "head": {"dropout": 0.2},
+            "warmup": {"epochs": 0},
+            "finetune": {"epochs": args.epochs, "unfreeze": "all",
+                         "optimizer": {"name": "adam", "learning_rate": 1e-4}, "schedule": {"name": "constant"}}})
+        run = finetune(recipe, progress=False)
+        n_train = run.info["images"]["train"]
+        ours = n_train / float(np.mean(run.history["seconds"][1:]))
+        splits = recipe_splits(run.recipe)  # the run's own train / val images
+        x_train = load_images(splits.train.paths, args.size).astype("float32")
+        x_val = load_images(splits.val.paths, args.size).astype("float32")
+    y_train = np.eye(classes, dtype="float32")[splits.train.labels]
+    y_val = np.eye(classes, dtype="float32")[splits.val.labels]
+    model = attach_head(create_backbone(args.backbone, image_size=args.size), classes, HeadSpec(dropout=0.2))
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy", metrics=["accuracy"])
+    timer = _epoch_timer()
+    model.fit(x_train, y_train, batch_size=args.batch, epochs=args.epochs, validation_data=(x_val, y_val),
+              callbacks=[timer], verbose=0)
+    hand = len(x_train) / float(np.mean(timer.seconds[1:]))
+
+    print(f"{args.backbone} @ {args.size}px, batch {args.batch}, {n_train} training images, whole body trained, "
+          f"keras {keras.__version__} on {keras.backend.backend()}, {os.cpu_count()} CPUs")
+    print(f"transferkit finetune  {ours:8.1f} img/s  (epochs 2-{args.epochs}: {run.history['seconds'][1:]} s)")
+    print(f"hand-written fit      {hand:8.1f} img/s  (epochs 2-{args.epochs}: {[round(s, 3) for s in timer.seconds[1:]]} s)")
+    print(f"ratio                 {ours / hand:.2f}")
+
+
+def _epoch_timer():
+    """A callback that records each epoch's wall time in ``.seconds``."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._started)
+
+    return EpochTimer()
+
+
+if __name__ == "__main__":
+    main()
