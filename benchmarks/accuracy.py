@@ -33,14 +33,14 @@ def main():
             started = time.perf_counter()
             train = tk.extract if recipe.strategy == "extract" else tk.finetune
             run = train(recipe, progress=False)
-            rows.append((name, recipe.strategy, run.metrics["val"], run.metrics.get("test"),
-                         time.perf_counter() - started))
+            rows.append((name, recipe.strategy, run.metrics, time.perf_counter() - started))
 
-    print(f"| recipe | strategy | val top-1 | val loss | test top-1 | n val | seconds |")
+    print("| recipe | strategy | val top-1 | val loss | test top-1 | test loss | seconds |")
     print("|---|---|---|---|---|---|---|")
-    for name, strategy, val, test, seconds in rows:
-        test_top1 = f"{test['top1']:.3f}" if test else "-"
-        print(f"| {name} | {strategy} | {val['top1']:.3f} | {val['loss']:.3f} | {test_top1} | {val['n']} | {seconds:.0f} |")
+    for name, strategy, metrics, seconds in rows:
+        cells = [f"{metrics[split]['top1']:.3f} (n={metrics[split]['n']}) | {metrics[split]['loss']:.3f}"
+                 if split in metrics else "- | -" for split in ("val", "test")]
+        print(f"| {name} | {strategy} | {cells[0]} | {cells[1]} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":
