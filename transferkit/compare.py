@@ -3,7 +3,7 @@
 Each (mode, seed) is an ordinary run folder under ``<output>/runs/``, so an interrupted comparison
 picks up where it stopped: finished runs are read back, an unfinished one resumes. The summary
 goes to ``compare.json``, ``compare.md`` and ``curves.png`` (mean validation curves with a ±1 std
-band per mode).
+band per mode, imag epochs shaded).
 
 Statistics, per mode: mean ± std over seeds of the final and best validation top-1 and loss. Per
 mode against the first: the paired difference (same seed, same split), its 95% confidence
@@ -147,10 +147,11 @@ def to_markdown(summary: dict) -> str:
 
 
 def plot_comparison(curves: dict[str, list[dict]], path) -> None:
-    """Mean validation top-1 and loss per epoch for each mode, with a ±1 std band over seeds."""
-    from transferkit.evaluate import _figure, _save_png
+    """Mean validation top-1 and loss per epoch for each mode, with a ±1 std band over seeds;
+    imag epochs are shaded grey."""
+    from transferkit.evaluate import new_figure, save_png
 
-    fig = _figure(figsize=(11, 4))
+    fig = new_figure(figsize=(11, 4))
     for ax, (key, label) in zip(fig.subplots(1, 2), (("val_accuracy", "val top-1"), ("val_loss", "val loss"))):
         for i, (mode, histories) in enumerate(curves.items()):
             length = max(len(h[key]) for h in histories)
@@ -161,11 +162,15 @@ def plot_comparison(curves: dict[str, list[dict]], path) -> None:
             mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
             ax.plot(epochs, mean, marker="o", markersize=3, color=f"C{i}", label=f"{mode} (n={len(histories)})")
             ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+        imag = {epoch for histories in curves.values() for h in histories
+                for epoch, phase in enumerate(h.get("phase", []), start=1) if phase == "imag"}
+        for epoch in sorted(imag):  # the same episode plan for every seed
+            ax.axvspan(epoch - 0.5, epoch + 0.5, color="0.85", zorder=0)
         ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("validation curves: mean ± 1 std over seeds")
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _finished_history(run_folder: Path) -> dict | None:

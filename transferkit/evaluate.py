@@ -131,7 +131,7 @@ def plot_history(history: dict[str, list[float]], path, *, phases: list[str] | N
     epochs = max(len(series[k]) for _, keys in panels for k in keys)
     if phases is not None and len(phases) != epochs:
         raise ValueError(f"phases has {len(phases)} labels for {epochs} epochs: give one per epoch")
-    fig = _figure(figsize=(5.5 * len(panels), 4.0))
+    fig = new_figure(figsize=(5.5 * len(panels), 4.0))
     bases = list(dict.fromkeys(k.removeprefix("val_") for k in series))
     for ax, (label, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for key in keys:
@@ -147,7 +147,7 @@ def plot_history(history: dict[str, list[float]], path, *, phases: list[str] | N
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(title or "training curves")
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _validate(y_true, probabilities, class_names, paths):
@@ -222,7 +222,7 @@ def _plot_confusion(matrix, class_names, path, *, title):
     digits = len(str(counts.max()))
     count_font = float(np.clip(cell_pt / (0.65 * digits + 1.2), 5, 13))
     names = [name if len(name) <= 24 else name[:23] + "…" for name in class_names]
-    fig = _figure(figsize=(side + 1.2, side))
+    fig = new_figure(figsize=(side + 1.2, side))
     ax = fig.add_subplot()
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
@@ -235,7 +235,7 @@ def _plot_confusion(matrix, class_names, path, *, title):
                   rotation_mode="anchor", fontsize=tick_font)
     ax.set_yticks(range(n), names, fontsize=tick_font)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _mark_phases(ax, phases):
@@ -258,13 +258,14 @@ def _mark_phases(ax, phases):
                     rotation=90, ha="left", va="top", fontsize=7, color="0.35")
 
 
-def _figure(figsize):
+def new_figure(figsize):
+    """A matplotlib Figure with constrained layout, made without pyplot (for `save_png`)."""
     from matplotlib.figure import Figure  # lazily: importing this module stays cheap
 
     return Figure(figsize=figsize, layout="constrained")
 
 
-def _save_png(fig, path):
+def save_png(fig, path):
     """Render with Agg (no pyplot, no global backend change) and write atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

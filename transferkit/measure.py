@@ -141,13 +141,13 @@ def rank_backbones(images, candidates, seed: int = 0, subsample: int = SUBSAMPLE
 
 def plot_depth(measurement: Measurement, path) -> None:
     """Probe accuracy (with the fold spread) and LogME against depth, the best layer marked."""
-    from transferkit.evaluate import _figure, _save_png
+    from transferkit.evaluate import new_figure, save_png
 
     m = measurement
     depth = np.arange(1, len(m.layers) + 1)
     accuracy = np.array([m.probe[layer] for layer in m.layers])
     spread = np.array([m.probe_std[layer] for layer in m.layers])
-    fig = _figure(figsize=(9, 4.5))
+    fig = new_figure(figsize=(9, 4.5))
     ax = fig.subplots()
     ax.plot(depth, accuracy, marker="o", color="C0", label="linear probe (cv accuracy)")
     ax.fill_between(depth, accuracy - spread, accuracy + spread, color="C0", alpha=0.2)
@@ -160,7 +160,7 @@ def plot_depth(measurement: Measurement, path) -> None:
     lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
     fig.suptitle(f"{m.backbone}: {'similar to' if m.similar else 'different from'} ImageNet ({m.images} images)")
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _subsample(images, total: int, seed: int):
