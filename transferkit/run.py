@@ -30,6 +30,14 @@ from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
 from transferkit.recipe import Recipe, load_recipe
 
 
+def predict_in_batches(model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """``model`` on ``pixels`` batch by batch (``predict_on_batch``): without the data adapter that
+    ``predict`` puts around an array, about twice as fast on CPU."""
+    pixels = np.asarray(pixels, dtype="float32")
+    return np.concatenate([np.asarray(model.predict_on_batch(pixels[i:i + batch_size]))
+                           for i in range(0, len(pixels), batch_size)])
+
+
 @dataclass
 class Run:
     """A trained classifier with its recipe, metrics and history.
@@ -68,9 +76,8 @@ class Run:
         if not isinstance(images, np.ndarray):
             images = load_images(list(map(str, images)), self.image_size)
         if self.model is not None:
-            return self.model.predict(images.astype("float32"), batch_size=batch_size, verbose=0).astype("float64")
-        features = self.feature_extractor.predict(images.astype("float32"), batch_size=batch_size, verbose=0)
-        return predict_proba(self.classifier, features)
+            return predict_in_batches(self.model, images, batch_size).astype("float64")
+        return predict_proba(self.classifier, predict_in_batches(self.feature_extractor, images, batch_size))
 
     def classify(self, inputs, top_k: int = 5) -> tuple[list[dict], list[tuple[str, str]]]:
         """Predict image files and folders (searched recursively); unreadable files are skipped.

@@ -18,7 +18,7 @@ from transferkit.data import ImageSet, load_images
 from transferkit.features import FeatureStore, cache_key
 from transferkit.io import transferkit_home
 from transferkit.recipe import Recipe, load_recipe
-from transferkit.run import Run
+from transferkit.run import Run, predict_in_batches
 from transferkit.strategies import preflight, recipe_splits
 
 log = logging.getLogger("transferkit")
@@ -146,9 +146,7 @@ class _Embedder:
         return load_images(paths, self.image_size).astype("float32")
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
-        batches = [self.extractor.predict_on_batch(pixels[i:i + self.batch_size])
-                   for i in range(0, len(pixels), self.batch_size)]
-        return np.concatenate([np.asarray(batch) for batch in batches]).astype("float32")
+        return predict_in_batches(self.extractor, pixels, self.batch_size).astype("float32")
 
     def __call__(self, paths: list[str]) -> np.ndarray:
         return self.forward(self.load(paths))
