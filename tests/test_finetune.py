@@ -252,3 +252,17 @@ def test_mixed_precision_keeps_probabilities_in_float32(small_cats_dogs, home, t
     assert run.model.get_layer("head_logits").dtype_policy.name == "mixed_bfloat16"
     assert run.model.output.dtype == "float32" and np.isfinite(run.history["loss"]).all()
     assert run.info["precision"] == "mixed_bfloat16"
+
+
+def test_out_of_memory_says_which_batch_size_to_try(small_cats_dogs, home, tmp_path, monkeypatch):
+    import keras
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4294967296 bytes.")
+    monkeypatch.setattr(keras.Model, "fit", exhausted)
+    with pytest.raises(TrainingError, match=r"out of memory at data.batch_size 8 \(warmup, 128 px\): lower it, "
+                                            r"e.g. --set data.batch_size=4, or use precision: mixed_bfloat16$"):
+        finetune(make_recipe(small_cats_dogs, tmp_path), progress=False)
+    monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: (_ for _ in ()).throw(ValueError("shapes differ")))
+    with pytest.raises(ValueError, match="shapes differ"):  # anything else is not dressed up
+        finetune(make_recipe(small_cats_dogs, tmp_path, warmup=1), restart=True, progress=False)

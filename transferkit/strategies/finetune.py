@@ -129,7 +129,8 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
 
     phases = plan_phases(recipe)
     total = phases[-1].last if phases else 0
-    val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names))
+    val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names),
+                       cache=recipe.data.cache)
     trainer = _Trainer(recipe, model, checkpoints, folder, phases, val, state, head=head, precision=precision)
     if state is not None:
         model.load_weights(checkpoints.weights(state["epoch"]))
@@ -270,7 +271,8 @@ def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, class_
     mix = (BatchMixer(spec.mixup, spec.cutmix, seed=recipe.seed + phase.first)
            if phase.name != "warmup" and (spec.mixup or spec.cutmix) else None)
     return make_dataset(images, image_size, recipe.data.batch_size, shuffle=True, augment=augment,
-                        seed=recipe.seed + phase.first, num_classes=len(class_names), mix=mix)
+                        seed=recipe.seed + phase.first, num_classes=len(class_names), mix=mix,
+                        cache=recipe.data.cache)
 
 
 def imagined(images, recipe: Recipe, episode: int):
@@ -462,8 +464,17 @@ class _Trainer:
         elif phase.name != "warmup":  # carry on along the schedule after earlier episodes
             optimizer.iterations.assign((phase.first - self.budget_first) * len(train))
         monitor = _monitor_class()(self, phase)
-        self.trained.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
-                         initial_epoch=self.epoch, callbacks=[monitor], verbose=verbose, shuffle=False)
+        try:
+            self.trained.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
+                             initial_epoch=self.epoch, callbacks=[monitor], verbose=verbose, shuffle=False)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
+            if not out_of_memory(error):
+                raise
+            batch = self.recipe.data.batch_size
+            again = f", then --resume (epoch {self.epoch} is saved)" if self.epoch else ""
+            raise TrainingError(f"out of memory at data.batch_size {batch} ({phase.name}, {self.recipe.data.image_size or 'default'}"
+                                f" px): lower it, e.g. --set data.batch_size={max(batch // 2, 1)}, or use precision: "
+                                f"mixed_bfloat16{again}") from None
         if monitor.diverged:
             again = f"continue after epoch {self.epoch} with --resume" if self.epoch else "run it again"
             raise TrainingError(
@@ -596,6 +607,13 @@ class _Trainer:
         atomic_write_text(self.folder / "history.csv", text.getvalue())
         curves = {k: v for k, v in self.history.items() if k not in ("learning_rate", "seconds")}
         plot_history(curves, self.folder / "curves.png", phases=self.phases, title=f"{self.recipe.name}: training")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an exception from training is the device running out of memory (any backend)."""
+    text = f"{type(error).__name__}: {error}"
+    return any(sign in text for sign in ("ResourceExhausted", "RESOURCE_EXHAUSTED", "OutOfMemoryError",
+                                         "out of memory", "Out of memory"))
 
 
 def _section(phase: Phase) -> str:
