@@ -384,6 +384,32 @@ def test_one_hot_labels_and_batch_mixing(pets, pipeline):
         make_dataset(pets, 32, mix=BatchMixer(mixup=0.4), pipeline=pipeline)
 
 
+@pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
+def test_cached_batches_equal_decoded_ones_and_decode_once(pets, pipeline, monkeypatch):
+    plain = _batches(make_dataset(pets, 32, 8, pipeline=pipeline))
+    calls = []
+    load_image = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda path, size: calls.append(path) or load_image(path, size))
+    cached = make_dataset(pets, 32, 8, shuffle=True, seed=3, pipeline=pipeline, cache=True)
+    epochs = []
+    for _ in range(2):
+        epochs.append(_batches(cached))
+        if pipeline == "pydataset":
+            cached.on_epoch_end()
+    assert len(calls) == len(pets)  # the second epoch decoded nothing
+    assert epochs[0][0][0].dtype == np.float32
+    for epoch in epochs:  # a shuffled order of exactly the same images and labels
+        assert sorted(float(x.sum()) for b, _ in epoch for x in b) == sorted(float(x.sum()) for b, _ in plain for x in b)
+    assert [float(x.sum()) for b, _ in epochs[0] for x in b] != [float(x.sum()) for b, _ in epochs[1] for x in b]
+
+
+def test_auto_cache_only_when_the_images_fit():
+    from transferkit.data import should_cache
+
+    assert should_cache("auto", 1000, 224) and not should_cache("auto", 10**9, 224)
+    assert should_cache(True, 10**9, 224) and not should_cache(False, 1, 8)
+
+
 def test_importing_data_and_augment_loads_no_tensorflow_or_keras():
     code = ("import sys, transferkit.data, transferkit.augment; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")

@@ -32,6 +32,7 @@ from transferkit.io import transferkit_home
 
 BUILTIN_PREFIX = "builtin:"
 PIPELINES = ("auto", "tf", "pydataset")
+CACHE_FRACTION = 0.25  # cache: auto keeps decoded images in memory up to this share of the RAM
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +443,7 @@ def _value_range(pixels: np.ndarray, mode: str) -> tuple[float, float]:
 
 def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shuffle: bool = False,
                  augment=None, seed: int = 0, pipeline: str = "auto", num_classes: int | None = None,
-                 mix=None):
+                 mix=None, cache: bool | str = False):
     """Batches of ``(pixels float32 [B, S, S, 3] in 0..255, labels int32 [B])`` for Keras.
 
     Args:
@@ -458,6 +459,8 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         num_classes: give it for one-hot float32 labels ``[B, num_classes]`` instead.
         mix: a batch function ``(pixels, one_hot) -> (pixels, one_hot)`` in NumPy run after
             ``augment``, e.g. :class:`transferkit.augment.BatchMixer`; needs ``num_classes``.
+        cache: keep the decoded images (uint8) in memory from the first epoch on: True, False, or
+            "auto" (when they take at most :data:`CACHE_FRACTION` of the physical memory).
 
     Returns:
         A ``tf.data.Dataset`` or a ``keras.utils.PyDataset``; both work with ``Model.fit`` and
@@ -471,7 +474,20 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         raise ValueError("mix needs one-hot labels: give num_classes too")
     build = _tf_dataset if pipeline == "tf" else _image_batches_class()
     return build(images, image_size, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                 num_classes=num_classes, mix=mix)
+                 num_classes=num_classes, mix=mix, cache=should_cache(cache, len(images), image_size))
+
+
+def should_cache(cache: bool | str, count: int, image_size: int) -> bool:
+    """``cache`` as a decision: "auto" caches when ``count`` decoded images (uint8, counted twice for
+    the shuffle buffer) take at most :data:`CACHE_FRACTION` of the physical memory."""
+    if cache != "auto":
+        return bool(cache)
+    needed = 2 * count * image_size * image_size * 3
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: do not risk it
+        return False
+    return needed <= CACHE_FRACTION * memory
 
 
 def _tensorflow_backend() -> bool:
@@ -482,22 +498,29 @@ def _tensorflow_backend() -> bool:
     return importlib.util.find_spec("tensorflow") is not None and keras.backend.backend() == "tensorflow"
 
 
-def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, augment, seed, num_classes, mix):
-    """paths -> shuffle -> Pillow decode in parallel -> batch -> augment -> one-hot, mix -> prefetch."""
+def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, augment, seed, num_classes, mix,
+                cache):
+    """paths -> shuffle -> Pillow decode in parallel (or decode once, cache, shuffle) -> batch -> float32
+    -> augment -> one-hot, mix -> prefetch."""
     import tensorflow as tf
 
     def decode(path):
-        return load_image(path.decode(), image_size).astype(np.float32)
+        return load_image(path.decode(), image_size)
 
     def load(path, label):
-        pixels = tf.numpy_function(decode, [path], tf.float32, stateful=False)
+        pixels = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
         pixels.set_shape((image_size, image_size, 3))
         return pixels, label
 
+    def shuffled(ds):
+        return ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True) if shuffle else ds
+
     ds = tf.data.Dataset.from_tensor_slices((images.paths, images.labels.astype(np.int32)))
-    if shuffle:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    if cache:
+        ds = shuffled(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache())
+    else:
+        ds = shuffled(ds).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     if num_classes is not None:
@@ -520,10 +543,11 @@ def _image_batches_class():
     class ImageBatches(keras.utils.PyDataset):
         """Batches decoded with Pillow in a thread pool; a new seeded order every epoch."""
 
-        def __init__(self, images, image_size, batch_size, *, shuffle, augment, seed, num_classes, mix):
+        def __init__(self, images, image_size, batch_size, *, shuffle, augment, seed, num_classes, mix, cache):
             super().__init__()
             self.images, self.image_size, self.batch_size = images, image_size, batch_size
             self.shuffle, self.augment, self.num_classes, self.mix = shuffle, augment, num_classes, mix
+            self._decoded = {} if cache else None  # index -> uint8 pixels, filled as batches are read
             self._rng = np.random.default_rng(seed)
             self._order = np.arange(len(images))
             self.on_epoch_end()
@@ -535,7 +559,7 @@ def _image_batches_class():
             if not 0 <= index < len(self):
                 raise IndexError(f"batch {index} out of range: there are {len(self)}")
             batch = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-            pixels = load_images([self.images.paths[i] for i in batch], self.image_size).astype(np.float32)
+            pixels = self._pixels(batch).astype(np.float32)
             if self.augment is not None:
                 pixels = keras.ops.convert_to_numpy(self.augment(pixels, training=True))
             labels = self.images.labels[batch].astype(np.int32)
@@ -544,6 +568,15 @@ def _image_batches_class():
             if self.mix is not None:
                 pixels, labels = self.mix(pixels, labels)
             return pixels, labels
+
+        def _pixels(self, batch):
+            if self._decoded is None:
+                return load_images([self.images.paths[i] for i in batch], self.image_size)
+            missing = [i for i in batch if i not in self._decoded]
+            if missing:
+                decoded = load_images([self.images.paths[i] for i in missing], self.image_size)
+                self._decoded.update(zip(missing, decoded))
+            return np.stack([self._decoded[i] for i in batch])
 
         def on_epoch_end(self):
             if self.shuffle:
