@@ -39,8 +39,8 @@ def main():
     from transferkit.surgery import cut
 
     images = scan_folder(args.data, screen=False)
-    paths = images.paths[:args.images]
-    n = len(paths)
+    chosen = images.subset(range(min(args.images, len(images))))
+    paths, n = chosen.paths, len(chosen)
 
     started = time.perf_counter()
     pixels = load_images(paths, args.size).astype("float32")
@@ -60,11 +60,7 @@ def main():
     predict = n / (time.perf_counter() - started)
 
     with tempfile.TemporaryDirectory() as home:
-        subset = Path(home) / "images"
-        for path, label in zip(paths, images.labels[:n]):
-            target = subset / images.class_names[label] / Path(path).name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(path)
+        subset = chosen.link_to(Path(home) / "images")
         os.environ["TRANSFERKIT_HOME"] = str(Path(home) / "cache")
         recipe = load_recipe({"data": {"train": str(subset), "val": None, "image_size": args.size,
                                        "batch_size": args.batch},

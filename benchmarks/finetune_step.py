@@ -45,11 +45,7 @@ def main():
     classes = len(images.class_names)
 
     with tempfile.TemporaryDirectory() as home:
-        subset = Path(home) / "images"
-        for path, label in zip(chosen.paths, chosen.labels):
-            target = subset / images.class_names[label] / Path(path).name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(path)
+        subset = chosen.link_to(Path(home) / "images")
         recipe = load_recipe({
             "seed": 0, "strategy": "finetune", "output": str(Path(home) / "run"),
             "data": {"train": str(subset), "val": 1 / 9, "image_size": args.size, "batch_size": args.batch},

@@ -422,3 +422,9 @@ def test_image_set_subset_and_counts():
     part = images.subset([2, 0])
     assert part.paths == ["/a/y/3.png", "/a/x/1.png"] and part.labels.tolist() == [1, 0] and len(part) == 2
     assert images.class_counts() == {"x": 2, "y": 1, "z": 0}
+
+
+def test_linked_subset_reads_back_as_the_same_dataset(pets, tmp_path):
+    linked = scan_folder(pets.link_to(tmp_path / "pets"))
+    assert linked.class_names == pets.class_names and linked.labels.tolist() == pets.labels.tolist()
+    assert [os.path.realpath(p) for p in linked.paths] == [os.path.realpath(p) for p in pets.paths]

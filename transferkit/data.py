@@ -66,6 +66,15 @@ class ImageSet:
         return ImageSet([self.paths[i] for i in indices], self.labels[indices], list(self.class_names),
                         self.root, list(self.skipped))
 
+    def link_to(self, root: str | Path) -> Path:
+        """The images as a class-per-folder tree of symbolic links under ``root`` (a dataset of its own)."""
+        root = Path(root)
+        for path, label in zip(self.paths, self.labels):
+            target = root / self.class_names[label] / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+        return root
+
     def class_counts(self) -> dict[str, int]:
         """Number of images per class, for every class in ``class_names`` (0 where absent)."""
         counts = np.bincount(self.labels, minlength=len(self.class_names))

@@ -5,6 +5,7 @@ fine-tuning epochs alternate ``finetune`` and ``imag`` episodes, see :mod:`trans
 with its own trainable layers, optimizer and epoch range in one shared epoch count. After every epoch the run folder gets:
 
     checkpoint/epoch-N.weights.h5, epoch-N.optimizer.npz   model and optimizer state of epoch N
+    checkpoint/epoch-N.imag_head.npz                       inside an imag episode: its head
     checkpoint/best.weights.h5                             best epoch so far (early stopping)
     checkpoint/state.json                                  epoch, phase, history, early stopping
     history.json, history.csv, curves.png                  the training monitor
@@ -128,13 +129,12 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
              else backbone.name, len(class_names), image_size, precision)
 
     phases = plan_phases(recipe)
-    total = phases[-1].last if phases else 0
     val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names),
                        cache=recipe.data.cache)
     trainer = _Trainer(recipe, model, checkpoints, folder, phases, val, state, head=head, precision=precision)
     if state is not None:
         model.load_weights(checkpoints.weights(state["epoch"]))
-        log.info("resuming after epoch %d of %d (%s)", state["epoch"], total, state["phase"])
+        log.info("resuming after epoch %d of %d (%s)", state["epoch"], trainer.total, state["phase"])
     elif recipe.warmup.linear_probe:
         _linear_probe(recipe, model, splits, image_size, progress)
     with distribution(recipe.distribute):
