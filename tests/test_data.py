@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -401,6 +402,21 @@ def test_cached_batches_equal_decoded_ones_and_decode_once(pets, pipeline, monke
     for epoch in epochs:  # a shuffled order of exactly the same images and labels
         assert sorted(float(x.sum()) for b, _ in epoch for x in b) == sorted(float(x.sum()) for b, _ in plain for x in b)
     assert [float(x.sum()) for b, _ in epochs[0] for x in b] != [float(x.sum()) for b, _ in epochs[1] for x in b]
+
+
+def test_pydataset_decodes_the_next_batches_ahead_in_order(pets, monkeypatch):
+    decoded = []
+    load_images = data.load_images
+    monkeypatch.setattr(data, "load_images", lambda paths, size: decoded.append(list(paths)) or load_images(paths, size))
+    dataset = make_dataset(pets, 32, 4, pipeline="pydataset")
+    x, _ = dataset[0]
+    deadline = time.monotonic() + 30
+    while len(decoded) < 1 + data.PREFETCH and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert decoded == [pets.paths[i:i + 4] for i in range(0, 4 * (1 + data.PREFETCH), 4)]
+    x1, _ = dataset[1]  # served from the prefetched decode, not decoded again
+    assert decoded.count(pets.paths[4:8]) == 1
+    np.testing.assert_array_equal(x1, load_images(pets.paths[4:8], 32).astype(np.float32))
 
 
 def test_auto_cache_only_when_the_images_fit():

@@ -33,6 +33,7 @@ from transferkit.io import transferkit_home
 BUILTIN_PREFIX = "builtin:"
 PIPELINES = ("auto", "tf", "pydataset")
 CACHE_FRACTION = 0.25  # cache: auto keeps decoded images in memory up to this share of the RAM
+PREFETCH = 2  # batches the PyDataset pipeline decodes ahead
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,7 +551,12 @@ def _image_batches_class():
     import keras
 
     class ImageBatches(keras.utils.PyDataset):
-        """Batches decoded with Pillow in a thread pool; a new seeded order every epoch."""
+        """Batches decoded with Pillow in a thread pool; a new seeded order every epoch.
+
+        While batch ``i`` is used, a background thread decodes batches ``i + 1 .. i + PREFETCH``.
+        Only decoding runs ahead: augmentation and mixing run in order on the caller's thread,
+        so their random draws are the same from run to run.
+        """
 
         def __init__(self, images, image_size, batch_size, *, shuffle, augment, seed, num_classes, mix, cache):
             super().__init__()
@@ -559,6 +565,8 @@ def _image_batches_class():
             self._decoded = {} if cache else None  # index -> uint8 pixels, filled as batches are read
             self._rng = np.random.default_rng(seed)
             self._order = np.arange(len(images))
+            self._ahead: dict = {}  # batch index -> Future of its uint8 pixels, this epoch's order
+            self._loader = None
             self.on_epoch_end()
 
         def __len__(self):
@@ -567,8 +575,15 @@ def _image_batches_class():
         def __getitem__(self, index):
             if not 0 <= index < len(self):
                 raise IndexError(f"batch {index} out of range: there are {len(self)}")
-            batch = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-            pixels = self._pixels(batch).astype(np.float32)
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(1, thread_name_prefix="transferkit-prefetch")
+            for ahead in range(index, min(index + PREFETCH + 1, len(self))):
+                if ahead not in self._ahead:
+                    self._ahead[ahead] = self._loader.submit(self._pixels, self._batch(ahead))
+            for stale in [i for i in self._ahead if i < index]:  # skipped by a caller that jumped ahead
+                self._ahead.pop(stale).cancel()
+            pixels = self._ahead.pop(index).result().astype(np.float32)
+            batch = self._batch(index)
             if self.augment is not None:
                 pixels = keras.ops.convert_to_numpy(self.augment(pixels, training=True))
             labels = self.images.labels[batch].astype(np.int32)
@@ -577,6 +592,9 @@ def _image_batches_class():
             if self.mix is not None:
                 pixels, labels = self.mix(pixels, labels)
             return pixels, labels
+
+        def _batch(self, index):
+            return self._order[index * self.batch_size:(index + 1) * self.batch_size]
 
         def _pixels(self, batch):
             if self._decoded is None:
@@ -589,6 +607,9 @@ def _image_batches_class():
 
         def on_epoch_end(self):
             if self.shuffle:
+                for future in self._ahead.values():  # decoded in the old order
+                    future.cancel()
+                self._ahead.clear()
                 self._order = self._rng.permutation(len(self.images))
 
     return ImageBatches
