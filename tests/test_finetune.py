@@ -266,3 +266,24 @@ def test_out_of_memory_says_which_batch_size_to_try(small_cats_dogs, home, tmp_p
     monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: (_ for _ in ()).throw(ValueError("shapes differ")))
     with pytest.raises(ValueError, match="shapes differ"):  # anything else is not dressed up
         finetune(make_recipe(small_cats_dogs, tmp_path, warmup=1), restart=True, progress=False)
+
+
+def test_augmentation_in_the_model_acts_in_training_only(small_cats_dogs, home, tmp_path):
+    import keras
+
+    from transferkit.augment import build_augmentation
+    from transferkit.strategies.finetune import augment_placement, gpu_available, with_augmentation
+
+    recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=1)
+    recipe.data.augment, recipe.data.augment_on = ["random_flip", {"random_rotation": 0.2}], "model"
+    run = finetune(recipe, progress=False)
+    assert run.info["augment_on"] == "model" and np.isfinite(run.history["loss"]).all()
+    assert all("augment" not in layer.name for layer in Run.load(run.folder).model.layers)  # the saved model is plain
+    inputs = keras.Input((128, 128, 3))
+    identity = keras.Model(inputs, keras.layers.Rescaling(1.0)(inputs))
+    wrapped = with_augmentation(identity, build_augmentation(recipe.data.augment, seed=0))
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 128, 128, 3)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(wrapped(pixels, training=False)), pixels)
+    assert np.abs(np.asarray(wrapped(pixels, training=True)) - pixels).mean() > 10  # flipped and rotated
+    assert augment_placement("pipeline") == "pipeline" and augment_placement("model") == "model"
+    assert augment_placement("auto") == ("model" if gpu_available() else "pipeline")

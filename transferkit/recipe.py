@@ -58,6 +58,9 @@ class DataSpec:
     cache: Union[bool, Literal["auto"]] = _spec("auto", doc="keep decoded images in memory while training; "
                                                           "auto: when they fit in a quarter of the RAM")
     augment: list = _spec([], doc="Keras augmentation layers by name, e.g. [random_flip, {random_rotation: 0.1}]")
+    augment_on: Literal["auto", "pipeline", "model"] = _spec(
+        "auto", doc="where augmentation runs: pipeline (input pipeline, CPU), model (in the training step, "
+                    "on the accelerator); auto: model on a GPU, else pipeline")
 
 
 @dataclass

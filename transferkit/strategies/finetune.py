@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.augment import build_augmentation
 from transferkit.data import make_dataset
 from transferkit.errors import RecipeError, TransferkitError
 from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
@@ -129,9 +130,14 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
              else backbone.name, len(class_names), image_size, precision)
 
     phases = plan_phases(recipe)
+    augment = build_augmentation(recipe.data.augment, seed=recipe.seed)
+    placement = augment_placement(recipe.data.augment_on)
+    if augment is not None:
+        log.info("augmentation runs in the %s", "model (training step)" if placement == "model" else "input pipeline")
     val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names),
                        cache=recipe.data.cache)
-    trainer = _Trainer(recipe, model, checkpoints, folder, phases, val, state, head=head, precision=precision)
+    trainer = _Trainer(recipe, model, checkpoints, folder, phases, val, state, head=head, precision=precision,
+                       augment=augment if placement == "model" else None)
     if state is not None:
         model.load_weights(checkpoints.weights(state["epoch"]))
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], trainer.total, state["phase"])
@@ -141,7 +147,8 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
         for phase in phases:
             if trainer.epoch >= phase.last or trainer.stopped:
                 continue
-            train = _train_dataset(recipe, phase, splits.train, image_size, class_names)
+            train = _train_dataset(recipe, phase, splits.train, image_size, class_names,
+                                   augment if placement == "pipeline" else None)
             trainer.run_phase(phase, train, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
@@ -162,6 +169,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
                 "images": {name: len(images) for name, images in
                            (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images},
                 "epochs": len(trainer.phases), "precision": precision, "parameters": trainer.parameters,
+                "augment_on": placement if augment is not None else None,
                 "early_stopping": trainer.early_stopping,
                 "diagnosis": diagnosis.to_dict() if diagnosis else None}
     run.save(folder)
@@ -260,13 +268,34 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
-def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, class_names: list[str]):
-    """Shuffled, augmented one-hot batches; MixUp/CutMix after warm-up; imagined labels in imag episodes."""
-    from transferkit.augment import BatchMixer, build_augmentation
+def augment_placement(augment_on: str) -> str:
+    """Where augmentation runs, ``"pipeline"`` or ``"model"``; ``auto`` is the cheaper place.
+
+    ``auto`` is ``model`` on a GPU, where the layers run on the device inside the compiled
+    training step and the CPU only decodes, and ``pipeline`` on the CPU, where the step already
+    keeps every core busy and the input pipeline's thread costs least
+    (``benchmarks/augment_placement.py`` measures both).
+    """
+    if augment_on != "auto":
+        return augment_on
+    return "model" if gpu_available() else "pipeline"
+
+
+def with_augmentation(model, augment):
+    """``model`` behind ``augment``: the layers act in training only, ``model`` keeps its weights."""
+    import keras
+
+    inputs = keras.Input(model.input.shape[1:], name="pixels")
+    return keras.Model(inputs, model(augment(inputs)), name=f"{model.name}_augmented")
+
+
+def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, class_names: list[str], augment=None):
+    """Shuffled one-hot batches, augmented by ``augment``; MixUp/CutMix after warm-up; imagined
+    labels in imag episodes."""
+    from transferkit.augment import BatchMixer
 
     if phase.name == "imag":
         images = imagined(images, recipe, phase.episode)
-    augment = build_augmentation(recipe.data.augment, seed=recipe.seed) if recipe.data.augment else None
     spec = recipe.finetune
     mix = (BatchMixer(spec.mixup, spec.cutmix, seed=recipe.seed + phase.first)
            if phase.name != "warmup" and (spec.mixup or spec.cutmix) else None)
@@ -419,14 +448,15 @@ class _Trainer:
     """Runs the phases and keeps the shared epoch count, history, early stopping and checkpoints."""
 
     def __init__(self, recipe: Recipe, model, checkpoints: Checkpoints, folder: Path, phases: list[Phase], val,
-                 state, head=None, precision: str = "float32"):
+                 state, head=None, precision: str = "float32", augment=None):
         state = state or {}
         self.recipe, self.model, self.checkpoints, self.folder, self.val = recipe, model, checkpoints, folder, val
-        self.head, self.precision = head, precision
+        self.head, self.precision, self.augment = head, precision, augment  # augment: in-model augmentation
         self.total = phases[-1].last if phases else 0
         # the fine-tuning schedule runs over all finetune and imag episodes together
         self.budget_first = next((phase.first for phase in phases if phase.name != "warmup"), 0)
-        self.trained = model  # the model being fitted: ``model``, or in an imag episode the imag model
+        self.trained = model  # the model being trained: ``model``, or in an imag episode the imag model
+        self.optimizer = None  # the current phase's
         self.epoch = state.get("epoch", 0)
         self.history: dict[str, list] = state.get("history", {})
         self.phases: list[str] = state.get("phases", [])
@@ -440,8 +470,6 @@ class _Trainer:
         return bool(self.early_stopping.get("stopped"))
 
     def run_phase(self, phase: Phase, train, verbose: int) -> None:
-        import keras
-
         from transferkit.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
 
         resuming = self.epoch > phase.first
@@ -451,12 +479,13 @@ class _Trainer:
         else:
             unfreeze(self.model, self.recipe.finetune.unfreeze)
         self.trained = self._imag_model(phase, resuming) if phase.name == "imag" else self.model
+        fitted = self.trained if self.augment is None else with_augmentation(self.trained, self.augment)
         counts = count_parameters(self.trained)
         self.parameters[phase.name] = counts
         log.info("%s: epochs %d-%d, %s trainable of %s parameters", phase.name, phase.first + 1, phase.last,
                  f"{counts['trainable']:,}", f"{counts['total']:,}")
-        optimizer = self._optimizer(phase, steps_per_epoch=len(train))
-        self._compile(self.trained, phase, optimizer)
+        optimizer = self.optimizer = self._optimizer(phase, steps_per_epoch=len(train))
+        self._compile(fitted, phase, optimizer)
         if phase.name == "imag":  # the normal model only validates, in end_epoch
             self._compile(self.model, phase, "sgd")
         if resuming:
@@ -465,7 +494,7 @@ class _Trainer:
             optimizer.iterations.assign((phase.first - self.budget_first) * len(train))
         monitor = _monitor_class()(self, phase)
         try:
-            self.trained.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
+            fitted.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
                              initial_epoch=self.epoch, callbacks=[monitor], verbose=verbose, shuffle=False)
         except Exception as error:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
             if not out_of_memory(error):
@@ -533,7 +562,7 @@ class _Trainer:
             normal = self.model.evaluate(self.val, verbose=0, return_dict=True)
             logs = {f"imag_{key}": value for key, value in logs.items()}
             logs |= {f"val_{key}": float(value) for key, value in normal.items()}
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.trained.optimizer.learning_rate))
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
         logs["seconds"] = round(seconds, 3)
         for key in set(self.history) | set(logs):
             self.history.setdefault(key, [None] * len(self.phases)).append(logs.get(key))
@@ -542,7 +571,7 @@ class _Trainer:
         if phase.name == "finetune" and self._early_stop(logs):
             self.model.stop_training = True
         inside_imag = phase.name == "imag" and self.epoch < phase.last
-        self.checkpoints.save(self.model, self.trained.optimizer, self.epoch, self._state(phase),
+        self.checkpoints.save(self.model, self.optimizer, self.epoch, self._state(phase),
                               imag_head=get_head_weights(self.trained) if inside_imag else None)
         self._write_monitor()
         shown = "  ".join(f"{key} {logs[key]:.4f}" for key in
