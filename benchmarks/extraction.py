@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from common import SHARED, pick_images
+
 
 
 def main():
@@ -33,13 +34,12 @@ def main():
     import keras
 
     from transferkit.backbones import create_backbone
-    from transferkit.data import load_images, scan_folder
+    from transferkit.data import load_images
     from transferkit.recipe import load_recipe
     from transferkit.strategies.extract import cache_features
     from transferkit.surgery import cut
 
-    images = scan_folder(args.data, screen=False)
-    chosen = images.subset(range(min(args.images, len(images))))
+    chosen = pick_images(args.data, args.images)
     paths, n = chosen.paths, len(chosen)
 
     started = time.perf_counter()

@@ -9,23 +9,17 @@ epoch (compilation) is left out; images/s is training images over the mean epoch
     KERAS_HOME=../shared/keras_home python benchmarks/finetune_step.py --images 512 --epochs 3
 """
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from common import SHARED, pick_images, training_arguments
+
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "datasets" / "flowers5"))
-    parser.add_argument("--images", type=int, default=512, help="training images (plus 1/8 as many to validate)")
-    parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--size", type=int, default=160)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser = training_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
     os.environ.setdefault("KERAS_HOME", str(SHARED / "keras_home"))
 
@@ -33,16 +27,14 @@ def main():
     import numpy as np
 
     from transferkit.backbones import create_backbone
-    from transferkit.data import load_images, scan_folder
+    from transferkit.data import load_images
     from transferkit.heads import attach_head
     from transferkit.recipe import HeadSpec, load_recipe
     from transferkit.strategies import recipe_splits
     from transferkit.strategies.finetune import finetune
 
-    images = scan_folder(args.data, screen=False)
-    order = np.random.default_rng(0).permutation(len(images))[:args.images + args.images // 8]
-    chosen = images.subset(np.sort(order))
-    classes = len(images.class_names)
+    chosen = pick_images(args.data, args.images + args.images // 8)
+    classes = len(chosen.class_names)
 
     with tempfile.TemporaryDirectory() as home:
         subset = chosen.link_to(Path(home) / "images")
