@@ -1,7 +1,7 @@
 """Feature extraction speed: transferkit end to end against its two parts, in one run.
 
 Prints images/s for
-  decode   Pillow decode + resize of the JPEGs (transferkit.data.load_images, a thread pool),
+  decode   Pillow decode + resize of the JPEGs to uint8 (transferkit.data.load_images, a thread pool),
   forward  the cut backbone on pre-decoded float32 batches (compiled predict_on_batch in a loop),
   predict  Keras' predict on the whole pre-decoded array (its data adapter included),
   e2e      transferkit's extraction into a fresh feature store: building the model, decoding,
@@ -43,8 +43,9 @@ def main():
     paths, n = chosen.paths, len(chosen)
 
     started = time.perf_counter()
-    pixels = load_images(paths, args.size).astype("float32")
+    pixels = load_images(paths, args.size)
     decode = n / (time.perf_counter() - started)
+    pixels = pixels.astype("float32")  # what the model takes; not part of decoding
 
     extractor = cut(create_backbone(args.backbone, image_size=args.size), "top")
     batches = [pixels[i:i + args.batch] for i in range(0, n, args.batch)]
