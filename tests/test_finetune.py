@@ -53,6 +53,10 @@ def changed_layers(model, pretrained):
 
 
 def test_finetune_writes_the_run_folder_and_reloads(first_run, small_cats_dogs):
+    import keras
+
+    from transferkit.strategies.finetune import gpu_available
+
     folder = first_run.folder
     for name in ["run.json", "recipe.yaml", "model/model.keras", "history.json", "history.csv", "curves.png",
                  "diagnosis.txt", "val_metrics.json", "val_confusion_matrix.png", "val_predictions.csv"]:
@@ -63,6 +67,7 @@ def test_finetune_writes_the_run_folder_and_reloads(first_run, small_cats_dogs):
     assert (folder / "history.csv").read_text().splitlines()[0].startswith("epoch,phase,")
     summary = json.loads((folder / "run.json").read_text())
     assert summary["strategy"] == "finetune" and summary["info"]["diagnosis"]["verdict"]
+    assert summary["info"]["jit_compile"] == (keras.backend.backend() == "jax" or gpu_available())  # XLA: auto
     assert summary["info"]["parameters"]["warmup"]["trainable"] < summary["info"]["parameters"]["finetune"]["trainable"]
     paths = sorted(str(p) for p in (small_cats_dogs / "dog").iterdir())[:4]
     loaded = Run.load(folder)
@@ -247,8 +252,9 @@ def test_saved_model_and_tflite_exports_agree_with_the_run(first_run):
 
 def test_mixed_precision_keeps_probabilities_in_float32(small_cats_dogs, home, tmp_path):
     recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0)
-    recipe.precision = "mixed_bfloat16"
+    recipe.precision, recipe.jit_compile = "mixed_bfloat16", False
     run = finetune(recipe, progress=False)
+    assert run.info["jit_compile"] is False  # the recipe overrides XLA's default
     assert run.model.get_layer("head_logits").dtype_policy.name == "mixed_bfloat16"
     assert run.model.output.dtype == "float32" and np.isfinite(run.history["loss"]).all()
     assert run.info["precision"] == "mixed_bfloat16"

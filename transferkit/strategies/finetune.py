@@ -168,7 +168,8 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     run.info = {"seconds": {"train": round(trainer.seconds, 2), "this_session": round(time.perf_counter() - started, 2)},
                 "images": {name: len(images) for name, images in
                            (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images},
-                "epochs": len(trainer.phases), "precision": precision, "parameters": trainer.parameters,
+                "epochs": len(trainer.phases), "precision": precision, "jit_compile": trainer.jit_compile,
+                "parameters": trainer.parameters,
                 "augment_on": placement if augment is not None else None,
                 "early_stopping": trainer.early_stopping,
                 "diagnosis": diagnosis.to_dict() if diagnosis else None}
@@ -457,6 +458,7 @@ class _Trainer:
         self.budget_first = next((phase.first for phase in phases if phase.name != "warmup"), 0)
         self.trained = model  # the model being trained: ``model``, or in an imag episode the imag model
         self.optimizer = None  # the current phase's
+        self.jit_compile = False
         self.epoch = state.get("epoch", 0)
         self.history: dict[str, list] = state.get("history", {})
         self.phases: list[str] = state.get("phases", [])
@@ -519,6 +521,7 @@ class _Trainer:
             metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
         model.compile(optimizer=optimizer, metrics=metrics, jit_compile=self.recipe.jit_compile,
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=self._label_smoothing(phase)))
+        self.jit_compile = bool(model.jit_compile)  # "auto" resolved: XLA on a GPU and under JAX
 
     def _imag_model(self, phase: Phase, resuming: bool):
         """The body with a fresh head (seeded per episode); resuming, the head's checkpointed weights.
