@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from transferkit.diagnose import (ACCURACY_GAP, GOOD, OVER, TOO_SHORT, UNDER, VERDICTS, Diagnosis,
+from transferkit.diagnose import (ACCURACY_GAP, GOOD, OVER, TOO_SHORT, UNDER, UNSTABLE, VERDICTS, Diagnosis,
                                   diagnose)
 
 NAN = math.nan
@@ -157,6 +157,24 @@ def test_imag_epochs_are_ignored():
     assert "epochs 2-7 (5 epochs; 2 imag epochs ignored)" in evidence
     assert "train 0.935 vs val 0.910" in evidence and "0.950" not in evidence
     assert diagnose(history).verdict == OVER  # judged with the imag epochs, it would look over-fit
+
+
+def test_both_losses_rising_at_the_end_is_unstable_not_a_good_fit():
+    # A real imag run's shape: the last episode (epoch 7) shook the body, and the normal epoch after
+    # it has a val loss far above the best with the train loss up too.
+    history = {"loss": [0.9, 0.5, 0.35, 0.3, 0.28, 0.27, 1.9, 0.62],
+               "val_loss": [0.8, 0.5, 0.38, 0.34, 0.33, 0.32, 2.5, 1.41],
+               "accuracy": [0.7, 0.85, 0.9, 0.92, 0.93, 0.935, 0.2, 0.8],
+               "val_accuracy": [0.72, 0.84, 0.88, 0.9, 0.91, 0.91, 0.1, 0.75]}
+    phases = ["finetune"] * 6 + ["imag", "finetune"]
+    d = diagnose(history, phases)
+    assert d.verdict == UNSTABLE
+    assert "Train loss rose too since the best val loss (0.270 then, 0.620 now)" in text_of(d)
+    assert "imag.normal_epochs" in d.remedies[0] and "imag.train: head" in d.remedies[0]
+    assert "learning_rate` about 3x lower" in d.remedies[1] and "(epoch 6 here)" in d.remedies[2]
+    without_imag = diagnose(history, ["finetune"] * 8)  # a learning rate too high looks the same
+    assert without_imag.verdict == UNSTABLE and without_imag.remedies[0].startswith("A lower learning rate")
+    assert d.to_text().startswith("Unstable. ")
 
 
 def test_final_phase_too_short_falls_back_to_the_whole_run():

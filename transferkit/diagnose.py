@@ -13,7 +13,10 @@ The rules, tried in this order on the judged epochs (see :func:`diagnose` for wh
    * final train accuracy exceeds final val accuracy by more than :data:`ACCURACY_GAP`.
      MixUp/CutMix, dropout and label smoothing lower the *train* accuracy, so with them a small
      or negative gap proves little; the val-loss rule still catches those runs.
-3. **under-fitting**, either of:
+3. **unstable**: val loss ends more than :data:`VAL_LOSS_RISE` above its minimum and train loss
+   has risen since that minimum too: the training itself went wrong (too high a learning rate, or
+   the last imag episode's shake-up not yet recovered from), not the fit.
+4. **under-fitting**, either of:
 
    * final train accuracy below :data:`LOW_ACCURACY`, and val accuracy (when logged) too: both
      low, and close, since a wide gap was judged over-fitting above;
@@ -23,7 +26,7 @@ The rules, tried in this order on the judged epochs (see :func:`diagnose` for wh
      epoch; the floor keeps a near-zero loss that still halves each epoch from counting), and val
      loss, when logged, falls too (by more than :data:`FLAT_CHANGE` per epoch): more epochs would
      still pay. Train loss falling fast beside a flat val loss is not under-fitting.
-4. **good fit**: anything else. Without val metrics this only says that training itself went well:
+5. **good fit**: anything else. Without val metrics this only says that training itself went well:
    the evidence says so, and over-fitting cannot be seen.
 
 Example:
@@ -52,7 +55,8 @@ WELL_BEFORE_END = 2       # the best val loss this many epochs or more before th
 IMAG = "imag"             # phase label of epochs trained on permuted labels: always ignored
 ACCURACY_KEYS = ("accuracy", "top1", "acc", "categorical_accuracy", "sparse_categorical_accuracy")
 TOO_SHORT, OVER, UNDER, GOOD = "too short to tell", "over-fitting", "under-fitting", "good fit"
-VERDICTS = (UNDER, OVER, GOOD, TOO_SHORT)
+UNSTABLE = "unstable"
+VERDICTS = (UNDER, OVER, UNSTABLE, GOOD, TOO_SHORT)
 
 
 @dataclass
@@ -134,7 +138,7 @@ def diagnose(history: dict[str, list[float]], phases: list[str] | None = None) -
                 *_whole_run_evidence(curves_all, phases, judged)]
     section = phase if phase in ("warmup", "finetune") else "finetune"
     return Diagnosis(verdict=verdict, evidence=[s for s in evidence if s],
-                     remedies=_remedies(verdict, measures, section),
+                     remedies=_remedies(verdict, measures, section, imag=bool(phases) and IMAG in phases),
                      phase=phase, epochs=[int(e) for e in curves.epochs], measures=measures)
 
 
@@ -257,6 +261,12 @@ def _overfit_by_val_loss(m: dict) -> bool:
     return None in (m["train_loss"], m["train_loss_at_best"]) or m["train_loss"] <= m["train_loss_at_best"]
 
 
+def _unstable(m: dict) -> bool:
+    """Val loss ended VAL_LOSS_RISE above its minimum and train loss rose since then too."""
+    return m["val_loss_rise"] is not None and m["val_loss_rise"] > VAL_LOSS_RISE \
+        and None not in (m["train_loss"], m["train_loss_at_best"]) and m["train_loss"] > m["train_loss_at_best"]
+
+
 def _overfit_by_gap(m: dict) -> bool:
     return m["accuracy_gap"] is not None and m["accuracy_gap"] > ACCURACY_GAP
 
@@ -284,6 +294,8 @@ def _verdict(m: dict) -> str:
         return TOO_SHORT
     if _overfit_by_val_loss(m) or _overfit_by_gap(m):
         return OVER
+    if _unstable(m):
+        return UNSTABLE
     if _underfit_by_accuracy(m) or _still_learning(m):
         return UNDER
     return GOOD
@@ -295,7 +307,9 @@ def _verdict(m: dict) -> str:
 
 def _curve_evidence(m: dict) -> list[str]:
     """One sentence each on accuracy, loss, the val loss trend and the train loss trend."""
-    return [_accuracy_sentence(m), _loss_sentence(m), _val_trend_sentence(m), _train_trend_sentence(m)]
+    instability = (f"Train loss rose too since the best val loss ({m['train_loss_at_best']:.3f} then, "
+                   f"{m['train_loss']:.3f} now): training went unstable." if _unstable(m) else "")
+    return [_accuracy_sentence(m), _loss_sentence(m), _val_trend_sentence(m), _train_trend_sentence(m), instability]
 
 
 def _accuracy_sentence(m: dict) -> str:
@@ -392,8 +406,9 @@ def _early_stopping(m: dict, lead: str) -> str:
     return f"{lead}: `finetune.early_stopping: {{patience: 2}}` keeps the weights of the best val loss{best}."
 
 
-def _remedies(verdict: str, m: dict, section: str) -> list[str]:
-    """Concrete changes for the verdict; ``section`` is the recipe section of the judged phase."""
+def _remedies(verdict: str, m: dict, section: str, imag: bool = False) -> list[str]:
+    """Concrete changes for the verdict; ``section`` is the recipe section of the judged phase,
+    ``imag`` whether the run had imag episodes."""
     n = max(m["epochs_judged"], 1)
     has_val = m["val_loss"] is not None or m["val_accuracy"] is not None
     if verdict == TOO_SHORT:
@@ -403,6 +418,15 @@ def _remedies(verdict: str, m: dict, section: str) -> list[str]:
         remedies = [_AUGMENT, _REGULARISE, _early_stopping(m, "Early stopping"), _MORE_DATA, _SMALLER]
         if _overfit_by_val_loss(m):  # val loss already turned: stopping at its minimum is the first fix
             remedies.insert(0, remedies.pop(2))
+        return remedies
+    if verdict == UNSTABLE:
+        remedies = [f"A lower learning rate: `{section}.optimizer.learning_rate` about 3x lower, or one that "
+                    f"decays (`{section}.schedule: {{name: cosine}}`).",
+                    _early_stopping(m, "Keep the best epoch")]
+        if imag:
+            remedies.insert(0, "After an imag episode the normal head needs epochs to recover: raise "
+                               "`imag.normal_epochs` (fewer episodes, longer normal stretches after them), or use "
+                               "`imag.train: head` so that episodes leave the body alone.")
         return remedies
     if verdict == UNDER:
         longer = (f"Train longer: `{section}.epochs: {2 * n}` (this phase ran {n})"
