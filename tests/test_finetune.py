@@ -293,3 +293,15 @@ def test_augmentation_in_the_model_acts_in_training_only(small_cats_dogs, home, 
     assert np.abs(np.asarray(wrapped(pixels, training=True)) - pixels).mean() > 10  # flipped and rotated
     assert augment_placement("pipeline") == "pipeline" and augment_placement("model") == "model"
     assert augment_placement("auto") == ("model" if gpu_available() else "pipeline")
+
+
+def test_on_a_gpu_auto_picks_bfloat16_and_augmentation_in_the_model(small_cats_dogs, home, tmp_path, monkeypatch):
+    from transferkit.strategies import finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "gpu_available", lambda: True)  # what the GPU defaults hang on
+    recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0)
+    recipe.data.augment = ["random_flip"]
+    run = finetune(recipe, progress=False)
+    assert run.info["precision"] == "mixed_bfloat16" and run.info["augment_on"] == "model"
+    assert run.model.get_layer("head_logits").dtype_policy.name == "mixed_bfloat16"
+    assert np.isfinite(run.history["loss"]).all()
