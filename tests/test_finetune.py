@@ -55,7 +55,7 @@ def changed_layers(model, pretrained):
 def test_finetune_writes_the_run_folder_and_reloads(first_run, small_cats_dogs):
     import keras
 
-    from transferkit.strategies.finetune import gpu_available
+    from transferkit.accelerator import gpu_available
 
     folder = first_run.folder
     for name in ["run.json", "recipe.yaml", "model/model.keras", "history.json", "history.csv", "curves.png",
@@ -278,7 +278,8 @@ def test_augmentation_in_the_model_acts_in_training_only(small_cats_dogs, home, 
     import keras
 
     from transferkit.augment import build_augmentation
-    from transferkit.strategies.finetune import augment_placement, gpu_available, with_augmentation
+    from transferkit.accelerator import augment_placement, gpu_available
+    from transferkit.strategies.finetune import with_augmentation
 
     recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=1)
     recipe.data.augment, recipe.data.augment_on = ["random_flip", {"random_rotation": 0.2}], "model"
@@ -296,9 +297,9 @@ def test_augmentation_in_the_model_acts_in_training_only(small_cats_dogs, home, 
 
 
 def test_on_a_gpu_auto_picks_bfloat16_and_augmentation_in_the_model(small_cats_dogs, home, tmp_path, monkeypatch):
-    from transferkit.strategies import finetune as finetune_module
+    from transferkit import accelerator
 
-    monkeypatch.setattr(finetune_module, "gpu_available", lambda: True)  # what the GPU defaults hang on
+    monkeypatch.setattr(accelerator, "gpu_available", lambda: True)  # what the GPU defaults hang on
     recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0)
     recipe.data.augment = ["random_flip"]
     run = finetune(recipe, progress=False)
