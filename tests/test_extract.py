@@ -137,3 +137,25 @@ def test_export_command_writes_a_model_that_agrees_with_the_run(first_run, small
     exported = model.predict(load_images(paths, 128).astype("float32"), verbose=0)
     assert class_names == ["cat", "dog"]
     np.testing.assert_allclose(exported, first_run.predict(paths), atol=1e-4)
+
+
+def test_out_of_memory_names_a_smaller_batch(small_cats_dogs, home, tmp_path, monkeypatch):
+    import keras
+
+    from transferkit.errors import DeviceMemoryError
+
+    recipe = make_recipe(small_cats_dogs, tmp_path / "run")
+    recipe.data.image_size = 96  # features not in the store yet
+
+    def exhausted(self, x):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes.")
+    monkeypatch.setattr(keras.Model, "predict_on_batch", exhausted)
+    with pytest.raises(DeviceMemoryError, match=r"^out of memory extracting features at data.batch_size 16 "
+                                                r"\(96 px\): lower it, e.g. --set data.batch_size=8; the "
+                                                r"features extracted so far are kept$"):
+        extract(recipe, progress=False)
+    monkeypatch.setattr(keras.Model, "predict_on_batch", lambda self, x: (_ for _ in ()).throw(ValueError("bad")))
+    with pytest.raises(ValueError, match="bad"):  # anything else is not dressed up
+        extract(recipe, progress=False)
+    monkeypatch.undo()
+    assert extract(recipe, progress=False).metrics["val"]["n"] == 10  # and the same command then runs

@@ -20,3 +20,7 @@ class DataError(TransferkitError):
 
 class BackboneError(TransferkitError):
     """An unknown backbone or layer, or weights that cannot be found."""
+
+
+class DeviceMemoryError(TransferkitError):
+    """The device ran out of memory; a smaller ``data.batch_size`` fits."""

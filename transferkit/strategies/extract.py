@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.accelerator import out_of_memory
 from transferkit.data import ImageSet, load_images
+from transferkit.errors import DeviceMemoryError
 from transferkit.features import FeatureStore, cache_key
 from transferkit.io import transferkit_home
 from transferkit.recipe import Recipe, load_recipe
@@ -146,7 +148,15 @@ class _Embedder:
         return load_images(paths, self.image_size).astype("float32")
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
-        return predict_in_batches(self.extractor, pixels, self.batch_size).astype("float32")
+        try:
+            return predict_in_batches(self.extractor, pixels, self.batch_size).astype("float32")
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
+            if not out_of_memory(error):
+                raise
+            raise DeviceMemoryError(
+                f"out of memory extracting features at data.batch_size {self.batch_size} ({self.image_size} px): "
+                f"lower it, e.g. --set data.batch_size={max(self.batch_size // 2, 1)}; the features "
+                "extracted so far are kept") from None
 
     def __call__(self, paths: list[str]) -> np.ndarray:
         return self.forward(self.load(paths))
