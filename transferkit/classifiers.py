@@ -106,13 +106,16 @@ def fit_cached(model, features: np.ndarray, labels: np.ndarray, cache_dir) -> tu
     import joblib
     import sklearn
 
+    from transferkit.cache import touch
     from transferkit.io import atomic_path
 
     key = joblib.hash([np.ascontiguousarray(features), np.ascontiguousarray(labels), model, sklearn.__version__])
     path = Path(cache_dir) / f"{key}.joblib"
     if path.is_file():
         try:
-            return joblib.load(path), True
+            fitted = joblib.load(path)
+            touch(path)
+            return fitted, True
         except Exception:  # a cache entry that cannot be read is refitted and rewritten
             pass
     model.fit(features, labels)

@@ -27,6 +27,7 @@ Examples:
   transferkit evaluate runs/digits --data other_images/
   transferkit export runs/digits
   transferkit backbones
+  transferkit cache --clear --older-than 30
 """
 
 
@@ -214,6 +215,46 @@ def predict(run_folder, images, top_k, as_json, as_csv):
         for row in rows:
             others = ", ".join(f"{name} {p:.2f}" for name, p in row["top"][1:])
             click.echo(f"{row['path']}: {row['class']} ({row['probability']:.2f})" + (f"  [{others}]" if others else ""))
+
+
+@cli.command()
+@click.option("--clear", is_flag=True, help="Delete cached features and classifier fits.")
+@click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="With --clear: only those no run has used for DAYS days.")
+def cache(clear, older_than):
+    """Show (or clear) the features and classifier fits cached under $TRANSFERKIT_HOME.
+
+    \b
+    Examples:
+      transferkit cache
+      transferkit cache --clear --older-than 30
+    """
+    from transferkit.cache import KINDS, cache_entries, clear_cache
+    from transferkit.io import transferkit_home
+
+    if older_than is not None and not clear:
+        raise click.UsageError("--older-than goes with --clear: transferkit cache --clear --older-than 30")
+    if clear:
+        removed = clear_cache(older_than)
+        click.echo(f"removed {len(removed)} files ({_megabytes(sum(e.size for e in removed))}) from {transferkit_home()}")
+        return
+    entries = cache_entries()
+    click.echo(f"{transferkit_home()}:")
+    for kind in KINDS:
+        mine = [entry for entry in entries if entry.kind == kind]
+        oldest = f", least recently used {_days_ago(mine[0].last_used)}" if mine else ""
+        click.echo(f"  {kind:12s} {len(mine):4d} files {_megabytes(sum(e.size for e in mine)):>10s}{oldest}")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+def _days_ago(timestamp: float) -> str:
+    import time
+
+    days = (time.time() - timestamp) / 86400
+    return "today" if days < 1 else f"{days:.0f} days ago"
 
 
 @cli.command()

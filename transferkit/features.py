@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 
 from transferkit import __version__
+from transferkit.cache import touch
 from transferkit.errors import TransferkitError
 from transferkit.io import atomic_path
 
@@ -131,7 +132,9 @@ class FeatureStore:
         with self._open_for_writing() as file:
             group = self._prepare_group(file, split, paths, labels, key, attrs or {}, chunk_size)
             self._fill(file, group, paths, embed, progress)
-            return _read(group)[:2]
+            features = _read(group)[:2]
+        touch(self.path)  # its last use, for clear_cache(older_than_days=...)
+        return features
 
     def load(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
         """Returns (features, labels, paths) of a complete split, or None."""
