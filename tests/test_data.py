@@ -419,11 +419,35 @@ def test_pydataset_decodes_the_next_batches_ahead_in_order(pets, monkeypatch):
     np.testing.assert_array_equal(x1, load_images(pets.paths[4:8], 32).astype(np.float32))
 
 
-def test_auto_cache_only_when_the_images_fit():
-    from transferkit.data import should_cache
+@pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
+def test_a_bounded_cache_keeps_some_images_and_decodes_the_rest_each_epoch(pets, pipeline, monkeypatch):
+    plain = _batches(make_dataset(pets, 32, 8, pipeline=pipeline))
+    calls = []
+    load_image = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda path, size: calls.append(path) or load_image(path, size))
+    in_order = _batches(make_dataset(pets, 32, 8, pipeline=pipeline, cache=7))
+    assert len(calls) == len(pets)
+    for (x, y), (px, py) in zip(in_order, plain):  # without a shuffle the order is the files'
+        assert np.array_equal(x, px) and np.array_equal(y, py)
+    calls.clear()
+    shuffled = make_dataset(pets, 32, 8, shuffle=True, seed=3, pipeline=pipeline, cache=7)
+    epochs = []
+    for _ in range(2):
+        epochs.append(_batches(shuffled))
+        if pipeline == "pydataset":
+            shuffled.on_epoch_end()
+    assert len(calls) == len(pets) + len(pets) - 7  # the second epoch decoded all but the 7 kept
+    for epoch in epochs:  # every image once per epoch
+        assert sorted(float(x.sum()) for b, _ in epoch for x in b) == sorted(float(x.sum()) for b, _ in plain for x in b)
 
-    assert should_cache("auto", 1000, 224) and not should_cache("auto", 10**9, 224)
-    assert should_cache(True, 10**9, 224) and not should_cache(False, 1, 8)
+
+def test_cache_limit_keeps_as_many_images_as_fit():
+    from transferkit.data import cache_limit
+
+    assert cache_limit("auto", 1000, 224) == 1000
+    assert 0 < cache_limit("auto", 10**9, 224) < 10**9  # a bound: as many as fit, not all or nothing
+    assert cache_limit(True, 10**9, 224) == 10**9 and cache_limit(False, 1, 8) == 0
+    assert cache_limit(7, 20, 32) == 7 and cache_limit(50, 20, 32) == 20
 
 
 def test_importing_data_and_augment_loads_no_tensorflow_or_keras():

@@ -156,3 +156,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
     assert "recipe not found" in error_of(tmp_path / "nope.yaml")
     assert "not valid YAML at line 3" in error_of(write(tmp_path, "data:\n  train: [a\n"))
     assert "expected a mapping of keys" in error_of(write(tmp_path, "- a\n- b\n"))
+
+
+def test_data_cache_is_true_false_auto_or_a_number_of_images():
+    for value in (True, False, "auto", 5000):
+        assert load_recipe({"data": {"train": "builtin:digits", "cache": value}}).data.cache == value
+    assert "data.cache: expected a whole number >= 0, got -1" in error_of({"data": {"train": "builtin:digits",
+                                                                                 "cache": -1}})
+    assert "data.cache: expected one of auto, got 'maybe'" in error_of({"data": {"train": "builtin:digits",
+                                                                                "cache": "maybe"}})

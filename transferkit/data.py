@@ -470,8 +470,10 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         num_classes: give it for one-hot float32 labels ``[B, num_classes]`` instead.
         mix: a batch function ``(pixels, one_hot) -> (pixels, one_hot)`` in NumPy run after
             ``augment``, e.g. :class:`transferkit.augment.BatchMixer`; needs ``num_classes``.
-        cache: keep the decoded images (uint8) in memory from the first epoch on: True, False, or
-            "auto" (when they take at most :data:`CACHE_FRACTION` of the physical memory).
+        cache: keep decoded images (uint8) in memory from the first epoch on: True (all), False
+            (none), a number of images (at most that many), or "auto" (as many as fit in
+            :data:`CACHE_FRACTION` of the physical memory). The images beyond the bound are
+            decoded again every epoch.
 
     Returns:
         A ``tf.data.Dataset`` or a ``keras.utils.PyDataset``; both work with ``Model.fit`` and
@@ -485,20 +487,24 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         raise ValueError("mix needs one-hot labels: give num_classes too")
     build = _tf_dataset if pipeline == "tf" else _image_batches_class()
     return build(images, image_size, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                 num_classes=num_classes, mix=mix, cache=should_cache(cache, len(images), image_size))
+                 num_classes=num_classes, mix=mix, cache=cache_limit(cache, len(images), image_size))
 
 
-def should_cache(cache: bool | str, count: int, image_size: int) -> bool:
-    """``cache`` as a decision: "auto" caches when ``count`` decoded images (uint8, counted twice for
-    the shuffle buffer) take at most :data:`CACHE_FRACTION` of the physical memory."""
+def cache_limit(cache: bool | int | str, count: int, image_size: int) -> int:
+    """How many of ``count`` decoded images to keep in memory for ``cache`` (see :func:`make_dataset`).
+
+    "auto" counts each uint8 image twice (the cache and the shuffle buffer) against
+    :data:`CACHE_FRACTION` of the physical memory.
+    """
+    if isinstance(cache, bool):
+        return count if cache else 0
     if cache != "auto":
-        return bool(cache)
-    needed = 2 * count * image_size * image_size * 3
+        return max(0, min(int(cache), count))
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # no sysconf: do not risk it
-        return False
-    return needed <= CACHE_FRACTION * memory
+        return 0
+    return min(count, int(CACHE_FRACTION * memory) // (2 * image_size * image_size * 3))
 
 
 def _tensorflow_backend() -> bool:
@@ -511,8 +517,9 @@ def _tensorflow_backend() -> bool:
 
 def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, augment, seed, num_classes, mix,
                 cache):
-    """paths -> shuffle -> Pillow decode in parallel (or decode once, cache, shuffle) -> batch -> float32
-    -> augment -> one-hot, mix -> prefetch."""
+    """paths -> shuffle -> Pillow decode in parallel -> batch -> float32 -> augment -> one-hot, mix ->
+    prefetch. The first ``cache`` images are decoded once and kept; with a shuffle they are drawn
+    in random turns with the others."""
     import tensorflow as tf
 
     def decode(path):
@@ -523,14 +530,22 @@ def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, 
         pixels.set_shape((image_size, image_size, 3))
         return pixels, label
 
-    def shuffled(ds):
-        return ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True) if shuffle else ds
+    def part(start, stop, salt):
+        ds = tf.data.Dataset.from_tensor_slices((images.paths[start:stop], images.labels[start:stop].astype(np.int32)))
+        if start == 0 and cache:  # the kept images: decoded once, then shuffled from memory
+            ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        if shuffle:
+            ds = ds.shuffle(max(stop - start, 1), seed=seed + salt, reshuffle_each_iteration=True)
+        return ds if start == 0 and cache else ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
 
-    ds = tf.data.Dataset.from_tensor_slices((images.paths, images.labels.astype(np.int32)))
-    if cache:
-        ds = shuffled(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache())
+    count = len(images)
+    if cache in (0, count):
+        ds = part(0, count, 0)
+    elif shuffle:
+        ds = tf.data.Dataset.sample_from_datasets([part(0, cache, 0), part(cache, count, 1)], seed=seed,
+                                                  weights=[cache / count, 1 - cache / count])
     else:
-        ds = shuffled(ds).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = part(0, cache, 0).concatenate(part(cache, count, 1))
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
@@ -563,7 +578,8 @@ def _image_batches_class():
             super().__init__()
             self.images, self.image_size, self.batch_size = images, image_size, batch_size
             self.shuffle, self.augment, self.num_classes, self.mix = shuffle, augment, num_classes, mix
-            self._decoded = {} if cache else None  # index -> uint8 pixels, filled as batches are read
+            self._decoded: dict = {}  # index -> uint8 pixels, filled as batches are read, up to cache of them
+            self._cache_limit = cache
             self._rng = np.random.default_rng(seed)
             self._order = np.arange(len(images))
             self._ahead: dict = {}  # batch index -> Future of its uint8 pixels, this epoch's order
@@ -598,13 +614,14 @@ def _image_batches_class():
             return self._order[index * self.batch_size:(index + 1) * self.batch_size]
 
         def _pixels(self, batch):
-            if self._decoded is None:
+            """The batch's uint8 pixels; decoded images are kept until ``cache`` of them are."""
+            if not self._cache_limit:
                 return load_images([self.images.paths[i] for i in batch], self.image_size)
             missing = [i for i in batch if i not in self._decoded]
-            if missing:
-                decoded = load_images([self.images.paths[i] for i in missing], self.image_size)
-                self._decoded.update(zip(missing, decoded))
-            return np.stack([self._decoded[i] for i in batch])
+            fresh = dict(zip(missing, load_images([self.images.paths[i] for i in missing], self.image_size)))
+            for i in missing[:max(self._cache_limit - len(self._decoded), 0)]:
+                self._decoded[i] = fresh[i]
+            return np.stack([self._decoded[i] if i in self._decoded else fresh[i] for i in batch])
 
         def on_epoch_end(self):
             if self.shuffle:

@@ -55,8 +55,9 @@ class DataSpec:
     image_size: Optional[int] = _spec(None, ge=8, doc="square input size; null: the backbone's default")
     batch_size: int = _spec(32, ge=1)
     split_seed: Optional[int] = _spec(None, doc="seed of the val/test split; null: the recipe's seed")
-    cache: Union[bool, Literal["auto"]] = _spec("auto", doc="keep decoded images in memory while training; "
-                                                          "auto: when they fit in a quarter of the RAM")
+    cache: Union[bool, int, Literal["auto"]] = _spec(
+        "auto", ge=0, doc="keep decoded images in memory while training: true, false, at most N images, or "
+                          "auto: as many as fit in a quarter of the RAM")
     augment: list = _spec([], doc="Keras augmentation layers by name, e.g. [random_flip, {random_rotation: 0.1}]")
     augment_on: Literal["auto", "pipeline", "model"] = _spec(
         "auto", doc="where augmentation runs: pipeline (input pipeline, CPU), model (in the training step, "
