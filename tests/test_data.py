@@ -385,18 +385,28 @@ def test_one_hot_labels_and_batch_mixing(pets, pipeline):
         make_dataset(pets, 32, mix=BatchMixer(mixup=0.4), pipeline=pipeline)
 
 
-@pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
-def test_cached_batches_equal_decoded_ones_and_decode_once(pets, pipeline, monkeypatch):
-    plain = _batches(make_dataset(pets, 32, 8, pipeline=pipeline))
+def _count_decodes(monkeypatch) -> list:
+    """The paths decoded from now on, in order."""
     calls = []
     load_image = data.load_image
     monkeypatch.setattr(data, "load_image", lambda path, size: calls.append(path) or load_image(path, size))
-    cached = make_dataset(pets, 32, 8, shuffle=True, seed=3, pipeline=pipeline, cache=True)
+    return calls
+
+
+def _two_epochs(dataset, pipeline):
     epochs = []
     for _ in range(2):
-        epochs.append(_batches(cached))
+        epochs.append(_batches(dataset))
         if pipeline == "pydataset":
-            cached.on_epoch_end()
+            dataset.on_epoch_end()  # what Model.fit calls
+    return epochs
+
+
+@pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
+def test_cached_batches_equal_decoded_ones_and_decode_once(pets, pipeline, monkeypatch):
+    plain = _batches(make_dataset(pets, 32, 8, pipeline=pipeline))
+    calls = _count_decodes(monkeypatch)
+    epochs = _two_epochs(make_dataset(pets, 32, 8, shuffle=True, seed=3, pipeline=pipeline, cache=True), pipeline)
     assert len(calls) == len(pets)  # the second epoch decoded nothing
     assert epochs[0][0][0].dtype == np.float32
     for epoch in epochs:  # a shuffled order of exactly the same images and labels
@@ -422,20 +432,13 @@ def test_pydataset_decodes_the_next_batches_ahead_in_order(pets, monkeypatch):
 @pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
 def test_a_bounded_cache_keeps_some_images_and_decodes_the_rest_each_epoch(pets, pipeline, monkeypatch):
     plain = _batches(make_dataset(pets, 32, 8, pipeline=pipeline))
-    calls = []
-    load_image = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda path, size: calls.append(path) or load_image(path, size))
+    calls = _count_decodes(monkeypatch)
     in_order = _batches(make_dataset(pets, 32, 8, pipeline=pipeline, cache=7))
     assert len(calls) == len(pets)
     for (x, y), (px, py) in zip(in_order, plain):  # without a shuffle the order is the files'
         assert np.array_equal(x, px) and np.array_equal(y, py)
     calls.clear()
-    shuffled = make_dataset(pets, 32, 8, shuffle=True, seed=3, pipeline=pipeline, cache=7)
-    epochs = []
-    for _ in range(2):
-        epochs.append(_batches(shuffled))
-        if pipeline == "pydataset":
-            shuffled.on_epoch_end()
+    epochs = _two_epochs(make_dataset(pets, 32, 8, shuffle=True, seed=3, pipeline=pipeline, cache=7), pipeline)
     assert len(calls) == len(pets) + len(pets) - 7  # the second epoch decoded all but the 7 kept
     for epoch in epochs:  # every image once per epoch
         assert sorted(float(x.sum()) for b, _ in epoch for x in b) == sorted(float(x.sum()) for b, _ in plain for x in b)
