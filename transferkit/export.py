@@ -75,7 +75,7 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
         extractor = run.feature_extractor
         classifier = keras.layers.Dense(len(bias), name="classifier")
         probabilities = keras.layers.Softmax(name="probabilities")(classifier(extractor.output))
-        model = keras.Model(extractor.inputs, probabilities, name=f"{extractor.name}_classifier")
+        model = keras.Model(extractor.inputs[0], probabilities, name=f"{extractor.name}_classifier")
         classifier.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         class_names = [run.class_names[c] for c in classes]
 

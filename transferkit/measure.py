@@ -179,7 +179,7 @@ def _pooled_at(body, layers: list[str], pixels: np.ndarray) -> list[np.ndarray]:
     import keras
 
     outputs = [keras.layers.GlobalAveragePooling2D()(body.get_layer(layer).output) for layer in layers]
-    model = keras.Model(body.inputs, outputs)
+    model = keras.Model(body.inputs[0], outputs)
     return [np.asarray(x, dtype=np.float64) for x in model.predict(pixels, batch_size=32, verbose=0)]
 
 

@@ -36,7 +36,7 @@ def cut(model: keras.Model, layers: str | list[str] = "top", pooling: str = "avg
     names = [resolve_layer(model, name) for name in ([layers] if isinstance(layers, str) else layers)]
     pooled = [POOLING[pooling](name=f"{name}_{pooling}_pool")(model.get_layer(name).output) for name in names]
     outputs = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="features")(pooled)
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_features")
+    return keras.Model(model.inputs[0], outputs, name=f"{model.name}_features")
 
 
 def average_over_flips(model: keras.Model) -> keras.Model:
@@ -52,7 +52,7 @@ def average_over_flips(model: keras.Model) -> keras.Model:
 
 def power_normalize(model: keras.Model) -> keras.Model:
     """``model`` followed by a signed square root of each output value."""
-    return keras.Model(model.inputs, SignedSqrt(name="power_norm")(model.output), name=f"{model.name}_sqrt")
+    return keras.Model(model.inputs[0], SignedSqrt(name="power_norm")(model.output), name=f"{model.name}_sqrt")
 
 
 # --------------------------------------------------------------------------------------------
