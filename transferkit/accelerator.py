@@ -105,7 +105,7 @@ def augment_placement(augment_on: str) -> str:
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether an exception from training is the device running out of memory (any backend)."""
+    """Whether an exception from training or a forward pass is the device running out of memory (any backend)."""
     text = f"{type(error).__name__}: {error}"
     return any(sign in text for sign in ("ResourceExhausted", "RESOURCE_EXHAUSTED", "OutOfMemoryError",
                                          "out of memory", "Out of memory"))

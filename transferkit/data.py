@@ -530,22 +530,22 @@ def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, 
         pixels.set_shape((image_size, image_size, 3))
         return pixels, label
 
-    def part(start, stop, salt):
+    def part(start, stop, kept, salt=0):
         ds = tf.data.Dataset.from_tensor_slices((images.paths[start:stop], images.labels[start:stop].astype(np.int32)))
-        if start == 0 and cache:  # the kept images: decoded once, then shuffled from memory
+        if kept:  # decoded once, then shuffled from memory
             ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
         if shuffle:
             ds = ds.shuffle(max(stop - start, 1), seed=seed + salt, reshuffle_each_iteration=True)
-        return ds if start == 0 and cache else ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds if kept else ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
 
     count = len(images)
     if cache in (0, count):
-        ds = part(0, count, 0)
+        ds = part(0, count, kept=cache > 0)
     elif shuffle:
-        ds = tf.data.Dataset.sample_from_datasets([part(0, cache, 0), part(cache, count, 1)], seed=seed,
-                                                  weights=[cache / count, 1 - cache / count])
+        ds = tf.data.Dataset.sample_from_datasets([part(0, cache, True), part(cache, count, False, salt=1)],
+                                                  weights=[cache / count, 1 - cache / count], seed=seed)
     else:
-        ds = part(0, cache, 0).concatenate(part(cache, count, 1))
+        ds = part(0, cache, True).concatenate(part(cache, count, False))
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)

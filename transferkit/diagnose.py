@@ -306,7 +306,7 @@ def _verdict(m: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _curve_evidence(m: dict) -> list[str]:
-    """One sentence each on accuracy, loss, the val loss trend and the train loss trend."""
+    """One sentence each on accuracy, loss, the val loss trend, the train loss trend and instability."""
     instability = (f"Train loss rose too since the best val loss ({m['train_loss_at_best']:.3f} then, "
                    f"{m['train_loss']:.3f} now): training went unstable." if _unstable(m) else "")
     return [_accuracy_sentence(m), _loss_sentence(m), _val_trend_sentence(m), _train_trend_sentence(m), instability]
