@@ -3,7 +3,7 @@
 Runs `transferkit.finetune` on the same images three times, `data.augment_on: pipeline`, `model` and
 no augmentation at all, and prints training images/s (the mean of epochs 2.., as the first compiles)
 and what the augmentation costs in each place. Decoded images are cached, so decoding is not timed
-after the first epoch. `augment_on: auto` picks the place from the backend and the device (see
+after the first epoch. `augment_on: auto` picks the place from the device (see
 `transferkit.accelerator.augment_placement`); the last line says which it picks here.
 
     KERAS_HOME=../shared/keras_home python benchmarks/augment_placement.py --images 512
@@ -32,8 +32,8 @@ def main():
     import keras
     import numpy as np
 
-    from transferkit.recipe import load_recipe
     from transferkit.accelerator import augment_placement, gpu_available
+    from transferkit.recipe import load_recipe
     from transferkit.strategies.finetune import finetune
 
     chosen = pick_images(args.data, args.images + args.images // 8)

@@ -20,7 +20,6 @@ from pathlib import Path
 from common import SHARED, pick_images
 
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED / "datasets" / "flowers5"))

@@ -17,7 +17,6 @@ from pathlib import Path
 from common import SHARED, pick_images, training_arguments
 
 
-
 def main():
     parser = training_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
