@@ -1,6 +1,7 @@
 """Shared test setup: real weights and datasets from ../shared, quiet TensorFlow."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ KERAS_HOME = SHARED / "keras_home"
 # Before anything imports Keras: the real ImageNet weights, and no TensorFlow log spam.
 os.environ.setdefault("KERAS_HOME", str(KERAS_HOME))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Never the developer's real cache: every test, and every process a test starts, gets a fresh home
+# (tests that need their own set it again).
+os.environ["TRANSFERKIT_HOME"] = tempfile.mkdtemp(prefix="transferkit-tests-home-")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any TensorFlow impo
 
 __version__ = "0.1.0"
 
-from transferkit.errors import BackboneError, DataError, RecipeError, TransferkitError  # noqa: E402
+from transferkit.errors import BackboneError, DataError, RecipeError, ResourceError, TransferkitError  # noqa: E402
 from transferkit.recipe import Recipe, load_recipe  # noqa: E402
 from transferkit.recommend import Recommendation, recommend  # noqa: E402
 
@@ -32,5 +32,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
 
 
-__all__ = ["BackboneError", "DataError", "RecipeError", "Recipe", "Recommendation", "TransferkitError",
+__all__ = ["BackboneError", "DataError", "RecipeError", "ResourceError", "Recipe", "Recommendation", "TransferkitError",
            "load_recipe", "recommend", *_LAZY]

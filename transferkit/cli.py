@@ -462,7 +462,7 @@ def main(argv=None) -> None:
         sys.exit(e.exit_code)
     except TransferkitError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -2,12 +2,21 @@
 
 Every problem caused by input (a recipe key, an image folder, a weights file) is raised as a
 :class:`TransferkitError` whose message is one line naming the problem and the fix. The CLI prints
-that line and exits with code 2; anything else is a bug and keeps its traceback.
+that line and exits with code 2 (:class:`ResourceError`, a problem of the machine rather than the input:
+exit code 1); anything else is a bug and keeps its traceback.
 """
 
 
 class TransferkitError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class ResourceError(TransferkitError):
+    """The machine cannot do it (a full disk, a folder another run holds); the input is fine."""
+
+    exit_code = 1
 
 
 class RecipeError(TransferkitError):
