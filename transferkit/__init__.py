@@ -18,7 +18,7 @@ from transferkit.recommend import Recommendation, recommend  # noqa: E402
 
 _LAZY = {  # imported on first use: these pull in Keras / TensorFlow
     "create_backbone": "transferkit.backbones", "list_backbones": "transferkit.backbones",
-    "load_splits": "transferkit.data", "make_dataset": "transferkit.data", "scan_folder": "transferkit.data",
+    "load_splits": "transferkit.data", "make_dataset": "transferkit.pipelines", "scan_folder": "transferkit.data",
     "extract": "transferkit.strategies.extract", "finetune": "transferkit.strategies.finetune",
     "attach_head": "transferkit.heads", "compare": "transferkit.compare", "unfreeze": "transferkit.surgery", "Run": "transferkit.run", "cut": "transferkit.surgery",
     "FeatureExtractor": "transferkit.transformer", "export_model": "transferkit.export",

@@ -37,7 +37,7 @@ import numpy as np
 
 from transferkit.accelerator import augment_placement, distribution, dtype_policy, out_of_memory, resolve_precision
 from transferkit.augment import build_augmentation
-from transferkit.data import make_dataset
+from transferkit.pipelines import make_dataset
 from transferkit.errors import RecipeError, TransferkitError
 from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
 from transferkit.recipe import OptimizerSpec, Recipe, load_recipe
