@@ -1,6 +1,7 @@
 """Shared test setup: real weights and datasets from ../shared, quiet TensorFlow."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,12 +37,12 @@ def keras_home() -> Path:
 
 @pytest.fixture(scope="session")
 def small_cats_dogs(datasets, tmp_path_factory) -> Path:
-    """20 cats and 20 dogs (symlinks to the real files)."""
+    """20 cats and 20 dogs (copies of the real files: links out of a data folder are not followed)."""
     root = tmp_path_factory.mktemp("cats_dogs20")
     for cls in ("cat", "dog"):
         (root / cls).mkdir()
         for path in sorted((datasets / "cats_dogs" / cls).iterdir())[:20]:
-            os.symlink(path, root / cls / path.name)
+            shutil.copyfile(path, root / cls / path.name)
     return root
 
 

@@ -71,7 +71,7 @@ def test_bad_files_are_skipped_with_one_warning(datasets, tmp_path):
         images = scan_folder(root)
     messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert len(messages) == 1
-    assert "skipped 2 unreadable files" in messages[0]
+    assert "skipped 2 files in" in messages[0]
     assert "cat/bad.jpg (truncated image)" in messages[0] and "dog/note.jpg (not an image)" in messages[0]
     assert len(images) == 500 and images.class_counts() == {"cat": 250, "dog": 250}
     assert sorted(os.path.basename(p) for p, _ in images.skipped) == ["bad.jpg", "note.jpg"]
@@ -308,7 +308,11 @@ def pets(datasets):
     return images.subset(np.r_[0:10, 250:260])
 
 
-def test_linked_subset_reads_back_as_the_same_dataset(pets, tmp_path):
-    linked = scan_folder(pets.link_to(tmp_path / "pets"))
-    assert linked.class_names == pets.class_names and linked.labels.tolist() == pets.labels.tolist()
+def test_copied_or_linked_subset_reads_back_as_the_same_dataset(pets, tmp_path):
+    copied = scan_folder(pets.copy_to(tmp_path / "copied"))
+    linked = scan_folder(pets.link_to(tmp_path / "linked"), follow_links=True)  # links out of the folder
+    for subset in (copied, linked):
+        assert subset.class_names == pets.class_names and subset.labels.tolist() == pets.labels.tolist()
+        assert [os.path.basename(p) for p in subset.paths] == [os.path.basename(p) for p in pets.paths]
+    assert not any(os.path.islink(p) for p in copied.paths)
     assert [os.path.realpath(p) for p in linked.paths] == [os.path.realpath(p) for p in pets.paths]

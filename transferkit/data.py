@@ -5,9 +5,14 @@ built-in datasets (:func:`resolve_source`) and Pillow decoding (:func:`load_imag
 this module as uint8 RGB; :mod:`transferkit.pipelines` batches them for Keras, and the backbone
 model does its own preprocessing.
 
-Problems with a file (unreadable, truncated, not an image) are never fatal: the file is skipped and
-one ``UserWarning`` per folder lists every skipped file with its reason. Problems with a folder
-(missing, no classes, an empty class, one class) raise :class:`~transferkit.errors.DataError`.
+Problems with a file (unreadable, truncated, not an image, not a regular file, a link that is not
+followed, a second path to a file already found) are never fatal: the file is skipped and one
+``UserWarning`` per folder lists every skipped file with its reason. Problems with a folder (missing,
+no classes, an empty class, one class) raise :class:`~transferkit.errors.DataError`.
+
+Scanning cannot be fooled by links or special files: links to folders are never followed (so no link
+loop), links to files are followed only inside the data folder unless ``follow_links=True``, every
+real file is kept once, and FIFOs, sockets and devices are never opened.
 
 Nothing here imports TensorFlow or Keras.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +51,8 @@ class ImageSet:
         labels: int64 indices into ``class_names``, one per path.
         class_names: the sorted class folder names.
         root: the folder the images came from.
-        skipped: ``(path, reason)`` of the files in ``root`` that could not be read.
+        skipped: ``(path, reason)`` of the files in ``root`` that were skipped (the whole folder's, also
+            in a subset: :attr:`Splits.skipped` lists a split's once).
     """
 
     paths: list[str]
@@ -63,13 +70,26 @@ class ImageSet:
         return ImageSet([self.paths[i] for i in indices], self.labels[indices], list(self.class_names),
                         self.root, list(self.skipped))
 
+    def copy_to(self, root: str | Path) -> Path:
+        """The images copied into a class-per-folder tree under ``root`` (a dataset of its own)."""
+        return self._write_tree(root, shutil.copyfile)
+
     def link_to(self, root: str | Path) -> Path:
-        """The images as a class-per-folder tree of symbolic links under ``root`` (a dataset of its own)."""
+        """The images as a class-per-folder tree of symbolic links under ``root``.
+
+        The links point outside ``root``: scan it with ``follow_links=True`` (``data.follow_links: true``).
+        """
+        return self._write_tree(root, os.symlink)
+
+    def _write_tree(self, root, put) -> Path:
+        """``put(image, place)`` each image at ``root/<class>/<its path below its class folder>``."""
         root = Path(root)
         for path, label in zip(self.paths, self.labels):
-            target = root / self.class_names[label] / Path(path).name
+            relative = Path(os.path.relpath(path, self.root)).parts
+            below_class = relative[1:] if len(relative) > 1 and ".." not in relative else relative[-1:]
+            target = root.joinpath(self.class_names[label], *below_class)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(path)
+            put(os.path.abspath(path), target)
         return root
 
     def class_counts(self) -> dict[str, int]:
@@ -89,6 +109,15 @@ class Splits:
     @property
     def class_names(self) -> list[str]:
         return self.train.class_names
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """The ``(path, reason)`` of every file skipped in the train, val and test folders, each once."""
+        reasons = {}
+        for part in (self.train, self.val, self.test):
+            for path, reason in part.skipped if part is not None else ():
+                reasons.setdefault(path, reason)
+        return list(reasons.items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,31 +181,46 @@ def _require_folder(path: str | Path) -> Path:
     return path
 
 
-def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: bool = True) -> ImageSet:
+#: what a skipped link to a file outside the data folder says to do
+_FOLLOW_LINKS_FIX = "set data.follow_links: true (Python: follow_links=True) to use it"
+
+
+def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: bool = True,
+                follow_links: bool = False) -> ImageSet:
     """Find the images of a class-per-folder directory (``root/<class>/**/<image>``).
 
     Hidden files and folders (names starting with ``.``) and files directly in ``root`` are ignored.
-    Files that cannot be used are skipped and listed in one warning: with ``screen=True`` every file
-    is decoded once (in a thread pool) and unreadable, truncated or non-image files are skipped;
-    with ``screen=False`` only files without an image extension are.
+    Files that cannot be used are skipped and listed, each once, in one warning:
+
+    - links to folders (never followed, at any depth, so a link loop cannot repeat images), broken
+      links, and links to files outside ``root`` unless ``follow_links``;
+    - FIFOs, sockets and devices: judged by ``stat`` and never opened, so nothing can hang;
+    - a second path to a file already found (a link to it, in its own class or another): each real
+      file is kept once, where it lies itself, else at its first link in sorted order;
+    - with ``screen=True`` (every file decoded once, in a thread pool) unreadable, truncated and
+      non-image files; with ``screen=False`` only files without an image extension.
 
     Args:
         root: the folder.
         class_names: the classes of the training folder, when scanning a separate val/test folder:
             the folder's classes must be among them and labels index into this list.
         screen: decode every file to catch bad ones (slower, safe).
+        follow_links: also use links to files outside ``root`` (links to folders are never followed).
 
     Returns:
         An :class:`ImageSet`.
     """
     root = _require_folder(root)
     shown = f"{str(root).rstrip('/')}/"
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders, skipped = _class_folders(root)
+    not_followed = f" ({_listing(skipped, root)})" if skipped else ""
     if not folders:
-        raise DataError(f"no class folders in {shown}: expected one sub-folder per class, each holding its images")
+        raise DataError(f"no class folders in {shown}{not_followed}: "
+                        "expected one sub-folder per class, each holding its images")
     if class_names is None:
         if len(folders) == 1:
-            raise DataError(f"only one class ({folders[0]!r}) in {shown}: a classifier needs at least two")
+            raise DataError(f"only one class ({folders[0]!r}) in {shown}{not_followed}: "
+                            "a classifier needs at least two")
         class_names = folders
     else:
         class_names = list(class_names)
@@ -185,8 +229,15 @@ def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: 
             raise DataError(f"class {unknown[0]!r} in {shown} is not among the training classes "
                             f"({', '.join(class_names)}): rename or remove the folder")
 
-    candidates = [(path, name) for name in folders for path in _files_under(root / name)]
-    good, skipped = screen_files([path for path, _ in candidates], decode=screen, shown_root=root)
+    candidates = []
+    for name in folders:
+        files, problems = _files_under(root / name, root, follow_links)
+        candidates += [(path, name) for path in files]
+        skipped += problems
+    unique, duplicates = _each_file_once([path for path, _ in candidates], root)
+    good, bad = screen_files(unique, decode=screen, warn=False)
+    skipped = sorted(skipped + duplicates + bad, key=lambda item: _relative_parts(item[0], root))
+    _warn_skipped(skipped, root)
     good = set(good)
     kept = [(path, name) for path, name in candidates if path in good]
     present = {name for _, name in kept}
@@ -200,14 +251,19 @@ def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: 
     return ImageSet([path for path, _ in kept], labels, class_names, os.path.abspath(root), skipped)
 
 
-def screen_files(paths: list[str], decode: bool = True, shown_root=None) -> tuple[list[str], list[tuple[str, str]]]:
+def screen_files(paths: list[str], decode: bool = True, shown_root=None,
+                 warn: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
     """Split files into usable images and skipped ``(path, reason)`` pairs; one warning lists the skipped.
+
+    Anything but a regular file (a FIFO, socket or device, also behind a link) is skipped without
+    being opened.
 
     Args:
         paths: image file paths.
         decode: decode every file (in a thread pool) to catch corrupt and truncated ones;
             False only checks for an image extension.
         shown_root: folder that the warning shows paths relative to.
+        warn: emit the warning (False: the caller reports the skipped files itself).
 
     Returns:
         ``(good paths in the given order, skipped)``.
@@ -217,17 +273,19 @@ def screen_files(paths: list[str], decode: bool = True, shown_root=None) -> tupl
         problems = list(pool.map(check, paths))
     good = [path for path, problem in zip(paths, problems) if problem is None]
     skipped = [(path, problem) for path, problem in zip(paths, problems) if problem is not None]
-    if skipped:
-        where = f" in {str(shown_root).rstrip('/')}/" if shown_root else ""
-        listing = ", ".join(f"{os.path.relpath(path, shown_root) if shown_root else path} ({reason})"
-                            for path, reason in skipped)
-        warnings.warn(f"skipped {len(skipped)} unreadable file{'s' * (len(skipped) > 1)}{where}: {listing}",
-                      stacklevel=3)
+    if warn:
+        _warn_skipped(skipped, shown_root)
     return good, skipped
 
 
-def find_images(inputs) -> tuple[list[str], list[tuple[str, str]]]:
+def find_images(inputs, follow_links: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files named in ``inputs`` or found below the folders among them, screened.
+
+    A file named in ``inputs`` is used as named, even a link that leads elsewhere: naming it is the
+    user's choice (a FIFO, socket or device is still skipped, never opened). Below a named folder the
+    rules of :func:`scan_folder` apply with that folder as the root: links to folders are not followed,
+    links to files outside it only with ``follow_links``. Each real file is used once: where it lies
+    itself if listed, else at its first link.
 
     Returns:
         ``(usable image paths, skipped (path, reason) pairs)``; the skipped are listed in one warning.
@@ -235,28 +293,129 @@ def find_images(inputs) -> tuple[list[str], list[tuple[str, str]]]:
     Raises:
         DataError: an input does not exist.
     """
-    paths = []
+    paths, skipped = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += _files_under(item)
-        elif item.is_file():
+            files, problems = _files_under(item, item, follow_links, outside_fix="name the file itself to use it")
+            paths += files
+            skipped += problems
+        elif item.exists():  # a file, or a FIFO or device that screening skips
             paths.append(str(item.resolve()))
         else:
             raise DataError(f"{item}: no such file or folder")
-    return screen_files(paths)
+    unique, duplicates = _each_file_once(list(dict.fromkeys(paths)))
+    good, bad = screen_files(unique, warn=False)
+    _warn_skipped(skipped + duplicates + bad, None)
+    return good, skipped + duplicates + bad
 
 
-def _files_under(folder: Path) -> list[str]:
-    """Absolute paths of the non-hidden files below ``folder``, sorted by relative path."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(os.path.abspath(folder), followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
-    return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
+def _class_folders(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """The sorted non-hidden sub-folders of ``root``, and the skipped links to folders among its entries."""
+    folders, skipped = [], []
+    for entry in sorted(os.scandir(os.path.abspath(root)), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            folders.append(entry.name)
+        elif entry.is_symlink() and os.path.isdir(entry.path):
+            skipped.append((entry.path, _entry_problem(entry.path, os.path.realpath(root), False)))
+    return folders, skipped
+
+
+def _files_under(folder: Path, root: Path, follow_links: bool = False,
+                 outside_fix: str = _FOLLOW_LINKS_FIX) -> tuple[list[str], list[tuple[str, str]]]:
+    """Candidate files below ``folder`` (within the data folder ``root``) and the entries skipped there.
+
+    Only real sub-folders are walked (a link to a folder is skipped, never entered), and no file is
+    opened: each entry is judged from ``lstat``/``stat`` by :func:`_entry_problem`. Hidden names are
+    ignored. Both lists hold absolute paths sorted by their path relative to ``folder``.
+
+    Returns:
+        ``(paths, [(path, reason), ...])``.
+    """
+    real_root = os.path.realpath(root)
+    files, skipped, pending = [], [], [os.path.abspath(folder)]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                entries = [entry for entry in listing if not entry.name.startswith(".")]
+        except OSError as err:
+            skipped.append((current, f"unreadable folder: {err.strerror}"))
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            elif problem := _entry_problem(entry.path, real_root, follow_links, outside_fix):
+                skipped.append((entry.path, problem))
+            else:
+                files.append(entry.path)
+    files.sort(key=lambda path: _relative_parts(path, folder))
+    skipped.sort(key=lambda item: _relative_parts(item[0], folder))
+    return files, skipped
+
+
+def _entry_problem(path: str, real_root: str, follow_links: bool,
+                   outside_fix: str = _FOLLOW_LINKS_FIX) -> str | None:
+    """Why the folder entry ``path`` cannot be an image file of the data folder, or None. Never opens it."""
+    try:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            real = os.path.realpath(path)
+            try:
+                info = os.stat(path)
+            except OSError as err:
+                return f"broken link: {err.strerror}"
+            if stat.S_ISDIR(info.st_mode):
+                return f"link to the folder {real}, not followed: link its files instead, or copy it in"
+            if not follow_links and os.path.commonpath([real, real_root]) != real_root:
+                return f"link to {real}, outside {real_root}/: {outside_fix}"
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    return _not_regular(info)
+
+
+def _each_file_once(paths: list[str], shown_root=None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Each real file once: where it lies itself if listed, else its first link; the rest are skipped.
+
+    Returns:
+        ``(kept paths in the given order, [(path, "same file as <kept path>"), ...])``.
+    """
+    reals = [os.path.realpath(path) for path in paths]
+    chosen = {}
+    for i, (path, real) in enumerate(zip(paths, reals)):
+        if real not in chosen or (os.path.islink(paths[chosen[real]]) and not os.path.islink(path)):
+            chosen[real] = i
+    kept = set(chosen.values())
+    duplicates = [(path, f"same file as {_shown_path(paths[chosen[real]], shown_root)}")
+                  for i, (path, real) in enumerate(zip(paths, reals)) if i not in kept]
+    return [path for i, path in enumerate(paths) if i in kept], duplicates
+
+
+_SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                  (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+
+
+def _not_regular(info: os.stat_result) -> str | None:
+    """``"not a regular file (FIFO)"`` and the like, or None for a regular file."""
+    if stat.S_ISREG(info.st_mode):
+        return None
+    kind = next((name for is_kind, name in _SPECIAL_FILES if is_kind(info.st_mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` (links followed) cannot be opened safely, or None for a regular file."""
+    try:
+        return _not_regular(os.stat(path))
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
 
 
 def _decode_problem(path: str) -> str | None:
     """Why ``path`` cannot be decoded into an RGB image, or None if it can."""
+    if problem := _file_problem(path):
+        return problem
     try:
         _open_rgb(path, draft_size=1)  # draft: JPEGs decode at 1/8 scale but still read every byte
     except Image.UnidentifiedImageError:
@@ -269,8 +428,29 @@ def _decode_problem(path: str) -> str | None:
 
 
 def _extension_problem(path: str) -> str | None:
+    if problem := _file_problem(path):
+        return problem
     return None if Path(path).suffix.lower() in Image.registered_extensions() else "not an image extension"
 
+
+def _relative_parts(path: str, folder) -> list[str]:
+    return os.path.relpath(path, folder).split(os.sep)
+
+
+def _shown_path(path: str, shown_root) -> str:
+    return os.path.relpath(path, shown_root) if shown_root else path
+
+
+def _listing(skipped: list[tuple[str, str]], shown_root) -> str:
+    return ", ".join(f"{_shown_path(path, shown_root)} ({reason})" for path, reason in skipped)
+
+
+def _warn_skipped(skipped: list[tuple[str, str]], shown_root) -> None:
+    """One warning that lists every skipped file with its reason (none when nothing was skipped)."""
+    if skipped:
+        where = f" in {str(shown_root).rstrip('/')}/" if shown_root else ""
+        warnings.warn(f"skipped {len(skipped)} file{'s' * (len(skipped) > 1)}{where}: "
+                      f"{_listing(skipped, shown_root)}", stacklevel=3)
 
 # --------------------------------------------------------------------------------------------
 # Splits
@@ -307,29 +487,33 @@ def stratified_split(images: ImageSet, fraction: float, seed: int) -> tuple[Imag
 
 
 def load_splits(train: str | Path, val: float | str | Path | None = 0.2,
-                test: float | str | Path | None = None, seed: int = 0) -> Splits:
+                test: float | str | Path | None = None, seed: int = 0, follow_links: bool = False) -> Splits:
     """Train / val / test image sets from a folder (or ``builtin:...``) and fractions or folders.
 
     Fractions are of the whole train folder: with ``val=0.2, test=0.1`` on 500 images, test gets
-    50 and val 100 (test is split off first, then val from the rest), train keeps 350.
+    50 and val 100 (test is split off first, then val from the rest), train keeps 350. Folders are
+    scanned by :func:`scan_folder`; folders that share a file (the same folder twice, or links from one
+    into the other) are refused, so no image is on both sides of a split.
 
     Args:
         train: class-per-folder images, or ``"builtin:digits"``.
         val: a stratified fraction in (0, 1), a folder with the same classes, or None.
         test: like ``val``.
         seed: random state of the splits.
+        follow_links: also use links to files outside each folder (``data.follow_links``).
 
     Returns:
-        :class:`Splits`.
+        :class:`Splits`; ``Splits.skipped`` lists every skipped file once.
     """
     given = {"test": test, "val": val}  # test first: val is then split from what remains
     fractions = {key: value for key, value in given.items() if _is_fraction(key, value)}
     if sum(fractions.values()) >= 1:
         raise DataError(f"data.val + data.test = {sum(fractions.values()):g} leaves no training images: "
                         "make their sum less than 1")
-    train_set = _scan_source("train", train)
-    parts = {key: None if value is None else _scan_source(key, value, train_set.class_names)
+    train_set = _scan_source("train", train, follow_links=follow_links)
+    parts = {key: None if value is None else _scan_source(key, value, train_set.class_names, follow_links)
              for key, value in given.items() if key not in fractions}
+    _refuse_shared_files({"train": train_set, **parts})
     total = len(train_set)
     for key, fraction in fractions.items():  # counts of the whole, rounded up like scikit-learn
         train_set, parts[key] = stratified_split(train_set, math.ceil(fraction * total), seed)
@@ -347,12 +531,27 @@ def _is_fraction(key: str, value) -> bool:
     raise DataError(f"data.{key}: expected a fraction in (0, 1), a folder or null, got {value!r}")
 
 
-def _scan_source(key: str, source, class_names=None) -> ImageSet:
+def _scan_source(key: str, source, class_names=None, follow_links: bool = False) -> ImageSet:
     """scan_folder(resolve_source(source)), with errors prefixed by the recipe key."""
     try:
-        return scan_folder(resolve_source(source), class_names)
+        return scan_folder(resolve_source(source), class_names, follow_links=follow_links)
     except DataError as err:
         raise DataError(f"data.{key}: {err}") from None
+
+
+def _refuse_shared_files(parts: dict[str, ImageSet | None]) -> None:
+    """DataError when two split folders hold the same real file (an image on both sides of the split)."""
+    owner = {}
+    for key, images in parts.items():
+        shared = []
+        for path in images.paths if images is not None else ():
+            first = owner.setdefault(os.path.realpath(path), (key, path))
+            if first[0] != key:
+                shared.append((path, first))
+        if shared:
+            path, (other, other_path) = shared[0]
+            raise DataError(f"data.{key}: {len(shared)} image(s) of {images.root}/ are also in data.{other} "
+                            f"(e.g. {path} is {other_path}): give folders that share no files, or a fraction")
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,8 +597,11 @@ def load_images(paths, image_size: int, workers: int | None = None) -> np.ndarra
 def _open_rgb(path: str | Path, draft_size: int) -> Image.Image:
     """Open, fully decode and orient an image, as RGB.
 
-    ``draft_size`` lets JPEG decoding shrink by up to 8x while staying at least that large.
+    ``draft_size`` lets JPEG decoding shrink by up to 8x while staying at least that large. Anything
+    but a regular file (a FIFO would block) raises :class:`~transferkit.errors.DataError` unopened.
     """
+    if problem := _file_problem(str(path)):
+        raise DataError(f"cannot decode {path}: {problem}")
     with Image.open(path) as image:
         image.draft(image.mode, (draft_size, draft_size))  # no-op for other formats than JPEG
         image.load()
