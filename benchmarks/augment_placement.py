@@ -45,7 +45,7 @@ def main():
                                                     "schedule": {"name": "constant"}}})
     rates = {}
     with tempfile.TemporaryDirectory() as home:
-        subset = chosen.link_to(Path(home) / "images")
+        subset = chosen.copy_to(Path(home) / "images")  # copies: links out of a data folder are skipped
         for place in ("pipeline", "model", "off"):
             recipe = load_recipe({
                 "seed": 0, "strategy": "finetune", "output": str(Path(home) / place),

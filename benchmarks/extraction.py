@@ -60,7 +60,7 @@ def main():
     predict = n / (time.perf_counter() - started)
 
     with tempfile.TemporaryDirectory() as home:
-        subset = chosen.link_to(Path(home) / "images")
+        subset = chosen.copy_to(Path(home) / "images")  # copies: links out of a data folder are skipped
         os.environ["TRANSFERKIT_HOME"] = str(Path(home) / "cache")
         recipe = load_recipe({"data": {"train": str(subset), "val": None, "image_size": args.size,
                                        "batch_size": args.batch},

@@ -36,7 +36,7 @@ def main():
     classes = len(chosen.class_names)
 
     with tempfile.TemporaryDirectory() as home:
-        subset = chosen.link_to(Path(home) / "images")
+        subset = chosen.copy_to(Path(home) / "images")  # copies: links out of a data folder are skipped
         recipe = load_recipe({
             "seed": 0, "strategy": "finetune", "output": str(Path(home) / "run"),
             "data": {"train": str(subset), "val": 1 / 9, "image_size": args.size, "batch_size": args.batch},
