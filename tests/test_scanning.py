@@ -106,6 +106,18 @@ def test_of_two_links_to_one_file_the_first_in_sorted_order_is_kept(pets, datase
     assert _skipped(images, pets) == {"cat/b.jpg": "same file as cat/a.jpg"}
 
 
+def test_a_data_folder_named_through_a_link_keeps_its_rules(pets, tmp_path):
+    (tmp_path / "alias").symlink_to(tmp_path)  # the folder the user names is reached through a link
+    named = tmp_path / "alias" / "pets"
+    cat = sorted((pets / "cat").iterdir())[0].name
+    (pets / "cat" / "again.jpg").symlink_to(cat)
+    (pets / "cat" / "up.jpg").symlink_to(pets / "dog" / "dog.1.jpg")  # inside, by its real path
+    images, _ = _scan(named)
+    assert len(images) == 24 and all(p.startswith(str(named)) for p in images.paths)
+    assert _skipped(images, named) == {"cat/again.jpg": f"same file as cat/{cat}",
+                                       "cat/up.jpg": "same file as dog/dog.1.jpg"}
+
+
 def test_a_link_to_a_class_folder_is_not_followed(pets, tmp_path):
     (pets / "kitty").symlink_to("cat")
     images, messages = _scan(pets, follow_links=True)
@@ -194,7 +206,7 @@ def test_predict_inputs_named_files_are_the_users_choice(pets, datasets, tmp_pat
         paths, skipped = find_images([link, pets / "dog", pets / "dog" / "dog.1.jpg"])
     assert len(paths) == 13 and paths[0] == str(outside)  # the named link, as it resolves
     reasons = {os.path.basename(path): reason for path, reason in skipped}
-    assert reasons["outside.jpg"].endswith("name the file itself to use it")
+    assert reasons["outside.jpg"].endswith("name the file itself (Python: follow_links=True) to use it")
     assert "link to the folder" in reasons["loop"] and reasons["again.jpg"] == f"same file as {pets}/dog/dog.1.jpg"
     assert np.array_equal(load_image(paths[0], 16), load_image(outside, 16))
 

@@ -183,6 +183,8 @@ def _require_folder(path: str | Path) -> Path:
 
 #: what a skipped link to a file outside the data folder says to do
 _FOLLOW_LINKS_FIX = "set data.follow_links: true (Python: follow_links=True) to use it"
+#: the same, for a folder named to predict
+_NAMED_FILE_FIX = "name the file itself (Python: follow_links=True) to use it"
 
 
 def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: bool = True,
@@ -296,7 +298,7 @@ def find_images(inputs, follow_links: bool = False) -> tuple[list[str], list[tup
     paths, skipped = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            files, problems = _files_under(item, item, follow_links, outside_fix="name the file itself to use it")
+            files, problems = _files_under(item, item, follow_links, _NAMED_FILE_FIX)
             paths += files
             skipped += problems
         elif item.exists():  # a file, or a FIFO or device that screening skips
@@ -381,15 +383,29 @@ def _each_file_once(paths: list[str], shown_root=None) -> tuple[list[str], list[
     Returns:
         ``(kept paths in the given order, [(path, "same file as <kept path>"), ...])``.
     """
-    reals = [os.path.realpath(path) for path in paths]
+    reals, links = _real_paths(paths), [os.path.islink(path) for path in paths]
     chosen = {}
-    for i, (path, real) in enumerate(zip(paths, reals)):
-        if real not in chosen or (os.path.islink(paths[chosen[real]]) and not os.path.islink(path)):
+    for i, real in enumerate(reals):
+        if real not in chosen or (links[chosen[real]] and not links[i]):
             chosen[real] = i
     kept = set(chosen.values())
     duplicates = [(path, f"same file as {_shown_path(paths[chosen[real]], shown_root)}")
                   for i, (path, real) in enumerate(zip(paths, reals)) if i not in kept]
     return [path for i, path in enumerate(paths) if i in kept], duplicates
+
+
+def _real_paths(paths: list[str]) -> list[str]:
+    """``os.path.realpath`` of each path, resolving each folder once (a file only if it is a link)."""
+    folders, reals = {}, []
+    for path in paths:
+        if os.path.islink(path):
+            reals.append(os.path.realpath(path))
+        else:
+            folder, name = os.path.split(os.path.abspath(path))
+            if folder not in folders:
+                folders[folder] = os.path.realpath(folder)
+            reals.append(os.path.join(folders[folder], name))
+    return reals
 
 
 _SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
@@ -544,8 +560,9 @@ def _refuse_shared_files(parts: dict[str, ImageSet | None]) -> None:
     owner = {}
     for key, images in parts.items():
         shared = []
-        for path in images.paths if images is not None else ():
-            first = owner.setdefault(os.path.realpath(path), (key, path))
+        paths = images.paths if images is not None else []
+        for path, real in zip(paths, _real_paths(paths)):
+            first = owner.setdefault(real, (key, path))
             if first[0] != key:
                 shared.append((path, first))
         if shared:
