@@ -227,3 +227,44 @@ def test_importing_does_not_pull_in_keras():
     code = "import sys, transferkit.diagnose; print('keras' in sys.modules or 'tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_an_exploding_loss_is_divergence_and_asks_for_a_lower_learning_rate():
+    from transferkit.diagnose import DIVERGED
+
+    # learning rate 1e6: the loss went from 2.1 to 2.4e8 (the regulariser of weights blowing up)
+    history = {"loss": [2.1, 3.5e7, 2.4e8], "val_loss": [1.0, 5e6, 3e8], "accuracy": [0.5, 0.5, 0.5],
+               "val_accuracy": [0.5, 0.5, 0.5], "learning_rate": [1e-3, 1e6, 1e6]}
+    d = diagnose(history, ["warmup", "finetune", "finetune"])
+    assert d.verdict == DIVERGED and d.phase == "finetune"
+    assert "The train loss reached 2.4e+08 in epoch 3" in text_of(d)
+    assert d.remedies[0].startswith("A much lower learning rate: `finetune.optimizer.learning_rate` 10x lower")
+    assert "1e+06" in d.remedies[0] and not any("higher learning rate" in r for r in d.remedies)
+    json.dumps(d.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("history, fragment", [
+    ({"loss": [0.7, 0.5, math.inf], "val_loss": [0.7, 0.6, 0.6]}, "The train loss became infinite in epoch 3"),
+    ({"loss": [0.7, 0.05, 0.9], "val_loss": [0.7, 0.6, 0.9]}, "18x its lowest (0.05) and above where it started"),
+    ({"loss": [50.0], "val_loss": [math.inf]}, "The val loss became infinite in epoch 1"),  # even one epoch
+])
+def test_other_divergences(history, fragment):
+    d = diagnose(history)
+    assert d.verdict == "diverged" and fragment in text_of(d)
+
+
+def test_a_loss_that_rose_but_stayed_below_its_start_is_not_divergence():
+    history = {"loss": [0.7, 0.01, 0.1], "val_loss": [0.7, 0.3, 0.4]}  # e.g. a warm restart of the schedule
+    assert diagnose(history).verdict != "diverged"
+
+
+def test_this_phase_ran_counts_the_epochs_of_the_judged_section():
+    # one warm-up and one fine-tuning epoch: too few of the last phase, so both are judged, but
+    # the advice is about finetune.epochs, which ran 1
+    history = {"loss": [0.9, 0.7], "val_loss": [0.85, 0.7], "accuracy": [0.5, 0.55], "val_accuracy": [0.5, 0.55]}
+    d = diagnose(history, ["warmup", "finetune"])
+    assert d.verdict == UNDER
+    assert any("`finetune.epochs: 2` (this phase ran 1)" in remedy for remedy in d.remedies)
+    imag = diagnose({key: values * 3 for key, values in history.items()}, ["warmup", "finetune", "finetune",
+                                                                             "imag", "finetune", "finetune"])
+    assert any("(this phase ran 5)" in remedy for remedy in imag.remedies)  # imag episodes are finetune.epochs

@@ -5,6 +5,10 @@ draws), so this module is plain numpy: no Keras, no TensorFlow.
 
 The rules, tried in this order on the judged epochs (see :func:`diagnose` for which those are):
 
+0. **diverged** (judged on every epoch but imag ones): a loss became infinite, or exceeded
+   :data:`DIVERGED_LOSS` (cross-entropy stays below about 16, as Keras clips probabilities at 1e-7:
+   a larger loss means weights blowing up), or the train loss ended :data:`DIVERGED_RISE` times
+   its lowest value and above where it started. The cure is a lower learning rate, not more of it.
 1. **too short to tell**: fewer than :data:`MIN_EPOCHS` epochs with any loss or accuracy value.
 2. **over-fitting**, either of:
 
@@ -51,12 +55,14 @@ STEEP_LOSS_DROP = 0.10    # train loss falling by more than this fraction of its
 MIN_STEEP_DROP = 0.02     # ... and by more than this much per epoch: still falling steeply
 FLAT_CHANGE = 0.01        # a loss changing less than this fraction per epoch is flat
 WELL_BEFORE_END = 2       # the best val loss this many epochs or more before the end is "well before"
+DIVERGED_LOSS = 100.0     # a loss above this (cross-entropy stays below ~16): diverged
+DIVERGED_RISE = 10.0      # train loss ending this many times its lowest, and above its start: diverged
 
 IMAG = "imag"             # phase label of epochs trained on permuted labels: always ignored
 ACCURACY_KEYS = ("accuracy", "top1", "acc", "categorical_accuracy", "sparse_categorical_accuracy")
 TOO_SHORT, OVER, UNDER, GOOD = "too short to tell", "over-fitting", "under-fitting", "good fit"
-UNSTABLE = "unstable"
-VERDICTS = (UNDER, OVER, UNSTABLE, GOOD, TOO_SHORT)
+UNSTABLE, DIVERGED = "unstable", "diverged"
+VERDICTS = (UNDER, OVER, UNSTABLE, DIVERGED, GOOD, TOO_SHORT)
 
 
 @dataclass
@@ -133,13 +139,24 @@ def diagnose(history: dict[str, list[float]], phases: list[str] | None = None) -
     judged, phase, scope = _judged_epochs(phases, curves_all.usable())
     curves = _select(curves_all, judged)
     measures = _measure(curves)
-    verdict = _verdict(measures)
-    evidence = [scope, *_missing_notes(curves), *_curve_evidence(measures),
-                *_whole_run_evidence(curves_all, phases, judged)]
-    section = phase if phase in ("warmup", "finetune") else "finetune"
+    divergence, diverged_at = _divergence(curves_all, phases)
+    measures["learning_rate"] = _last(np.array([np.nan if v is None else v for v in history.get("learning_rate", [])],
+                                               dtype=float))
+    verdict = DIVERGED if divergence else _verdict(measures)
+    evidence = ([scope, divergence] if divergence else  # the thresholds of the other verdicts say nothing here
+                [scope, *_missing_notes(curves), *_curve_evidence(measures), *_whole_run_evidence(curves_all, phases, judged)])
+    if divergence and phases:
+        phase = phases[diverged_at]
+    section = _section(phase)
+    ran = n_epochs if phases is None else sum(_section(label) == section for label in phases)
     return Diagnosis(verdict=verdict, evidence=[s for s in evidence if s],
-                     remedies=_remedies(verdict, measures, section, imag=bool(phases) and IMAG in phases),
+                     remedies=_remedies(verdict, measures, section, imag=bool(phases) and IMAG in phases, ran=ran),
                      phase=phase, epochs=[int(e) for e in curves.epochs], measures=measures)
+
+
+def _section(phase: str | None) -> str:
+    """The recipe section that sets a phase's epochs and optimizer (imag episodes are fine-tuning's)."""
+    return "warmup" if phase == "warmup" else "finetune"
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +200,27 @@ def _judged_epochs(phases, usable: np.ndarray) -> tuple[np.ndarray, str | None, 
                 f"{_count(len(kept), 'epoch')} were judged{skipped}.")
     return (window, phase, f"Judged the final phase '{phase}': epochs {window[0] + 1}-{window[-1] + 1} "
                            f"({_count(len(window), 'epoch')}{skipped}).")
+
+
+def _divergence(curves: _Curves, phases) -> tuple[str, int]:
+    """A sentence saying how the training diverged, and the 0-based epoch, or ``("", -1)``."""
+    kept = np.array([i for i, label in enumerate(phases or ["?"] * len(curves.epochs)) if label != IMAG], dtype=int)
+    for name, values in (("train", curves.train_loss[kept]), ("val", curves.val_loss[kept])):
+        if np.isinf(values).any():
+            at = kept[int(np.argmax(np.isinf(values)))]
+            return f"The {name} loss became infinite in epoch {at + 1}: training diverged.", int(at)
+        if np.isfinite(values).any() and np.nanmax(values) > DIVERGED_LOSS:
+            at = kept[int(np.nanargmax(values))]
+            return (f"The {name} loss reached {np.nanmax(values):.3g} in epoch {at + 1} (cross-entropy alone stays "
+                    f"below about 16, so the weights are blowing up): training diverged."), int(at)
+    train = curves.train_loss[kept]
+    known = np.flatnonzero(np.isfinite(train))
+    if known.size >= 2:
+        first, last, lowest = train[known[0]], train[known[-1]], float(np.min(train[known]))
+        if last >= DIVERGED_RISE * lowest and last > first:
+            return (f"The train loss ended at {last:.3g}, {last / lowest:.0f}x its lowest ({lowest:.3g}) and above "
+                    f"where it started ({first:.3g}): training diverged."), int(kept[known[-1]])
+    return "", -1
 
 
 def _select(curves: _Curves, indices: np.ndarray) -> _Curves:
@@ -406,11 +444,17 @@ def _early_stopping(m: dict, lead: str) -> str:
     return f"{lead}: `finetune.early_stopping: {{patience: 2}}` keeps the weights of the best val loss{best}."
 
 
-def _remedies(verdict: str, m: dict, section: str, imag: bool = False) -> list[str]:
+def _remedies(verdict: str, m: dict, section: str, imag: bool = False, ran: int | None = None) -> list[str]:
     """Concrete changes for the verdict; ``section`` is the recipe section of the judged phase,
-    ``imag`` whether the run had imag episodes."""
-    n = max(m["epochs_judged"], 1)
+    ``imag`` whether the run had imag episodes, ``ran`` how many epochs that section trained."""
+    n = max(ran if ran is not None else m["epochs_judged"], 1)
     has_val = m["val_loss"] is not None or m["val_accuracy"] is not None
+    if verdict == DIVERGED:
+        now = f" (it ended at {m['learning_rate']:.3g})" if m.get("learning_rate") is not None else ""
+        return [f"A much lower learning rate: `{section}.optimizer.learning_rate` 10x lower or more{now}.",
+                "Warm the rate up over the first epoch: `finetune.schedule: {name: cosine, warmup_epochs: 1}`, "
+                "and give the new head warm-up epochs (`warmup.epochs: 2`) before the body is unfrozen.",
+                "With `precision: mixed_float16` or `mixed_bfloat16`, try `precision: float32`."]
     if verdict == TOO_SHORT:
         return [f"Train longer (`{section}.epochs: 5` or more) with a validation split (`data.val: 0.2`) "
                 "so the curves can be compared."]
