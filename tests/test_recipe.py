@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -86,13 +87,13 @@ def test_unknown_key_with_no_close_match_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("data: {train: a, batch_size: many}", "data.batch_size: expected a whole number >= 1, got text 'many'"),
-    ("data: {train: a, batch_size: 0}", "data.batch_size: expected a whole number >= 1, got 0"),
+    ("data: {train: a, batch_size: many}", "data.batch_size: expected a whole number >= 1 and <= 8192, got text 'many'"),
+    ("data: {train: a, batch_size: 0}", "data.batch_size: expected a whole number >= 1 and <= 8192, got 0"),
     ("data: {train: a, batch_size: 2.5}", "data.batch_size: expected a whole number, got 2.5"),
     ("data: {train: a, val: 1.5}", "data.val: expected a number > 0 and < 1, got 1.5"),
     ("data: {train: a, val: [1]}", "data.val: expected a number > 0 and < 1 or a path or null, got a list"),
     ("data: {train: a}\nstrategy: finetnue", "strategy: expected one of extract, finetune, imag, got 'finetnue': did you mean finetune?"),
-    ("data: {train: a}\nhead: {layers: [{dense: 0}]}", "head.layers[0].dense: expected a whole number >= 1, got 0"),
+    ("data: {train: a}\nhead: {layers: [{dense: 0}]}", "head.layers[0].dense: expected a whole number >= 1 and <= 65536, got 0"),
     ("data: {train: a}\nhead: {layers: [{units: 5}]}", "unknown key head.layers[0].units"),
     ("data: {train: a}\nfinetune: {optimizer: {learning_rate: -1}}", "finetune.optimizer.learning_rate: expected a number > 0, got -1.0"),
     ("data: {train: a}\nfinetune: {label_smoothing: 1}", "finetune.label_smoothing: expected a number >= 0 and < 1, got 1.0"),
@@ -142,7 +143,7 @@ def test_overrides_apply_on_top(tmp_path):
     path = write(tmp_path, "data: {train: a}\nfinetune: {epochs: 10}\n")
     recipe = load_recipe(path, overrides=["finetune.epochs=2", "data.batch_size=8", "head.l2=1e-4"])
     assert (recipe.finetune.epochs, recipe.data.batch_size, recipe.head.l2) == (2, 8, 1e-4)
-    assert "finetune.epochs: expected a whole number >= 0" in error_of(path, overrides=["finetune.epochs=x"])
+    assert "finetune.epochs: expected a whole number >= 0 and <= 10000" in error_of(path, overrides=["finetune.epochs=x"])
     assert "expected key.path=value" in error_of(path, overrides=["finetune.epochs"])
 
 
@@ -165,3 +166,82 @@ def test_data_cache_is_true_false_auto_or_a_number_of_images():
                                                                                  "cache": -1}})
     assert "data.cache: expected one of auto, got 'maybe'" in error_of({"data": {"train": "builtin:digits",
                                                                                 "cache": "maybe"}})
+
+
+# --- what load_recipe checks before anything else: finite numbers, bounds, the YAML itself --------
+
+def test_an_alias_bomb_is_refused_in_milliseconds(tmp_path):
+    lines = ["data: {train: a}", "backbone:", "  options:", "    a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"    {name}: &{name} [{', '.join([f'*{previous}'] * 9)}]" for previous, name in zip("abcdefgh", "bcdefghi")]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    started = time.monotonic()
+    message = error_of(path)
+    assert time.monotonic() - started < 1
+    assert "aliases (*name) expand to more than 100,000 values" in message and str(path) in message
+
+
+def test_aliases_that_stay_small_are_fine_and_recursive_ones_are_not(tmp_path):
+    recipe = load_recipe(write(tmp_path, "data: {train: a}\nwarmup: {optimizer: &opt {name: adam}}\n"
+                                         "finetune: {optimizer: *opt}\n"))
+    assert recipe.warmup.optimizer == recipe.finetune.optimizer and recipe.finetune.optimizer.name == "adam"
+    assert "refers to its own anchor" in error_of(write(tmp_path, "data: {train: a}\nbackbone: {options: &o {x: *o}}\n"))
+
+
+def test_unreadable_files_are_one_line(tmp_path):
+    assert "nested too deeply" in error_of(write(tmp_path, "data: {train: a}\nx: " + "[" * 5000 + "]" * 5000 + "\n"))
+    assert "too big for a recipe" in error_of(write(tmp_path, "# " + "x" * 2**20 + "\n"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"data: {train: caf\xe9}\n")
+    assert "not UTF-8 text (byte 0xe9 at line 1)" in error_of(latin1)
+    assert "not valid YAML" in error_of(write(tmp_path, "data: {train: a}\nname: \x01\n"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("finetune: {epochs: .nan}", "finetune.epochs: expected a finite whole number >= 0 and <= 10000, got nan"),
+    ("finetune: {epochs: 1e400}", "finetune.epochs: expected a finite whole number >= 0 and <= 10000, got 1e400"),
+    ("finetune: {epochs: 1e9}", "finetune.epochs: expected a whole number >= 0 and <= 10000, got 1000000000 (a run"),
+    ("finetune: {optimizer: {learning_rate: .inf}}", "finetune.optimizer.learning_rate: expected a finite number > 0"),
+    ("finetune: {mixup: -.inf}", "finetune.mixup: expected a finite number >= 0, got -inf"),
+    ("imag: {normal_epochs: 20000}", "imag.normal_epochs: expected a whole number >= 1 and <= 10000"),
+    ("seed: -1", "seed: expected a whole number >= 0 and <= 4294967295, got -1"),
+    ("head: {layers: [{dense: 1000000}]}", "head.layers[0].dense: expected a whole number >= 1 and <= 65536"),
+    ("backbone: {options: {rate: [0.1, .nan]}}", "backbone.options.rate[1]: expected a finite number, got nan"),
+    ("extract: {classifier: {grid: {C: [1, .inf]}}}", "extract.classifier.grid.C[1]: expected a finite number"),
+])
+def test_numbers_are_finite_and_bounded(tmp_path, text, expected):
+    assert expected in error_of(write(tmp_path, "data: {train: a}\n" + text + "\n"))
+
+
+def test_image_size_bound_says_why():
+    message = error_of({"data": {"train": "a", "image_size": 100000}})
+    assert "data.image_size: expected a whole number >= 8 and <= 4096, got 100000" in message
+    assert "192 MiB" in message and "memory" in message
+
+
+def test_setting_one_unfreeze_mode_replaces_the_recipes_mode(tmp_path):
+    path = write(tmp_path, "data: {train: a}\nfinetune: {unfreeze: {from: block_13_expand, train_batchnorm: true}}\n")
+    unfreeze = load_recipe(path, overrides=["finetune.unfreeze.all=true"]).finetune.unfreeze
+    assert unfreeze.mode() == ("all", True) and unfreeze.train_batchnorm is True
+    assert load_recipe(path, overrides=["finetune.unfreeze.top_blocks=2"]).finetune.unfreeze.mode() == ("top_blocks", 2)
+    assert load_recipe(path, overrides=["finetune.unfreeze=all"]).finetune.unfreeze.mode() == ("all", True)
+    shorthand = write(tmp_path, "data: {train: a}\nfinetune: {unfreeze: all}\n", name="all.yaml")
+    assert load_recipe(shorthand, overrides=["finetune.unfreeze.fraction=0.5"]).finetune.unfreeze.mode() == \
+        ("fraction", 0.5)
+    # turning a mode off chooses none, and two modes in one command or in the file stay an error
+    assert load_recipe(path, overrides=["finetune.unfreeze.all=false"]).finetune.unfreeze.mode() == \
+        ("from", "block_13_expand")
+    assert "finetune.unfreeze.all and .fraction: give one of" in error_of(
+        path, overrides=["finetune.unfreeze.all=true", "finetune.unfreeze.fraction=0.5"])
+
+
+def test_override_values_that_are_not_yaml_name_the_override(tmp_path):
+    path = write(tmp_path, "data: {train: a}\n")
+    message = error_of(path, overrides=["data.val=[1,"])
+    assert message.startswith("override 'data.val=[1,': the value: not valid YAML") and "quote text" in message
+    assert load_recipe(path, overrides=["data.val='held out'"]).data.val.endswith("held out")
+
+
+def test_follow_links_is_off_unless_asked_for():
+    assert load_recipe({"data": {"train": "a"}}).data.follow_links is False
+    assert load_recipe({"data": {"train": "a", "follow_links": True}}).data.follow_links is True
+    assert "data.follow_links: expected true or false" in error_of({"data": {"train": "a", "follow_links": "yes"}})
