@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import keras
@@ -14,8 +15,8 @@ import pytest
 from keras import ops
 
 from transferkit.errors import RecipeError
-from transferkit.optim import (EpochSchedule, build_optimizer, build_schedule, layer_decay_multipliers,
-                               learning_rate_at)
+from transferkit.optim import (EpochSchedule, build_optimizer, build_schedule, check_optimizer, check_schedule,
+                               layer_decay_multipliers, learning_rate_at)
 from transferkit.recipe import OptimizerSpec, ScheduleSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +100,14 @@ def test_bad_optimizer_specs_raise_one_line_recipe_errors(spec, expected):
     assert "\n" not in message
     for part in expected:
         assert part in message
+
+
+def test_check_optimizer_names_the_section():
+    check_optimizer(OptimizerSpec("adamw", weight_decay=1e-4), "finetune.optimizer")
+    with pytest.raises(RecipeError, match=r"^warmup\.optimizer\.name: unknown optimizer 'adabelief'"):
+        check_optimizer(OptimizerSpec("adabelief"), "warmup.optimizer")
+    with pytest.raises(RecipeError, match=r"^finetune\.optimizer: sgd: Only one of"):
+        check_optimizer(OptimizerSpec("sgd", options={"clipnorm": 1.0, "clipvalue": 1.0}), "finetune.optimizer")
 
 
 def test_bad_layer_multiplier_is_rejected():
@@ -221,6 +230,23 @@ def test_sgdr_restarts_at_the_start_of_each_longer_cycle():
     assert min(rates[4:]) >= 0.01
 
 
+def test_sgdr_is_computed_per_step_however_many_epochs():
+    """No list of cycles: 10000 epochs of equal 1-epoch cycles build and run at once."""
+    spec = ScheduleSpec("sgdr", restart_epochs=1, restart_mult=1.0, min_learning_rate=0.01)
+    started = time.monotonic()
+    schedule = build_schedule(spec, 0.1, epochs=10_000, steps_per_epoch=4)
+    rates = [learning_rate_at(schedule, step) for step in (0, 2, 39_996, 39_998, 40_000, 10**9)]
+    assert time.monotonic() - started < 5
+    assert rates == pytest.approx([0.1, _cos(0.5, bottom=0.01), 0.1, _cos(0.5, bottom=0.01), 0.01, 0.01])
+
+
+def test_a_schedule_longer_than_the_epoch_bound_is_refused():
+    with pytest.raises(ValueError, match="epochs and warmup_epochs must be in 0..10000"):
+        EpochSchedule("cosine", 0.1, epochs=10**9, steps_per_epoch=1)
+    with pytest.raises(RecipeError, match="finetune.epochs: expected a whole number >= 0 and <= 10000"):
+        build_schedule(ScheduleSpec("function", function="math:hypot"), 0.1, epochs=10**9, steps_per_epoch=1)
+
+
 @pytest.fixture
 def lr_module(tmp_path, monkeypatch):
     """An importable module of Keras-style ``fn(epoch, lr)`` functions; its import name."""
@@ -231,10 +257,21 @@ def lr_module(tmp_path, monkeypatch):
 
         def words(epoch, lr):
             return "fast"
+
+        def one_argument(epoch):
+            return 0.1
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
     sys.modules.pop(name, None)
+
+
+def test_check_schedule_runs_the_function_over_every_epoch_before_training(lr_module):
+    check_schedule(ScheduleSpec("function", function=f"{lr_module}:halve_on_even_epochs"), 0.1, epochs=50)
+    with pytest.raises(RecipeError, match="takes \\(epoch\\), not 2 positional arguments: expected a function"):
+        check_schedule(ScheduleSpec("function", function=f"{lr_module}:one_argument"), 0.1, epochs=5)
+    with pytest.raises(RecipeError, match="returned 'fast' for epoch 0"):
+        check_schedule(ScheduleSpec("function", function=f"{lr_module}:words"), 0.1, epochs=5)
 
 
 def test_function_schedule_threads_lr_through_the_epochs(lr_module):

@@ -35,7 +35,7 @@ import keras
 from keras import ops
 
 from transferkit.errors import RecipeError
-from transferkit.recipe import OptimizerSpec, ScheduleSpec, import_object
+from transferkit.recipe import MAX_EPOCHS, OptimizerSpec, ScheduleSpec, import_object
 
 SCHEDULES = ("constant", "step", "exponential", "cosine", "sgdr", "function")
 
@@ -83,6 +83,24 @@ def build_optimizer(spec: OptimizerSpec, learning_rate=None, *,
         raise RecipeError(f"optimizer: {spec.name}: {' '.join(str(err).split())}") from None
 
 
+def check_optimizer(spec: OptimizerSpec, key: str) -> None:
+    """Checks an ``optimizer:`` section without training: the class exists and takes its arguments.
+
+    Builds the optimizer (cheap: Keras creates its variables only on the first step) and drops it.
+
+    Args:
+        spec: the section.
+        key: its recipe key, e.g. ``"finetune.optimizer"``, for error messages.
+
+    Raises:
+        RecipeError: as :func:`build_optimizer`, the message starting with ``key``.
+    """
+    try:
+        build_optimizer(spec)
+    except RecipeError as error:
+        raise RecipeError(f"{key}{str(error).removeprefix('optimizer')}") from None
+
+
 def _normalise(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
 
@@ -105,7 +123,7 @@ def _optimizer_class(name: str) -> type:
         close = difflib.get_close_matches(_normalise(str(name)), classes, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise RecipeError(f"optimizer.name: unknown optimizer {name!r}: {hint}"
-                          f"(any keras.optimizers class: {', '.join(classes)})")
+                          f"give any keras.optimizers class: {', '.join(classes)}")
     return classes[_normalise(name)]
 
 
@@ -291,7 +309,9 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
       last cycle that starts before ``T``;
     * ``function``: ``table[epoch]``, the absolute epoch (warm-up included) clamped to the table.
 
-    After warm-up the rate never goes below ``min_learning_rate``.
+    After warm-up the rate never goes below ``min_learning_rate``. Every kind but ``function`` is a
+    closed form of the step (SGDR's cycle too), so nothing grows with the number of epochs;
+    ``function``'s table has one rate per epoch, at most :data:`~transferkit.recipe.MAX_EPOCHS`.
 
     Args:
         kind: one of :data:`SCHEDULES`.
@@ -312,6 +332,12 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
             raise ValueError(f"EpochSchedule steps_per_epoch must be >= 1, got {steps_per_epoch!r}")
         if (kind == "function") != bool(table):
             raise ValueError("EpochSchedule needs a non-empty table for kind 'function', and only then")
+        if not 0 <= epochs <= MAX_EPOCHS or not 0 <= warmup_epochs <= MAX_EPOCHS:
+            raise ValueError(f"EpochSchedule epochs and warmup_epochs must be in 0..{MAX_EPOCHS}, "
+                             f"got {epochs!r} and {warmup_epochs!r}")
+        if not restart_epochs > 0 or not restart_mult >= 1:
+            raise ValueError(f"EpochSchedule needs restart_epochs > 0 and restart_mult >= 1, "
+                             f"got {restart_epochs!r} and {restart_mult!r}")
         self.kind = kind
         self.learning_rate = float(learning_rate)
         self.epochs = int(epochs)
@@ -346,10 +372,9 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if self.kind == "cosine":
             return self._cosine(t / self.decay_epochs)
         if self.kind == "sgdr":
-            starts, lengths = self._cycles()
-            cycle = ops.sum(ops.cast(t >= ops.convert_to_tensor(starts, "float32"), "int32")) - 1
-            start = ops.take(ops.convert_to_tensor(starts, "float32"), cycle)
-            return self._cosine((t - start) / ops.take(ops.convert_to_tensor(lengths, "float32"), cycle))
+            cycle = ops.minimum(self._cycle_of(t), float(self._last_cycle()))
+            start = self._cycle_start(cycle)
+            return self._cosine((t - start) / (self.restart_epochs * ops.power(self.restart_mult, cycle)))
         last = len(self.table) - 1
         index = ops.clip(ops.cast(ops.floor(epoch), "int32"), 0, last)
         return ops.take(ops.convert_to_tensor(self.table, "float32"), index)
@@ -360,13 +385,44 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         span = self.learning_rate - self.min_learning_rate
         return self.min_learning_rate + span * 0.5 * (1.0 + ops.cos(math.pi * progress))
 
-    def _cycles(self) -> tuple[list[float], list[float]]:
-        """SGDR cycle starts and lengths (epochs after warm-up), up to the one holding the end."""
-        starts, lengths = [0.0], [self.restart_epochs]
-        while starts[-1] + lengths[-1] < self.decay_epochs:
-            starts.append(starts[-1] + lengths[-1])
-            lengths.append(lengths[-1] * self.restart_mult)
-        return starts, lengths
+    def _cycle_start(self, cycle):
+        """Where SGDR cycle ``cycle`` (0, 1, ...) starts, in epochs after warm-up (a float or a tensor).
+
+        Cycle ``k`` is ``restart_epochs * restart_mult ** k`` long, so it starts at the geometric sum
+        ``restart_epochs * (restart_mult ** k - 1) / (restart_mult - 1)`` (``restart_epochs * k``
+        when the cycles do not grow).
+        """
+        if self.restart_mult == 1.0:
+            return self.restart_epochs * cycle
+        growth = self.restart_mult ** cycle if isinstance(cycle, float) else ops.power(self.restart_mult, cycle)
+        return self.restart_epochs * (growth - 1.0) / (self.restart_mult - 1.0)
+
+    def _cycle_of(self, t):
+        """The SGDR cycle holding ``t`` epochs after warm-up (a float tensor), inverting `_cycle_start`.
+
+        The closed form is corrected by one cycle either way where rounding put ``t`` next to a
+        boundary, so a restart happens exactly at its step.
+        """
+        if self.restart_mult == 1.0:
+            cycle = ops.floor(t / self.restart_epochs)
+        else:
+            cycle = ops.floor(ops.log(1.0 + t * (self.restart_mult - 1.0) / self.restart_epochs)
+                              / math.log(self.restart_mult))
+        cycle = cycle + ops.cast(t >= self._cycle_start(cycle + 1.0), "float32")
+        return ops.maximum(cycle - ops.cast(t < self._cycle_start(cycle), "float32"), 0.0)
+
+    def _last_cycle(self) -> int:
+        """The cycle holding the end of the schedule (``decay_epochs``): after it the rate stays flat."""
+        if self.restart_mult == 1.0:
+            cycle = math.floor(self.decay_epochs / self.restart_epochs)
+        else:
+            cycle = math.floor(math.log1p(self.decay_epochs * (self.restart_mult - 1.0) / self.restart_epochs)
+                               / math.log(self.restart_mult))
+        while cycle > 0 and self._cycle_start(float(cycle)) >= self.decay_epochs:
+            cycle -= 1  # a cycle starting at the very end does not count
+        while self._cycle_start(float(cycle + 1)) < self.decay_epochs:
+            cycle += 1
+        return cycle
 
     def get_config(self):
         return {"kind": self.kind, "learning_rate": self.learning_rate, "epochs": self.epochs,
@@ -399,12 +455,30 @@ def build_schedule(spec: ScheduleSpec, base_lr: float, epochs: int, steps_per_ep
                          restart_mult=spec.restart_mult, table=table)
 
 
+def check_schedule(spec: ScheduleSpec, base_lr: float, epochs: int) -> None:
+    """Checks a schedule without training; for ``function``, imports it and computes its rates.
+
+    The rates of a ``function`` schedule depend on nothing but the epoch and the previous rate, so
+    every one of them is known before training: a function that fails or returns something other
+    than a learning rate at epoch 5 is reported now, not after five epochs.
+
+    Raises:
+        RecipeError: as :func:`build_schedule`.
+    """
+    build_schedule(spec, base_lr, epochs, steps_per_epoch=1)
+
+
+_FUNCTION_PROTOCOL = "a function fn(epoch, lr) -> lr"
+
+
 def _function_table(path, base_lr: float, epochs: int) -> list[float]:
     """The rate of each epoch from a Keras-style ``fn(epoch, lr) -> lr``, threaded from ``base_lr``."""
     key = "finetune.schedule.function"
     if not path:
         raise RecipeError(f"{key}: expected an import path pkg.mod:fn of fn(epoch, lr) -> lr, got {path!r}")
-    function = import_object(path, key, "a function fn(epoch, lr) -> lr")
+    if not 0 <= epochs <= MAX_EPOCHS:
+        raise RecipeError(f"finetune.epochs: expected a whole number >= 0 and <= {MAX_EPOCHS}, got {epochs!r}")
+    function = import_object(path, key, _FUNCTION_PROTOCOL, arguments=2)
     table, rate = [], float(base_lr)
     for epoch in range(max(epochs, 1)):
         result = function(epoch, rate)
