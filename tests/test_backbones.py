@@ -277,3 +277,31 @@ def test_resolve_layer_top_names_and_did_you_mean():
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="dense")], name="plain")
     with pytest.raises(BackboneError, match="not a transferkit backbone"):
         resolve_layer(plain, "top")
+
+
+# --- layer names without weights, for checking recipes ---------------------------------------------
+
+def test_layer_names_are_the_built_models_and_leave_keras_auto_names_alone():
+    """MobileNetV3 has auto-named layers ("activation", "re_lu"): building for the names must not shift
+    the names of the model built next."""
+    names = backbones.layer_names("mobilenet_v3_small", alpha=0.75)
+    model = create_backbone("mobilenet_v3_small", weights=None, alpha=0.75)
+    assert names == tuple(layer.name for layer in model.layers)
+    assert backbones.layer_names("mobilenet_v3_small", alpha=0.75) is names  # cached per process
+
+
+def test_check_layer_answers_registry_names_without_building(monkeypatch):
+    monkeypatch.setattr(backbones, "create_backbone", None)  # would fail if anything were built
+    for name, info in BACKBONES.items():
+        for layer in ("top", info.mid_cut, info.finetune_from, *info.cut_points):
+            backbones.check_layer(name, layer, "extract.layer")
+
+
+def test_check_layer_builds_once_for_other_names_and_suggests_the_closest():
+    backbones.check_layer("mobilenet_v2", "block_5_depthwise", "finetune.unfreeze.from", alpha=0.35)
+    with pytest.raises(BackboneError) as error:
+        backbones.check_layer("mobilenet_v2", "block_5_depthwse", "finetune.unfreeze.from", alpha=0.35)
+    message = str(error.value)
+    assert message.startswith("finetune.unfreeze.from: mobilenet_v2 has no layer 'block_5_depthwse': "
+                              "did you mean block_5_depthwise?")
+    assert "cut points: top, block_1_project_BN" in message and "block_13_expand" in message

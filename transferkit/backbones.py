@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import difflib
 import inspect
 import logging
@@ -350,6 +352,79 @@ def create_backbone(name: str, weights: str | os.PathLike | None = "imagenet",
             raise BackboneError(f"cannot load weights {weights_file} into {info.name} "
                                 f"({size} px, include_top={include_top}): {error}") from error
     return model
+
+
+def layer_names(name: str, alpha: float | None = None, **kwargs) -> tuple[str, ...]:
+    """The names of every layer `create_backbone` builds (its ``model.layers``), without weights.
+
+    Layer names do not depend on weights or on the input size, so the architecture is built once
+    with ``weights=None`` at the default size and its names are kept for the process (per backbone,
+    alpha and keyword arguments). Keras' counters for automatic layer names ("add_3") are restored
+    afterwards, so a model built later gets the same names as without this call.
+
+    Args:
+        name: registry key.
+        alpha: width multiplier, as for `create_backbone`.
+        **kwargs: the other `create_backbone` keywords (a recipe's ``backbone.options``).
+
+    Returns:
+        The layer names, input to output.
+
+    Raises:
+        BackboneError: as `create_backbone` (unknown name, bad alpha or keyword).
+    """
+    info = get_backbone_info(name)
+    key = (info.name, alpha, repr(sorted(kwargs.items())))
+    if key not in _LAYER_NAMES:
+        with _layer_name_counters_kept():
+            model = create_backbone(info.name, weights=None, alpha=alpha, **kwargs)
+        _LAYER_NAMES[key] = tuple(layer.name for layer in model.layers)
+    return _LAYER_NAMES[key]
+
+
+_LAYER_NAMES: dict[tuple, tuple[str, ...]] = {}
+
+
+@contextlib.contextmanager
+def _layer_name_counters_kept():
+    """Restores Keras' automatic layer-name counters on exit (Keras keeps them in its global state)."""
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # another Keras layout: names may shift, nothing else changes
+        yield
+        return
+    saved = copy.deepcopy(global_state.get_global_attribute("object_name_uids"))
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("object_name_uids", saved)
+
+
+def check_layer(name: str, layer: str, key: str, alpha: float | None = None, **kwargs) -> None:
+    """Checks that a layer named in a recipe exists in the backbone, before anything is built for real.
+
+    "top", the cut points and the registry's defaults answer at once; any other name is looked up
+    in `layer_names` (the architecture built without weights, once per process).
+
+    Args:
+        name: registry key of the backbone.
+        layer: the layer name from the recipe.
+        key: the recipe key it came from, e.g. "extract.layer", for the message.
+        alpha, **kwargs: as for `create_backbone`.
+
+    Raises:
+        BackboneError: no such layer: one line with the closest name and the cut points.
+    """
+    info = get_backbone_info(name)
+    if layer == "top" or layer in info.cut_points or layer in (info.mid_cut, info.finetune_from):
+        return
+    names = layer_names(info.name, alpha, **kwargs)
+    if layer in names:
+        return
+    guess = difflib.get_close_matches(str(layer), names, n=1, cutoff=0.6)
+    hint = f": did you mean {guess[0]}?" if guess else ""
+    raise BackboneError(f"{key}: {info.name} has no layer {layer!r}{hint} (cut points: top, "
+                        f"{', '.join(info.cut_points)}; fine-tuning starts by default at {info.finetune_from})")
 
 
 def resolve_layer(model: keras.Model, name: str) -> str:
