@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from transferkit.augment import AUGMENTATIONS, BatchMixer, VALUE_RANGE, build_augmentation, parse_augment_spec
+from transferkit.augment import (AUGMENTATIONS, BatchMixer, VALUE_RANGE, build_augmentation, check_augmentation,
+                                 parse_augment_spec)
 from transferkit.errors import RecipeError, TransferkitError
 
 # one working spec per augmentation, for the layers that need an argument
@@ -102,6 +103,13 @@ def test_bad_arguments_name_the_augmentation(specs, message):
     with pytest.raises(RecipeError, match=message) as raised:
         build_augmentation(specs)
     assert "\n" not in str(raised.value)
+
+
+def test_check_augmentation_names_the_recipe_entry():
+    check_augmentation(["random_flip", {"random_rotation": 0.1}, {"rand_augment": {"factor": 0.5}}])
+    check_augmentation([])
+    with pytest.raises(RecipeError, match=r"^data.augment\[1\]: augmentation 'random_rotation': The `factor`"):
+        check_augmentation(["random_flip", {"random_rotation": 5}])
 
 
 def test_nothing_to_build_and_ready_layers():

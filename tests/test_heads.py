@@ -6,7 +6,7 @@ import pytest
 
 from transferkit.backbones import create_backbone, get_backbone_info
 from transferkit.errors import BackboneError, RecipeError
-from transferkit.heads import attach_head, build_head, head_layers, resolve_head
+from transferkit.heads import attach_head, build_head, check_head, head_layers, resolve_head
 from transferkit.recipe import DenseSpec, HeadSpec, UnfreezeSpec
 from transferkit.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
 
@@ -164,6 +164,24 @@ def test_custom_head_with_the_wrong_output_is_refused():
 
     with pytest.raises(RecipeError, match=r"four_class_head returned shape \(None, 4\), expected .* \(batch, 3\)"):
         build_head(keras.Input((16,)), CLASSES, HeadSpec(), head=four_class_head)
+
+
+def test_a_head_that_does_not_take_features_and_num_classes_is_refused_before_it_is_called(head_module):
+    def no_classes(features):
+        raise AssertionError("never called")
+
+    with pytest.raises(RecipeError, match=r"^head.custom: .*no_classes takes \(features\), not 2 positional "
+                                          r"arguments: expected a function head\(features, num_classes\)"):
+        build_head(keras.Input((16,)), CLASSES, HeadSpec(), head=no_classes)
+    with pytest.raises(RecipeError, match=r"^imag.head.custom: 'my_heads:NOT_A_FUNCTION' is a int"):
+        resolve_head(f"{head_module}:NOT_A_FUNCTION", key="imag.head.custom")
+
+
+def test_check_head_finds_what_building_would():
+    check_head(HeadSpec(layers=[DenseSpec(8, "gelu")], custom=None))
+    check_head(HeadSpec(custom=small_head))
+    with pytest.raises(RecipeError, match=r"^imag.head.layers\[0\].activation: unknown activation 'rleu'"):
+        check_head(HeadSpec(layers=[DenseSpec(8, "rleu")]), key="imag.head")
 
 
 def test_unknown_activation_names_the_key():

@@ -128,6 +128,19 @@ def build_augmentation(specs, seed: int | None = None):
     return keras.layers.Pipeline(layers, name="augmentation")
 
 
+def check_augmentation(specs, key: str = "data.augment") -> None:
+    """Checks a recipe's augmentation specs by building each layer once (cheap: no weights, no data).
+
+    Raises:
+        RecipeError: an unknown name or argument, or a value the layer rejects, naming ``key[i]``.
+    """
+    for i, spec in enumerate(specs or []):
+        try:
+            build_augmentation([spec])
+        except RecipeError as error:
+            raise RecipeError(f"{key}[{i}]: {error}") from None
+
+
 def _check_arguments(name: str, kwargs: dict, arguments: dict) -> None:
     """One-line RecipeError for an argument the layer does not take, or a required one not given."""
     for key in kwargs:

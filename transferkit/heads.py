@@ -22,7 +22,7 @@ import keras
 
 from transferkit.backbones import backbone_of, resolve_layer
 from transferkit.errors import RecipeError
-from transferkit.recipe import HeadSpec, import_object
+from transferkit.recipe import HeadSpec, check_arguments, import_object
 from transferkit.surgery import HEAD_POOL, POOLING, body_layers
 
 HeadFunction = Callable[[keras.KerasTensor, int], keras.KerasTensor]
@@ -31,22 +31,38 @@ HeadFunction = Callable[[keras.KerasTensor, int], keras.KerasTensor]
 _HEAD_PROTOCOL = "a function head(features, num_classes) -> outputs"
 
 
-def resolve_head(custom: str | HeadFunction | None) -> HeadFunction | None:
-    """Turns a recipe's ``head.custom`` into a head function.
+def resolve_head(custom: str | HeadFunction | None, key: str = "head.custom") -> HeadFunction | None:
+    """Turns a recipe's ``head.custom`` into a head function, checking that it takes two arguments.
 
     Args:
         custom: None (the built-in head), a callable, or an import path ``package.module:function``
             (``package.module.function`` works too).
+        key: the recipe key, for error messages.
 
     Returns:
         The callable, or None.
 
     Raises:
-        RecipeError: the path cannot be imported or is not a function.
+        RecipeError: the path cannot be imported, or names something that is not a function of
+            ``(features, num_classes)``.
     """
-    if custom is None or callable(custom):
+    if custom is None:
+        return None
+    if callable(custom):
+        check_arguments(custom, 2, key, _HEAD_PROTOCOL)
         return custom
-    return import_object(custom, "head.custom", _HEAD_PROTOCOL)
+    return import_object(custom, key, _HEAD_PROTOCOL, arguments=2)
+
+
+def check_head(spec: HeadSpec, key: str = "head") -> None:
+    """Checks a ``head`` section without building a model: the custom head's signature, activations.
+
+    Raises:
+        RecipeError: naming the key under ``key``.
+    """
+    resolve_head(spec.custom, f"{key}.custom")
+    for i, layer in enumerate(spec.layers):
+        _activation(layer.activation, key=f"{key}.layers[{i}]")
 
 
 def build_head(features, num_classes: int, spec: HeadSpec, head: str | HeadFunction | None = None):
