@@ -1,9 +1,16 @@
-"""Classifiers on features: the table, import paths, class weights and the fit cache."""
+"""Classifiers on features: the table, import paths, class weights, the checks, the fit cache and its threads."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from transferkit.classifiers import build_classifier, fit_cached, predict_proba
+from transferkit.classifiers import build_classifier, check_classifier, fit_cached, predict_proba
 from transferkit.errors import RecipeError
 from transferkit.recipe import ClassifierSpec
 
@@ -58,4 +65,106 @@ def test_fit_cache_reuses_an_identical_fit_and_refits_on_any_change(imbalanced, 
         cx, cy, seed, cspec = changed
         _, reused = fit_cached(build_classifier(cspec, seed=seed, n_samples_per_class=10), cx, cy, tmp_path)
         assert not reused
-    assert len(list(tmp_path.glob("*.joblib"))) == 5
+    assert len(list(tmp_path.glob("*.npz"))) == 5 and len(list(tmp_path.iterdir())) == 5
+
+
+@pytest.mark.parametrize("name, said", [
+    ("sys:exit", "extract.classifier.name: 'sys:exit' is a function"),
+    ("os:system", "extract.classifier.name: 'os:system' is a function"),
+    ("sklearn.metrics:accuracy_score", "extract.classifier.name: 'sklearn.metrics:accuracy_score' is a function"),
+    ("pathlib:Path", "the class Path, which is not a scikit-learn classifier"),
+    ("sklearn.preprocessing:StandardScaler", "the class StandardScaler, which is not a scikit-learn classifier"),
+])
+def test_an_import_path_that_is_not_a_classifier_class_is_refused_before_it_is_called(name, said, monkeypatch):
+    def called(*args, **kwargs):
+        raise AssertionError("called")
+
+    monkeypatch.setattr(sys, "exit", called)
+    monkeypatch.setattr(os, "system", called)
+    for check in (check_classifier, build_classifier):
+        with pytest.raises(RecipeError) as error:
+            check(ClassifierSpec(name))
+        assert said in str(error.value) and "e.g. sklearn.svm:SVC" in str(error.value)
+
+
+@pytest.mark.parametrize("spec, said", [
+    (ClassifierSpec("logistic_regresion"), "extract.classifier.name: unknown classifier 'logistic_regresion': "
+                                           "did you mean logistic_regression?"),
+    (ClassifierSpec("knn", params={"C": 1}), "extract.classifier.params: knn has no parameter 'C'"),
+    (ClassifierSpec("knn", grid={"C": [1]}), "extract.classifier.grid: knn has no parameter 'C'"),
+    (ClassifierSpec("knn", grid={"n_neighbors": 5}), "extract.classifier.grid.n_neighbors: give a non-empty list"),
+    (ClassifierSpec("knn", grid={"n_neighbors": []}), "extract.classifier.grid.n_neighbors: give a non-empty list"),
+    (ClassifierSpec("knn", class_weight="balanced"), "extract.classifier.class_weight: knn does not take"),
+    (ClassifierSpec("sklearn.ensemble:VotingClassifier"), "extract.classifier.params: sklearn.ensemble:"
+                                                          "VotingClassifier needs 'estimators'"),
+])
+def test_check_classifier_finds_what_build_would_without_building(spec, said):
+    with pytest.raises(RecipeError) as error:
+        check_classifier(spec)
+    assert str(error.value).startswith(said) and "\n" not in str(error.value)
+
+
+def test_check_classifier_returns_what_build_uses():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    estimator_class, params, grid = check_classifier(ClassifierSpec("knn", params={"p": 1}), seed=3)
+    assert estimator_class is KNeighborsClassifier and params == {"weights": "distance", "p": 1}
+    assert grid == {"n_neighbors": [1, 5, 15]}
+    assert check_classifier(ClassifierSpec("random_forest", grid={}), seed=3)[1]["random_state"] == 3
+
+
+FIT_FOREVER = """
+import sys
+import numpy as np
+from transferkit.classifiers import build_classifier, fit_classifier
+from transferkit.recipe import ClassifierSpec
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(3000, 300)), np.arange(3000) % 5
+model = build_classifier(ClassifierSpec(grid={"C": list(np.logspace(-3, 3, 40))}), seed=0, n_samples_per_class=600)
+print("fitting", flush=True)
+fit_classifier(model, x, y)
+"""
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_fit_killed_with_sigkill_leaves_no_processes_behind():
+    fit = subprocess.Popen([sys.executable, "-c", FIT_FOREVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fit.stdout.readline().strip() == "fitting"
+        time.sleep(3)  # well into the grid search, its workers started
+        assert fit.poll() is None, "the fit ended before it could be killed"
+        started = descendants(fit.pid)
+        fit.send_signal(signal.SIGKILL)
+        fit.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in started if alive(pid)]
+        assert not started  # threads, not worker processes
+    finally:
+        if fit.poll() is None:
+            fit.kill()

@@ -3,21 +3,28 @@
 Every classifier is wrapped as ``StandardScaler -> estimator`` (unless ``standardize: false``) and,
 when it has a grid, searched with a stratified, cross-validated ``GridSearchCV``.
 
+:func:`check_classifier` runs every check of the spec without building anything (``transferkit
+validate``); :func:`fit_cached` fits in threads and keeps each fit, without pickle, under
+``$TRANSFERKIT_HOME/classifiers``.
+
 Example:
     >>> model = build_classifier(ClassifierSpec("logistic_regression"), seed=0)
-    >>> model.fit(features, labels).predict_proba(features[:3])
+    >>> fit_classifier(model, features, labels).predict_proba(features[:3])
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import RecipeError
+from transferkit.errors import RecipeError, TransferkitError
 from transferkit.recipe import ClassifierSpec, import_object
 
+log = logging.getLogger("transferkit")
 
 @dataclass(frozen=True)
 class ClassifierInfo:
@@ -51,23 +58,26 @@ def classifier_info(spec: ClassifierSpec) -> ClassifierInfo:
     raise RecipeError(f"extract.classifier.name: unknown classifier {spec.name!r}: {hint}")
 
 
-def build_classifier(spec: ClassifierSpec, seed: int = 0, n_samples_per_class: int | None = None):
-    """A scikit-learn estimator (Pipeline, maybe inside GridSearchCV) built from a recipe's classifier spec.
+def check_classifier(spec: ClassifierSpec, seed: int = 0) -> tuple[type, dict, dict]:
+    """Every check of :func:`build_classifier`, without building or fitting anything.
+
+    The name or import path, that it names a scikit-learn classifier class (refused before it is
+    ever called), the parameters, the grid's keys and values, and class_weight support.
 
     Args:
         spec: the recipe's ``extract.classifier``.
         seed: random_state for estimators that take one.
-        n_samples_per_class: the smallest class size, to pick the number of CV folds (2..5).
-    """
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
 
+    Returns:
+        ``(estimator class, its parameters, the grid to search: {} for none)``.
+
+    Raises:
+        RecipeError: naming the key under ``extract.classifier``.
+    """
     info = classifier_info(spec)
-    estimator_class = import_object(info.path, "extract.classifier.name",
-                                    "a scikit-learn estimator class, e.g. sklearn.svm:SVC")
+    estimator_class = _estimator_class(spec.name, info.path)
+    accepted = _parameter_names(estimator_class)
     params = {**info.params, **spec.params}
-    accepted = estimator_class().get_params()
     if "random_state" in accepted:
         params.setdefault("random_state", seed)
     if spec.class_weight is not None:
@@ -79,18 +89,93 @@ def build_classifier(spec: ClassifierSpec, seed: int = 0, n_samples_per_class: i
     if unknown:
         raise RecipeError(f"extract.classifier.params: {spec.name} has no parameter {unknown[0]!r} "
                           f"(it takes: {', '.join(sorted(accepted))})")
-    steps = [("scale", StandardScaler())] if spec.standardize else []
-    model = Pipeline(steps + [("classifier", estimator_class(**params))])
-    grid = info.grid if spec.grid is None else spec.grid
-    if not grid:
-        return model
+    missing = sorted(set(_required_parameters(estimator_class)) - set(params))
+    if missing:
+        raise RecipeError(f"extract.classifier.params: {spec.name} needs {missing[0]!r}: give it under params")
+    grid = dict(info.grid if spec.grid is None else spec.grid)
     bad = sorted(set(grid) - set(accepted))
     if bad:
         raise RecipeError(f"extract.classifier.grid: {spec.name} has no parameter {bad[0]!r} "
                           f"(it takes: {', '.join(sorted(accepted))})")
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise RecipeError(f"extract.classifier.grid.{key}: give a non-empty list of values to try, "
+                              f"not {values!r}")
+    return estimator_class, params, grid
+
+
+def build_classifier(spec: ClassifierSpec, seed: int = 0, n_samples_per_class: int | None = None):
+    """A scikit-learn estimator (Pipeline, maybe inside GridSearchCV) built from a recipe's classifier spec.
+
+    Args:
+        spec: the recipe's ``extract.classifier``.
+        seed: random_state for estimators that take one.
+        n_samples_per_class: the smallest class size, to pick the number of CV folds (2..5).
+
+    Raises:
+        RecipeError: whatever :func:`check_classifier` finds.
+    """
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    estimator_class, params, grid = check_classifier(spec, seed)
+    steps = [("scale", StandardScaler())] if spec.standardize else []
+    model = Pipeline(steps + [("classifier", estimator_class(**params))])
+    if not grid:
+        return model
     folds = max(2, min(5, n_samples_per_class or 5))
     return GridSearchCV(model, {f"classifier__{k}": list(v) for k, v in grid.items()},
                         cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=-1)
+
+
+def _estimator_class(name: str, path: str) -> type:
+    """The class an import path names, refused unless it is a scikit-learn classifier class."""
+    from sklearn.base import BaseEstimator
+
+    found = import_object(path, "extract.classifier.name", "a scikit-learn estimator class, e.g. sklearn.svm:SVC")
+    if isinstance(found, type) and issubclass(found, BaseEstimator) and hasattr(found, "fit") and (
+            hasattr(found, "predict_proba") or hasattr(found, "decision_function")):
+        return found
+    what = (f"the class {found.__name__}, which is not a scikit-learn classifier" if isinstance(found, type)
+            else "a function" if inspect.isroutine(found) else f"a {type(found).__name__}")
+    raise RecipeError(f"extract.classifier.name: {name!r} is {what}: give a scikit-learn classifier class "
+                      f"(with fit and predict_proba or decision_function), e.g. sklearn.svm:SVC, "
+                      f"or one of {', '.join(CLASSIFIERS)}")
+
+
+def _parameter_names(estimator_class: type) -> list[str]:
+    """The estimator's parameters, read from its ``__init__`` signature (scikit-learn's own way), not by calling it."""
+    try:
+        return list(estimator_class._get_param_names())
+    except RuntimeError:  # **kwargs in __init__ (e.g. xgboost): only an instance knows
+        return list(estimator_class().get_params())
+
+
+def _required_parameters(estimator_class: type) -> list[str]:
+    signature = inspect.signature(estimator_class.__init__)
+    return [name for name, parameter in list(signature.parameters.items())[1:]
+            if parameter.default is inspect.Parameter.empty
+            and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)]
+
+
+def fit_classifier(model, features: np.ndarray, labels: np.ndarray):
+    """``model.fit(features, labels)`` in joblib's threads instead of worker processes.
+
+    A grid search (``n_jobs=-1``) would otherwise start loky processes, which outlive a fit that is
+    killed. scikit-learn's solvers spend their time in BLAS and compiled code that release the GIL;
+    with one BLAS/OpenMP thread per search thread (what loky gives each worker) the threads keep
+    every core busy without oversubscribing it: on 3453 x 1280 MobileNetV2 features, 2 cores,
+    35-68 s against loky's 47-121 s (benchmarks/classifier_fit.py).
+
+    Returns:
+        The fitted ``model``.
+    """
+    import joblib
+    from threadpoolctl import threadpool_limits
+
+    with joblib.parallel_config(backend="threading"), threadpool_limits(1):
+        return model.fit(features, labels)
 
 
 def fit_cached(model, features: np.ndarray, labels: np.ndarray, cache_dir) -> tuple[object, bool]:
@@ -98,31 +183,47 @@ def fit_cached(model, features: np.ndarray, labels: np.ndarray, cache_dir) -> tu
 
     The cache key is a digest of the features, labels, the unfitted estimator (all its
     parameters, seeds included) and the scikit-learn version, so anything that could change the
-    fit refits.
+    fit refits. Fits are stored without pickle (:mod:`transferkit.persistence`, named
+    ``<32 hex digits>.npz`` or ``.skops``); an entry that cannot be opened safely (damaged, of an
+    older format, holding untrusted types) is refitted and replaced, never loaded.
 
     Returns:
-        ``(fitted model, True if it came from the cache)``.
+        ``(fitted model, True if it came from the cache)``. A grid search from the cache carries
+        ``best_estimator_``, ``best_params_`` and ``best_score_`` (not ``cv_results_``).
     """
     import joblib
     import sklearn
 
     from transferkit.cache import touch
-    from transferkit.io import atomic_path
+    from transferkit.persistence import load_classifier, save_classifier, saved_classifier
 
     key = joblib.hash([np.ascontiguousarray(features), np.ascontiguousarray(labels), model, sklearn.__version__])
-    path = Path(cache_dir) / f"{key}.joblib"
-    if path.is_file():
+    stem = Path(cache_dir) / key
+    path = saved_classifier(stem)
+    if path is not None:
         try:
-            fitted = joblib.load(path)
+            fitted, search = load_classifier(path)
+        except TransferkitError as error:
+            log.info("classifier cache: not using %s (%s); fitting again", path.name, error)
+        else:
             touch(path)
-            return fitted, True
-        except Exception:  # a cache entry that cannot be read is refitted and rewritten
-            pass
-    model.fit(features, labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        joblib.dump(model, tmp)
+            return _with_best(model, fitted, search), True
+    fit_classifier(model, features, labels)
+    try:  # the fit is done: a cache that cannot keep it is no failure
+        save_classifier(model, stem, only_trusted=True)
+    except TransferkitError as error:  # e.g. an import-path classifier: it would never be loaded back
+        log.info("classifier cache: not keeping this fit (%s)", error)
+    except OSError as error:
+        log.warning("classifier cache: could not keep this fit in %s (%s)", cache_dir, error.strerror or error)
     return model, False
+
+
+def _with_best(model, fitted, search: dict):
+    """The unfitted grid search ``model`` made to serve its cached best estimator; else ``fitted`` itself."""
+    if not hasattr(model, "param_grid") or not search:
+        return fitted
+    model.best_estimator_, model.best_params_, model.best_score_ = fitted, search["best_params"], search["best_score"]
+    return model
 
 
 def predict_proba(model, features: np.ndarray) -> np.ndarray:

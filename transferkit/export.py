@@ -118,7 +118,7 @@ def load_exported_model(path: str | Path):
     import transferkit.layers  # noqa: F401  (registers Preprocess for deserialisation)
 
     path = Path(path)
-    return keras.saving.load_model(path), json.loads(_classes_path(path).read_text())["class_names"]
+    return keras.saving.load_model(path, safe_mode=True), json.loads(_classes_path(path).read_text())["class_names"]
 
 
 def fold_linear_classifier(estimator, name: str = "this classifier"):

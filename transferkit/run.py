@@ -5,10 +5,16 @@ Run folder layout::
     runs/<name>/
       recipe.yaml                  the resolved recipe
       run.json                     strategy, class names, input size, metrics, timings, versions
-      model/feature_extractor.keras + model/classifier.joblib    (extract)
-      model/model.keras            images -> class probabilities (finetune, imag)
+      model/feature_extractor.keras + model/classifier.npz | .skops    (extract)
+      model/model.keras            images -> class probabilities (finetune, imag; extract after export)
       history.json, history.csv, curves.png, diagnosis.txt       (finetune, imag)
       val_*.{json,csv,png,txt}, test_*...                       evaluation reports
+
+A run folder is data, safe to open from anyone: it holds no pickle. Keras models load with
+``safe_mode=True``; the classifier is arrays (linear ones, ``.npz``) or a ``skops`` file opened only
+when it holds trusted types (see :mod:`transferkit.persistence`). ``recipe.yaml`` is read as data: its
+import paths (``head.custom``, ``schedule.function``, a classifier path) are not imported by
+:meth:`Run.load`, ``predict``, ``evaluate`` or ``export``.
 
 Example:
     >>> run = Run.load("runs/digits")
@@ -21,7 +27,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -36,6 +42,22 @@ def predict_in_batches(model, pixels: np.ndarray, batch_size: int) -> np.ndarray
     pixels = np.asarray(pixels, dtype="float32")
     return np.concatenate([np.asarray(model.predict_on_batch(pixels[i:i + batch_size]))
                            for i in range(0, len(pixels), batch_size)])
+
+
+def _load_keras_model(path: Path, **options):
+    """A run's ``.keras`` model, loaded in safe mode; missing, damaged or unsafe (a Lambda layer): one line."""
+    import keras
+
+    import transferkit.layers  # noqa: F401  (registers transferkit's layers for deserialisation)
+
+    if not path.is_file():
+        raise TransferkitError(f"{path} is missing: train the run again")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, **options)
+    except Exception as error:  # noqa: BLE001 - a damaged or crafted file is a one-line error, never a traceback
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "damaged file"
+        raise TransferkitError(f"{path}: cannot be loaded safely ({type(error).__name__}: {first}): "
+                               f"train the run again") from None
 
 
 @dataclass
@@ -124,10 +146,14 @@ class Run:
                             paths=images.paths, prefix=prefix)
 
     def save(self, folder: str | Path | None = None) -> Path:
-        """Write the run folder (default: the recipe's ``output``); every file is written atomically."""
-        import joblib
+        """Write the run folder (default: the recipe's ``output``); every file is written atomically.
 
+        Raises:
+            TransferkitError: an extract run's classifier cannot be saved without pickle.
+        """
         import keras
+
+        from transferkit.persistence import save_classifier
 
         folder = Path(folder or self.recipe.output)
         (folder / "model").mkdir(parents=True, exist_ok=True)
@@ -138,32 +164,54 @@ class Run:
         else:
             with atomic_path(folder / "model" / "feature_extractor.keras") as tmp:
                 self.feature_extractor.save(tmp)
-            with atomic_path(folder / "model" / "classifier.joblib") as tmp:
-                joblib.dump(self.classifier, tmp)
+            save_classifier(self.classifier, folder / "model" / "classifier")
         atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
         atomic_write_json(folder / "run.json", self._summary())
         self.folder = folder
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Run":
-        """Load a run folder written by :meth:`save`; needs neither the training data nor the network."""
-        import joblib
-        import keras
+    def load(cls, folder: str | Path, trusted: Iterable[str] = ()) -> "Run":
+        """Load a run folder written by :meth:`save`; needs neither the training data nor the network.
 
-        import transferkit.layers  # noqa: F401  (registers transferkit's layers for deserialisation)
+        Nothing in the folder is run as code: see the module docstring.
+
+        Args:
+            folder: the run folder.
+            trusted: type names to open besides transferkit's own classifiers, for an extract run
+                whose classifier came from an import path (e.g. ``["sklearn.svm._classes.SVC"]``,
+                as the error lists them). Only for folders whose source you trust.
+
+        Raises:
+            TransferkitError: not a run folder, a classifier pickled by an older transferkit, or one
+                holding types that are not trusted.
+        """
+        from transferkit.persistence import load_classifier, saved_classifier
 
         folder = Path(folder)
         if not (folder / "run.json").is_file():
             raise TransferkitError(f"not a run folder: {folder} (expected run.json there; "
                                    f"train one with `transferkit extract RECIPE`)")
-        summary = json.loads((folder / "run.json").read_text())
-        parts = ({"model": keras.saving.load_model(folder / "model" / "model.keras", compile=False)}
-                 if summary["strategy"] != "extract" else
-                 {"feature_extractor": keras.saving.load_model(folder / "model" / "feature_extractor.keras"),
-                  "classifier": joblib.load(folder / "model" / "classifier.joblib")})
-        return cls(recipe=load_recipe(folder / "recipe.yaml"), class_names=summary["class_names"],
-                   image_size=summary["image_size"], **parts,
+        try:
+            summary = json.loads((folder / "run.json").read_text())
+            strategy, class_names, image_size = summary["strategy"], summary["class_names"], summary["image_size"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise TransferkitError(f"{folder / 'run.json'} is damaged ({type(error).__name__}: {error}): "
+                                   f"train the run again") from None
+        model = folder / "model"
+        if strategy != "extract":
+            parts = {"model": _load_keras_model(model / "model.keras", compile=False)}
+        else:
+            path = saved_classifier(model / "classifier")
+            if path is None:
+                old = " a pickle (model/classifier.joblib), which is never opened because it could run code" if (
+                    model / "classifier.joblib").exists() else " no classifier"
+                raise TransferkitError(f"{folder} holds{old}: re-run `transferkit extract` with its recipe.yaml "
+                                       f"to save the classifier safely")
+            parts = {"feature_extractor": _load_keras_model(model / "feature_extractor.keras"),
+                     "classifier": load_classifier(path, trusted)[0]}
+        return cls(recipe=load_recipe(folder / "recipe.yaml"), class_names=class_names,
+                   image_size=image_size, **parts,
                    metrics=summary.get("metrics", {}), history=summary.get("history", {}),
                    info=summary.get("info", {}), folder=folder)
 
