@@ -1,9 +1,15 @@
 """What transferkit keeps under ``$TRANSFERKIT_HOME``, and clearing it.
 
-Extracted features (``features/*.h5``) and fitted classifiers (``classifiers/*.joblib``) are
-cached so that a second run starts from them. Each file's modification time is its last use
-(reuse touches it), so ``clear_cache(older_than_days=30)`` drops what no run has needed for a month.
-Materialised built-in datasets (``builtin/``) are left alone.
+Extracted features (``features/``) and fitted classifiers (``classifiers/``) are cached so that a
+second run starts from them. Each file's modification time is its last use (reuse touches it), so
+``clear_cache(older_than_days=30)`` drops what no run has needed for a month.
+
+Only files transferkit wrote are listed and deleted, recognised by their names (:data:`KINDS`):
+feature stores ``<backbone>-<12 hex digits>.h5`` and the ``.corrupt-<time>`` copies a damaged one
+is moved to; classifier fits ``<32 hex digits>.npz`` or ``.skops`` (and ``.joblib``, the pickles of
+older versions, which are never opened); and what an interrupted write left behind
+(``.<name>.<random>.tmp<suffix>``). Anything else there, folders and links included, is left
+alone. Materialised built-in datasets (``builtin/``) are not a cache.
 
 Example:
     >>> [(entry.kind, entry.size) for entry in cache_entries()]
@@ -13,13 +19,27 @@ Example:
 from __future__ import annotations
 
 import os
+import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit.io import transferkit_home
 
-KINDS = {"features": "*.h5", "classifiers": "*.joblib"}  # folder under the home -> its cache files
+_FEATURE_STORE = r"[\w.-]+-[0-9a-f]{12}"
+_CLASSIFIER_FIT = r"[0-9a-f]{32}"
+_TEMPORARY = r"\.(?:{name})\.[a-z0-9_]{{8}}\.tmp{suffix}"  # io.atomic_path's name for a file being written
+
+
+def _names(name: str, suffix: str, *extra: str) -> re.Pattern:
+    return re.compile("|".join([name + suffix, *extra, _TEMPORARY.format(name=name, suffix=suffix)]))
+
+
+KINDS = {  # folder under the home -> the names of the files transferkit writes there
+    "features": _names(_FEATURE_STORE, r"\.h5", _FEATURE_STORE + r"\.h5\.corrupt-[0-9-]+"),
+    "classifiers": _names(_CLASSIFIER_FIT, r"\.(?:npz|skops|joblib)"),
+}
 
 
 @dataclass
@@ -32,13 +52,23 @@ class CacheEntry:
 
 
 def cache_entries(home: str | Path | None = None) -> list[CacheEntry]:
-    """Every cached file under ``home`` (default: :func:`transferkit_home`), least recently used first."""
+    """Every file transferkit cached under ``home`` (default: :func:`transferkit_home`), least recently used first."""
     home = Path(home) if home is not None else transferkit_home()
     entries = []
-    for kind, pattern in KINDS.items():
-        for path in (home / kind).glob(pattern):
-            stat = path.stat()
-            entries.append(CacheEntry(kind, path, stat.st_size, stat.st_mtime))
+    for kind, names in KINDS.items():
+        try:
+            listing = list(os.scandir(home / kind))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for item in listing:
+            if not names.fullmatch(item.name):
+                continue
+            try:
+                info = item.stat(follow_symlinks=False)
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            if stat.S_ISREG(info.st_mode):
+                entries.append(CacheEntry(kind, Path(item.path), info.st_size, info.st_mtime))
     return sorted(entries, key=lambda entry: entry.last_used)
 
 
@@ -49,9 +79,14 @@ def clear_cache(older_than_days: float | None = None, home: str | Path | None = 
         The entries deleted.
     """
     cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else float("inf")
-    removed = [entry for entry in cache_entries(home) if entry.last_used < cutoff]
-    for entry in removed:
-        entry.path.unlink(missing_ok=True)
+    removed = []
+    for entry in cache_entries(home):
+        if entry.last_used < cutoff:
+            try:
+                entry.path.unlink()
+            except FileNotFoundError:  # another clear got there first
+                continue
+            removed.append(entry)
     return removed
 
 
