@@ -1,7 +1,7 @@
 """export_model on real extract runs (MobileNet alpha 0.25): the exported Keras model predicts like the run."""
 
 import json
-import os
+import shutil
 
 import numpy as np
 import pytest
@@ -32,7 +32,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folders(datasets, tmp_path_factory):
-    """dataset -> (training folder of TRAIN symlinked images per class, held-out image paths)."""
+    """dataset -> (training folder of TRAIN copied images per class, held-out image paths)."""
     made = {}
     for dataset, classes, _ in CASES.values():
         if dataset in made:
@@ -42,7 +42,7 @@ def folders(datasets, tmp_path_factory):
             files = sorted((datasets / dataset / cls).iterdir())
             (data / cls).mkdir()
             for path in files[:TRAIN]:
-                os.symlink(path, data / cls / path.name)
+                shutil.copy(path, data / cls / path.name)
             held_out += [str(path) for path in files[TRAIN:TRAIN + HELD_OUT]]
         made[dataset] = data, held_out
     return made
@@ -70,6 +70,7 @@ def runs(folders, home, tmp_path_factory):
 @pytest.mark.parametrize("name", [name for name in CASES if name != "knn"])
 def test_exported_model_predicts_like_the_run(runs, name):
     run, held_out = runs(name)
+    assert sorted(p.name for p in (run.folder / "model").iterdir()) == ["classifier.npz", "feature_extractor.keras"]
     path = export_model(run.folder if name == "svm_binary" else run)  # a run or its folder
     assert path == run.folder / "model" / "model.keras" and path.is_file()
     model, class_names = load_exported_model(path)
@@ -98,7 +99,9 @@ def test_non_linear_classifier_is_refused_in_one_line(runs):
     run, _ = runs("knn")
     message = ("export needs a linear classifier (logistic_regression or linear_svm); this run uses knn: "
                "use `transferkit predict` instead")
-    with pytest.raises(TransferkitError) as error:
-        export_model(run)
-    assert str(error.value) == message
+    assert (run.folder / "model" / "classifier.skops").is_file()
+    for source in (run, run.folder):  # the run, or its folder (the classifier loaded from skops)
+        with pytest.raises(TransferkitError) as error:
+            export_model(source)
+        assert str(error.value) == message
     assert not (run.folder / "model" / "model.keras").exists()
