@@ -1,5 +1,6 @@
 """The `transferkit` command as a user runs it: real processes, exit codes, one-line errors."""
 
+import errno
 import json
 import os
 import subprocess
@@ -9,15 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from transferkit.cli import main
 from transferkit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def transferkit(*args, cwd=None, env=None):
+def transferkit(*args, cwd=None, env=None, timeout=120):
     """Run `python -m transferkit ARGS` and return the completed process."""
     return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=120)
+                          text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def assert_one_line_error(result, *fragments):
@@ -56,9 +58,12 @@ def test_recommend_without_similar_says_what_to_pass():
     assert_one_line_error(transferkit("recommend", "--size", "small"), "--similar yes|no")
 
 
+@pytest.mark.slow
 def test_recommend_writes_a_runnable_recipe_with_data(tmp_path, datasets):
+    """It also extracts (and caches, in the tests' own TRANSFERKIT_HOME) the features of 500 images."""
     out = tmp_path / "cats.yaml"
-    result = transferkit("recommend", "--data", datasets / "cats_dogs", "--similar", "yes", "--write", out)
+    result = transferkit("recommend", "--data", datasets / "cats_dogs", "--similar", "yes", "--write", out,
+                         timeout=600)
     assert result.returncode == 0, result.stderr
     assert "median_per_class: 250" in result.stdout and "transferkit extract" in result.stdout
     recipe = load_recipe(out)
@@ -71,6 +76,44 @@ def test_recommend_writes_a_placeholder_to_fill_in(tmp_path):
     assert result.returncode == 0 and "fill in data.train" in result.stdout
     assert "# FILL IN" in out.read_text()
     assert load_recipe(out).strategy == "finetune"
+
+
+def test_recommend_writes_the_chosen_backbones_own_layer_names(tmp_path):
+    """MobileNet has no block_13_expand: the written recipe names MobileNet's layers, and validates."""
+    out = tmp_path / "mobilenet.yaml"
+    result = transferkit("recommend", "--size", "large", "--similar", "yes", "--backbone", "mobilenet",
+                         "--alpha", "0.25", "--write", out)
+    assert result.returncode == 0, result.stderr
+    written = yaml.safe_load(out.read_text())
+    assert written["backbone"] == {"name": "mobilenet", "weights": "imagenet", "alpha": 0.25}
+    assert written["finetune"]["unfreeze"]["from"] == "conv_dw_12"
+    assert transferkit("validate", out).returncode == 0
+
+
+@pytest.mark.parametrize("error, fragments", [
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/flowers/checkpoint/epoch-3.weights.h5"),
+     ["no space left on the disk writing /runs/flowers/checkpoint/epoch-3.weights.h5", "free some space"]),
+    (OSError("Can't write data (file write failed: errno = 122, error message = 'Disk quota exceeded')"),
+     ["no space left on the disk", "free some space"]),
+    (MemoryError(), ["out of memory", "data.batch_size"]),
+])
+def test_a_full_disk_or_memory_anywhere_is_one_line_and_exit_1(monkeypatch, capsys, error, fragments):
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("transferkit.recipe.load_recipe", fails)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "recipe.yaml"])
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 1 and len(message.strip().splitlines()) == 1 and "Traceback" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_other_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.setattr("transferkit.recipe.load_recipe", lambda *a, **k: open("/nonexistent/dir/file"))
+    with pytest.raises(FileNotFoundError):
+        main(["validate", "recipe.yaml"])
 
 
 def test_validate_prints_the_resolved_recipe(tmp_path):
@@ -124,10 +167,11 @@ def test_extract_bad_data_is_a_one_line_error(tmp_path):
     assert_one_line_error(transferkit("extract", recipe), "no_such_folder", "not found")
 
 
+@pytest.mark.slow
 def test_quickstart_main_job_runs(tmp_path):
     """The README's first command, after its install step: builtin digits, real ImageNet weights."""
     result = transferkit("extract", ROOT / "recipes" / "digits.yaml", "--quiet", cwd=tmp_path,
-                         env={"TRANSFERKIT_HOME": str(tmp_path / "home")})
+                         env={"TRANSFERKIT_HOME": str(tmp_path / "home")}, timeout=600)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "runs" / "digits" / "val_metrics.json").read_text())
     assert metrics["n"] == 360 and metrics["top1"] > 0.9

@@ -4,6 +4,7 @@ from transferkit.backbones import get_backbone_info
 from transferkit.errors import TransferkitError
 from transferkit.recipe import load_recipe
 from transferkit.recommend import LARGE_IMAGES_PER_CLASS, recommend
+from transferkit.strategies import check_recipe
 
 
 @pytest.mark.parametrize("size, similar, strategy", [
@@ -62,9 +63,20 @@ def test_bad_answers_say_what_is_expected(kwargs, message):
         recommend(**kwargs)
 
 
+@pytest.mark.parametrize("backbone, alpha", [("mobilenet_v2", None), ("mobilenet", 0.25)])
 @pytest.mark.parametrize("size, similar", [("small", True), ("small", False), ("large", True), ("large", False)])
-def test_every_recommended_recipe_validates(size, similar, datasets):
-    rec = recommend(size=size, similar=similar)
+def test_every_recommended_recipe_validates(size, similar, backbone, alpha, datasets):
+    rec = recommend(size=size, similar=similar, backbone=backbone, alpha=alpha)
     recipe = load_recipe(rec.recipe(data=str(datasets / "flowers5")))
-    assert recipe.strategy == rec.strategy
+    assert recipe.strategy == rec.strategy and recipe.backbone.name == backbone and recipe.backbone.alpha == alpha
     assert recipe.data.train == str(datasets / "flowers5")
+    check_recipe(recipe)  # layer names, optimizers, weights: what validate checks
+
+
+def test_settings_name_the_chosen_backbones_own_layers():
+    info = get_backbone_info("mobilenet")
+    assert recommend(size="large", similar=True, backbone="mobilenet").settings["finetune"]["unfreeze"]["from"] == \
+        info.finetune_from == "conv_dw_12"
+    assert recommend(size="small", similar=False, backbone="mobilenet").settings["extract"]["layer"] == info.mid_cut
+    with pytest.raises(TransferkitError, match="names layers of mobilenet_v2 .*backbone='mobilenet'"):
+        recommend(size="large", similar=True).recipe(backbone="mobilenet")

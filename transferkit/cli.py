@@ -82,7 +82,11 @@ def _backbone_dict(info) -> dict:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key, e.g. --set finetune.epochs=2 (repeatable).")
 def validate(recipe, overrides):
-    """Check a recipe and print it with every default filled in.
+    """Check a recipe as the run would, and print it with every default filled in.
+
+    Checks everything known before the slow work: keys, types, finite numbers and bounds, the
+    weights file, layer names against the backbone, import paths and their signatures, optimizer,
+    schedule, classifier and augmentation settings. Nothing is trained and no image is read.
 
     \b
     Example:
@@ -90,7 +94,26 @@ def validate(recipe, overrides):
     """
     from transferkit.recipe import load_recipe
 
-    click.echo(load_recipe(recipe, overrides=overrides).to_yaml(), nl=False)
+    click.echo(_checked(load_recipe(recipe, overrides=overrides)).to_yaml(), nl=False)
+
+
+def _checked(recipe, strategies=None, weights: bool = True):
+    """``recipe``, checked as `transferkit validate` checks it (the start of every command that runs one).
+
+    Args:
+        strategies: check it as each of these strategies (compare runs several); default: its own.
+        weights: also check that the backbone's weights file is there (or can be downloaded).
+    """
+    import dataclasses
+
+    from transferkit.strategies import check_recipe, check_recipe_weights
+
+    if weights:
+        check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
+    _start_keras_quietly()  # some checks build Keras objects
+    for strategy in strategies or [recipe.strategy]:
+        check_recipe(dataclasses.replace(recipe, strategy=strategy), weights=False)
+    return recipe
 
 
 @cli.command()
@@ -107,13 +130,13 @@ def extract(recipe, overrides, quiet):
       transferkit extract recipes/dtd10_extract.yaml --set extract.layer=block_12_add
     """
     from transferkit.recipe import load_recipe
-    from transferkit.strategies import preflight
+    from transferkit.strategies import check_recipe_weights
     from transferkit.strategies.extract import extract as run_extract
 
     recipe = load_recipe(recipe, overrides=overrides)
-    preflight(recipe)  # a missing weights file fails in seconds, before TensorFlow starts
+    check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
     _start_keras_quietly()
-    run = run_extract(recipe, progress=not quiet)
+    run = run_extract(recipe, progress=not quiet)  # checks the whole recipe first, as validate does
     click.echo(f"run folder: {run.folder}")
 
 
@@ -137,7 +160,7 @@ def finetune(recipe, overrides, resume, restart, quiet):
       transferkit finetune recipe.yaml --set finetune.epochs=2 --set data.image_size=128
     """
     from transferkit.recipe import load_recipe
-    from transferkit.strategies import preflight
+    from transferkit.strategies import check_recipe_weights
     from transferkit.strategies.finetune import finetune as run_finetune
 
     if resume and restart:
@@ -146,9 +169,9 @@ def finetune(recipe, overrides, resume, restart, quiet):
     if recipe.strategy == "extract":
         raise click.UsageError("the recipe's strategy is extract: run `transferkit extract RECIPE`, "
                                "or --set strategy=finetune")
-    preflight(recipe)
+    check_recipe_weights(recipe)
     _start_keras_quietly()
-    run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)
+    run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)  # checks it all first
     click.echo(f"run folder: {run.folder}")
 
 
@@ -170,15 +193,13 @@ def compare(recipe, modes, seeds, output, overrides):
     Example:
       transferkit compare recipes/digits8_imag.yaml --modes normal,imag --seeds 3
     """
-    from transferkit.compare import compare as run_compare, to_markdown
+    from transferkit.compare import MODES, compare as run_compare, to_markdown
     from transferkit.recipe import load_recipe
-    from transferkit.strategies import preflight
 
-    recipe = load_recipe(recipe, overrides=overrides)
-    preflight(recipe)
-    _start_keras_quietly()
-    summary = run_compare(recipe, modes=[m.strip() for m in modes.split(",") if m.strip()], seeds=seeds,
-                          output=output)
+    modes = [m.strip() for m in modes.split(",") if m.strip()]
+    recipe = load_recipe(recipe, overrides=overrides)  # checked for every mode before the first run
+    _checked(recipe, strategies=sorted({MODES[mode] for mode in modes if mode in MODES}))
+    summary = run_compare(recipe, modes=modes, seeds=seeds, output=output)
     click.echo(to_markdown(summary), nl=False)
 
 
@@ -336,22 +357,22 @@ def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, 
     """
     from pathlib import Path
 
+    from transferkit.recipe import load_recipe
     from transferkit.recommend import recommend as recommend_strategy
 
     if data is not None and (similar is None or candidates):
         _start_keras_quietly()
     rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone, alpha=alpha)
-    recipe = rec.recipe(data=_absolute(data), backbone=backbone, alpha=alpha,
-                        name=Path(write_to).stem if write_to else "my-run")
+    recipe = rec.recipe(data=_absolute(data), name=Path(write_to).stem if write_to else "my-run")
     ranking = _rank(data, candidates) if candidates else None
     plot = plot or (str(Path(write_to).with_suffix(".depth.png")) if write_to and rec.measurement else None)
     if plot and rec.measurement:
         from transferkit.measure import Measurement, plot_depth
         plot_depth(Measurement(**rec.measurement), plot)
-    if write_to:
+    if write_to:  # what it writes runs: checked like any recipe (but for the weights file, which may come later)
+        _checked(load_recipe(recipe, base_dir=Path(write_to).resolve().parent), weights=False)
         _write_recipe(write_to, recipe, rec, placeholder=data is None)
         if data is not None and rec.strategy == "extract":
-            from transferkit.recipe import load_recipe
             from transferkit.strategies.extract import cache_features
             cache_features(load_recipe(write_to), progress=not as_json)
     if as_json:
@@ -448,7 +469,14 @@ def _start_keras_quietly() -> None:
 
 
 def main(argv=None) -> None:
-    """Entry point: run the CLI with one-line errors and exit codes 0 / 1 / 2."""
+    """Entry point: run the CLI with one-line errors and exit codes 0 / 1 / 2.
+
+    Input errors (`TransferkitError`) exit 2; problems of the machine (`ResourceError`, and a full
+    disk or exhausted memory wherever it happens) exit 1; each prints one line. Any other exception
+    is a bug and keeps its traceback.
+    """
+    from transferkit.errors import ResourceError
+
     try:
         cli.main(args=argv, prog_name="transferkit", standalone_mode=False)
     except click.exceptions.Exit as e:
@@ -461,8 +489,29 @@ def main(argv=None) -> None:
         click.echo(f"error: {e.format_message()} (see: transferkit{command} --help)", err=True)
         sys.exit(e.exit_code)
     except TransferkitError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+        _fail(e)
+    except OSError as e:
+        if not _disk_full(e):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        _fail(ResourceError(f"no space left on the disk{where}: free some space there (or point the output, or "
+                            "TRANSFERKIT_HOME for caches, to a disk with room) and run the command again"))
+    except MemoryError:
+        _fail(ResourceError("out of memory: lower data.batch_size or data.image_size, or set data.cache: false, "
+                            "and run the command again"))
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+
+
+def _fail(error: TransferkitError) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def _disk_full(error: OSError) -> bool:
+    """Whether an OSError says the disk (or the user's quota) is full; some libraries give only the text."""
+    import errno
+
+    return error.errno in (errno.ENOSPC, errno.EDQUOT) or any(
+        text in str(error) for text in ("No space left on device", "Disk quota exceeded"))

@@ -41,10 +41,24 @@ class Recommendation:
     settings: dict            # recipe sections: extract or head/warmup/finetune
     evidence: dict = field(default_factory=dict)   # what was given or measured
     measurement: dict | None = None                # transferkit.measure.Measurement.to_dict(), when measured
+    backbone: str = "mobilenet_v2"                 # the backbone whose layer names the settings use
+    alpha: float | None = None
 
-    def recipe(self, data: str | None = None, backbone: str = "mobilenet_v2", name: str = "my-run",
+    def recipe(self, data: str | None = None, backbone: str | None = None, name: str = "my-run",
                alpha: float | None = None) -> dict:
-        """A complete, runnable recipe mapping (``data`` None leaves a placeholder to fill in)."""
+        """A complete, runnable recipe mapping (``data`` None leaves a placeholder to fill in).
+
+        The backbone is the one the recommendation was made for; ``backbone`` and ``alpha``, when
+        given, must be the same (the settings name its layers).
+
+        Raises:
+            TransferkitError: another backbone or alpha than the recommendation's.
+        """
+        backbone = get_backbone_info(backbone or self.backbone).name
+        alpha = self.alpha if alpha is None else alpha
+        if backbone != get_backbone_info(self.backbone).name or alpha != self.alpha:
+            raise TransferkitError(f"this recommendation names layers of {self.backbone} (alpha {self.alpha}), not "
+                                   f"{backbone} (alpha {alpha}): recommend again with backbone={backbone!r}")
         return {"name": name,
                 "data": {"train": data or PLACEHOLDER_DATA, "val": 0.2,
                          **({"augment": ["random_flip"]} if self.strategy == "finetune" else {})},
@@ -83,13 +97,15 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
             ``False``/``"no"``). ``None`` with ``data`` measures it (`transferkit.measure`), and the
             measured best layer becomes the extract layer.
         data: a class-per-folder dataset, used to count images when ``size`` is not given.
-        backbone: the registry name whose cut points the settings refer to.
+        backbone: the registry name whose layer names (cut point, where fine-tuning starts) the
+            settings use.
         alpha: the backbone's width multiplier, for measuring.
         seed: seeds the measurement's subsample.
 
     Returns:
         A :class:`Recommendation`; ``.recipe(data)`` turns it into a runnable recipe.
     """
+    info = get_backbone_info(backbone)  # an unknown name fails before anything is counted or measured
     evidence = {}
     if size is None:
         if data is None:
@@ -105,11 +121,10 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
         from transferkit.data import resolve_source, scan_folder
         from transferkit.measure import measure
 
-        measurement = measure(scan_folder(resolve_source(data), screen=False), backbone, alpha, seed=seed)
+        measurement = measure(scan_folder(resolve_source(data), screen=False), info.name, alpha, seed=seed)
         similar = measurement.similar
         evidence.update(_similarity_evidence(measurement))
     similar = _parse_similar(similar)
-    info = get_backbone_info(backbone)
     cell = _TABLE[(size, similar)]
     settings = cell["settings"](info)
     rationale = list(cell["rationale"])
@@ -118,7 +133,8 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
         rationale[-1] = f"The depth sweep measured {measurement.recipe_layer} as the best cut point."
     return Recommendation(size=size, similar=similar, strategy=cell["strategy"], summary=cell["summary"],
                           rationale=rationale, settings=settings, evidence=evidence,
-                          measurement=measurement.to_dict() if measurement else None)
+                          measurement=measurement.to_dict() if measurement else None,
+                          backbone=info.name, alpha=alpha)
 
 
 def _similarity_evidence(m) -> dict:

@@ -191,10 +191,26 @@ def _first_trained(model, body, spec, info) -> int:
     return names.index(info.finetune_from)
 
 
+def count_blocks(names, info: BackboneInfo) -> int:
+    """How many blocks ``top_blocks`` can unfreeze in a body with these layer names (input to output)."""
+    return len(_block_ends(names, info)) + 1
+
+
+def check_top_blocks(blocks: int, names, info: BackboneInfo) -> None:
+    """Raises a one-line RecipeError unless a body with these layer names has ``blocks`` blocks."""
+    available = count_blocks(names, info)
+    if not 1 <= blocks <= available:
+        raise RecipeError(f"finetune.unfreeze.top_blocks: {blocks} is out of range: this {info.name} body has "
+                          f"{available} blocks; give 1 to {available}, or all: true")
+
+
+def _block_ends(names, info: BackboneInfo) -> list[int]:
+    """Indexes of the block ends: the cut points before the body's last layer."""
+    return [i for i, name in enumerate(names[:-1]) if name in info.cut_points]
+
+
 def _top_blocks_start(names: list[str], info: BackboneInfo, blocks: int) -> int:
     """Where the last ``blocks`` blocks start: after a cut point, or at 0 for the whole body."""
-    ends = [i for i, name in enumerate(names[:-1]) if name in info.cut_points]
-    if not 1 <= blocks <= len(ends) + 1:
-        raise RecipeError(f"finetune.unfreeze.top_blocks: {blocks} is out of range: this {info.name} body has "
-                          f"{len(ends) + 1} blocks; give 1 to {len(ends) + 1}, or all: true")
+    check_top_blocks(blocks, names, info)
+    ends = _block_ends(names, info)
     return ends[-blocks] + 1 if blocks <= len(ends) else 0

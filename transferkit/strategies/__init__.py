@@ -1,19 +1,61 @@
-"""The ways to train: each returns a transferkit.run.Run."""
+"""The ways to train: each returns a transferkit.run.Run.
 
-from transferkit.backbones import check_weights, get_backbone_info
-from transferkit.recipe import Recipe
+`check_recipe` (the strategies call it as `preflight`) checks everything about a recipe that can be
+known before the slow work, so a recipe that `transferkit validate` accepts does not fail after
+an hour of extraction or a warm-up epoch: `load_recipe` has checked keys, types, finite numbers
+and bounds; this adds the weights file, layer names against the backbone, import paths and their
+signatures, optimizer, schedule, classifier and augmentation settings, for the sections the
+recipe's strategy uses.
+"""
+
+from __future__ import annotations
+
+from transferkit.backbones import check_layer, check_weights, get_backbone_info
+from transferkit.errors import RecipeError
+from transferkit.recipe import Recipe, did_you_mean
+
+#: What fine-tuning logs each epoch, so what early stopping can monitor (top5 from six classes on).
+MONITORED = ("val_loss", "val_accuracy", "val_top5", "loss", "accuracy", "top5")
 
 
-def preflight(recipe: Recipe) -> int:
-    """Check what can fail fast (backbone, alpha, size, weights file) before any slow work.
+def check_recipe(recipe: Recipe, *, weights: bool = True) -> int:
+    """Check what can fail before any slow work: nothing is trained, no image is read.
+
+    Keras is imported only when a check needs it (optimizers, augmentation, a layer name that is not
+    one of the backbone's registered cut points: its architecture is built once without weights).
+
+    Args:
+        recipe: a loaded recipe.
+        weights: also check that the backbone's weights file is there or can be downloaded.
 
     Returns:
         The input image size: the recipe's, or the backbone's default.
+
+    Raises:
+        TransferkitError: one line naming the recipe key and the fix.
     """
+    if weights:
+        check_recipe_weights(recipe)
+    if recipe.strategy == "extract":
+        _check_extract(recipe)
+    else:
+        _check_finetune(recipe)
+    return _image_size(recipe)
+
+
+def check_recipe_weights(recipe: Recipe) -> None:
+    """The part of `check_recipe` that needs no Keras: backbone, alpha, size and weights file."""
     spec = recipe.backbone
-    image_size = recipe.data.image_size or get_backbone_info(spec.name).default_size
-    check_weights(spec.name, spec.weights, image_size, spec.alpha, **spec.options)
-    return image_size
+    check_weights(spec.name, spec.weights, _image_size(recipe), spec.alpha, **spec.options)
+
+
+def _image_size(recipe: Recipe) -> int:
+    return recipe.data.image_size or get_backbone_info(recipe.backbone.name).default_size
+
+
+def preflight(recipe: Recipe) -> int:
+    """`check_recipe`, as every strategy calls it first. Returns the input image size."""
+    return check_recipe(recipe)
 
 
 def recipe_splits(recipe: Recipe):
@@ -22,4 +64,61 @@ def recipe_splits(recipe: Recipe):
 
     data = recipe.data
     return load_splits(data.train, data.val, data.test,
-                       seed=recipe.seed if data.split_seed is None else data.split_seed)
+                       seed=recipe.seed if data.split_seed is None else data.split_seed,
+                       follow_links=data.follow_links)
+
+
+def _check_extract(recipe: Recipe) -> None:
+    from transferkit.classifiers import check_classifier
+
+    layers = recipe.extract.layer
+    for i, layer in enumerate([layers] if isinstance(layers, str) else layers):
+        _check_layer(recipe, layer, "extract.layer" if isinstance(layers, str) else f"extract.layer[{i}]")
+    check_classifier(recipe.extract.classifier)  # name, estimator class, parameters, grid: short of fitting
+
+
+def _check_finetune(recipe: Recipe) -> None:
+    from transferkit.augment import check_augmentation
+    from transferkit.heads import check_head
+    from transferkit.optim import check_optimizer, check_schedule
+
+    warmup, finetune = recipe.warmup, recipe.finetune
+    check_head(recipe.head, "head")
+    if recipe.strategy == "imag" and recipe.imag.head is not None:
+        check_head(recipe.imag.head, "imag.head")
+    if warmup.linear_probe:
+        if recipe.head.layers or recipe.head.custom:
+            raise RecipeError("warmup.linear_probe: needs the built-in head without hidden layers "
+                              "(head.layers: [], no head.custom); or use warmup.epochs instead")
+        if recipe.head.pooling == "flatten":
+            raise RecipeError("warmup.linear_probe: works with head.pooling avg or max, not flatten")
+    elif warmup.epochs:
+        check_optimizer(warmup.optimizer, "warmup.optimizer")
+    if finetune.epochs:
+        _check_unfreeze(recipe)
+        check_optimizer(finetune.optimizer, "finetune.optimizer")
+        check_schedule(finetune.schedule, finetune.optimizer.learning_rate, finetune.epochs)
+        if finetune.early_stopping is not None and finetune.early_stopping.monitor not in MONITORED:
+            monitor = finetune.early_stopping.monitor
+            raise RecipeError(f"finetune.early_stopping.monitor: {monitor!r} is not logged"
+                              f"{did_you_mean(monitor, MONITORED)}")
+    check_augmentation(recipe.data.augment, "data.augment")
+
+
+def _check_unfreeze(recipe: Recipe) -> None:
+    mode, value = recipe.finetune.unfreeze.mode()
+    if mode == "from" and value is not None:
+        _check_layer(recipe, value, "finetune.unfreeze.from")
+    elif mode == "top_blocks":
+        info = get_backbone_info(recipe.backbone.name)
+        if value >= len(info.cut_points):  # fewer always fit: every cut point but the last ends a block
+            from transferkit.backbones import layer_names
+            from transferkit.surgery import check_top_blocks
+
+            spec = recipe.backbone
+            check_top_blocks(value, layer_names(spec.name, spec.alpha, **spec.options), info)
+
+
+def _check_layer(recipe: Recipe, layer: str, key: str) -> None:
+    spec = recipe.backbone
+    check_layer(spec.name, layer, key, spec.alpha, **spec.options)

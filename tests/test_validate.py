@@ -1,0 +1,164 @@
+"""`transferkit validate` is the whole check: what a run would trip over before or after its slow
+work, validate finds first, as one line and exit code 2. Nothing here trains or reads an image."""
+
+import textwrap
+import time
+
+import pytest
+from test_cli import assert_one_line_error, transferkit
+
+from transferkit.cli import main
+
+BACKBONE = "backbone: {name: mobilenet, alpha: 0.25}\n"
+MOBILENET = "data: {train: photos}\n" + BACKBONE
+
+
+def write(tmp_path, text: str, name="recipe.yaml"):
+    """A recipe file: ``text``, after MobileNet (alpha 0.25) and a data section unless it has its own."""
+    path = tmp_path / name
+    path.write_text(text if text.startswith(("data:", "backbone:")) else
+                    (BACKBONE if "data:" in text else MOBILENET) + text)
+    return path
+
+
+def alias_bomb() -> str:
+    """A "billion laughs" in backbone.options: under 1 KB of YAML, 9**9 values once expanded."""
+    lines = ["data: {train: photos}", "backbone:", "  name: mobilenet", "  alpha: 0.25", "  options:",
+             "    a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"    {name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+# --- through the real command: what fails while the recipe is read, fails in a second -------------
+
+@pytest.mark.parametrize("text, fragments", [
+    (alias_bomb(), ["aliases", "100,000 values"]),
+    ("strategy: finetune\nfinetune: {epochs: 1e9, schedule: {name: function, function: 'm:f'}}\n",
+     ["finetune.epochs", "<= 10000", "1000000000"]),
+])
+def test_alias_bomb_and_huge_epochs_fail_at_validate_within_a_second(tmp_path, text, fragments):
+    path = write(tmp_path, text)
+    assert len(path.read_bytes()) < 1024
+    started = time.monotonic()
+    result = transferkit("validate", path)
+    assert_one_line_error(result, str(path), *fragments)
+    # the process start (Python, transferkit) included: generous for a busy machine, where the
+    # unbounded versions ran for minutes; the check itself takes milliseconds (see test_recipe)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("text, overrides, fragments", [
+    ("finetune: {epochs: .nan}\n", [], ["finetune.epochs: expected a finite whole number", "nan"]),
+    ("finetune: {epochs: .inf}\n", [], ["finetune.epochs: expected a finite whole number", "inf"]),
+    ("finetune: {epochs: 1e400}\n", [], ["finetune.epochs", "got 1e400"]),
+    ("finetune: {optimizer: {learning_rate: .inf}}\n", [],
+     ["finetune.optimizer.learning_rate: expected a finite number > 0, got inf"]),
+    ("warmup: {optimizer: {name: adam, learning_rate: 1e400}}\n", [], ["warmup.optimizer.learning_rate", "1e400"]),
+    ("data: {train: photos}\nbackbone: {name: mobilenet, options: {x: .nan}}\n", [], ["backbone.options.x", "finite"]),
+    ("data: {train: photos, image_size: 100000}\n", [], ["data.image_size", "<= 4096", "100000", "memory"]),
+    ("data: {train: photos, batch_size: 1e9}\n", [], ["data.batch_size", "<= 8192"]),
+    ("", ["data.val=[1,"], ["override 'data.val=[1,'", "not valid YAML", "quote text"]),
+    ("", ["finetune.unfreeze.from=a", "finetune.unfreeze.all=true"], ["finetune.unfreeze", "give one of"]),
+    ("finetune: {unfreeze: {from: conv_dw_12, top_blocks: 2}}\n", [],
+     ["finetune.unfreeze: give one of from, top_blocks, fraction, all; got from, top_blocks"]),
+    ("x: &x [*x]\n", [], ["refers to its own anchor"]),
+])
+def test_bad_numbers_yaml_and_overrides_are_one_line_at_validate(tmp_path, text, overrides, fragments):
+    args = [arg for override in overrides for arg in ("--set", override)]
+    assert_one_line_error(transferkit("validate", write(tmp_path, text), *args), *fragments)
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(MOBILENET.encode() + "name: café\n".encode("latin-1"))  # line 3
+    assert_one_line_error(transferkit("validate", path), str(path), "not UTF-8", "line 3", "save the recipe as UTF-8")
+
+
+def test_a_layer_the_backbone_lacks_fails_at_validate(tmp_path):
+    """What `recommend` writes for MobileNetV2, run with MobileNet: it used to die after warm-up."""
+    path = write(tmp_path, "strategy: finetune\nfinetune: {unfreeze: {from: block_13_expand}}\n")
+    assert_one_line_error(transferkit("validate", path), "finetune.unfreeze.from: mobilenet has no layer "
+                          "'block_13_expand'", "conv_dw_12")
+
+
+# --- the checks that need Python objects: through the command's entry point, in this process -------
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """An importable module of the user's own functions, as a recipe names them."""
+    (tmp_path / "my_code.py").write_text(textwrap.dedent("""
+        def head_without_classes(features):
+            return features
+
+        def constant_lr(epoch, lr):
+            return lr
+
+        def lr_that_stops_at_epoch_3(epoch, lr):
+            return None if epoch == 3 else lr
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_code"
+
+
+def validate_here(capsys, path, *args) -> tuple[int, str]:
+    """``transferkit validate PATH ARGS`` through `transferkit.cli.main`: (exit code, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", str(path), *args])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("extract: {classifier: {name: 'sys:exit'}}",
+     ["extract.classifier.name: 'sys:exit'", "scikit-learn classifier class"]),
+    ("extract: {classifier: logistic_regresion}", ["did you mean logistic_regression?"]),
+    ("extract: {classifier: {name: logistic_regression, params: {CC: 1}}}", ["extract.classifier.params", "'CC'"]),
+    ("extract: {layer: block_12_add}", ["extract.layer: mobilenet has no layer 'block_12_add'"]),
+    ("extract: {layer: [top, conv_pw_6_relu, conv_dw_99]}", ["extract.layer[2]", "conv_dw_99"]),
+    ("strategy: finetune\nfinetune: {optimizer: adabelief}",
+     ["finetune.optimizer.name: unknown optimizer 'adabelief'", "adam"]),
+    ("strategy: finetune\nwarmup: {optimizer: {name: adam, options: {amsgrd: true}}}",
+     ["warmup.optimizer.options.amsgrd", "did you mean amsgrad?"]),
+    ("strategy: finetune\nfinetune: {schedule: {name: function, function: 'nosuch:fn'}}",
+     ["finetune.schedule.function: cannot import 'nosuch:fn'"]),
+    ("strategy: finetune\nfinetune: {schedule: {name: function, function: 'my_code:head_without_classes'}}",
+     ["finetune.schedule.function", "takes (features)", "fn(epoch, lr)"]),
+    ("strategy: finetune\nfinetune: {schedule: {name: function, function: 'my_code:lr_that_stops_at_epoch_3'}}",
+     ["finetune.schedule.function", "returned None for epoch 3"]),
+    ("strategy: finetune\nhead: {custom: 'my_code:head_without_classes'}",
+     ["head.custom: 'my_code:head_without_classes' takes (features)", "head(features, num_classes)"]),
+    ("strategy: finetune\nhead: {layers: [{dense: 8, activation: relux}]}", ["head.layers[0].activation", "relux"]),
+    ("strategy: imag\nimag: {head: {layers: [{dense: 4, activation: nope}]}}",
+     ["imag.head.layers[0].activation"]),
+    ("data: {train: photos, augment: [{random_rotation: {factr: 0.1}}]}\nstrategy: finetune",
+     ["data.augment[0]", "random_rotation", "factr"]),
+    ("strategy: finetune\nfinetune: {early_stopping: {monitor: val_acc}}",
+     ["finetune.early_stopping.monitor: 'val_acc' is not logged: did you mean val_accuracy?"]),
+    ("strategy: finetune\nfinetune: {unfreeze: {top_blocks: 14}}", ["finetune.unfreeze.top_blocks: 14", "1 to 13"]),
+    ("strategy: finetune\nwarmup: {linear_probe: true}\nhead: {layers: [{dense: 8}]}", ["warmup.linear_probe"]),
+])
+def test_what_used_to_fail_after_the_slow_work_fails_at_validate(tmp_path, capsys, user_module, text, fragments):
+    code, error = validate_here(capsys, write(tmp_path, text + "\n"))
+    assert code == 2 and len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+    for fragment in fragments:
+        assert fragment in error
+
+
+@pytest.mark.parametrize("text", [
+    "strategy: finetune\nfinetune: {unfreeze: {from: conv_dw_12}, schedule: {name: function, "
+    "function: 'my_code:constant_lr'}, early_stopping: {monitor: val_accuracy}}\nhead: {custom: 'my_code:constant_lr'}",
+    "extract: {layer: [conv_pw_6_relu, conv_dw_7, top]}",  # conv_dw_7 is no cut point, but a layer
+    "strategy: finetune\nfinetune: {unfreeze: {top_blocks: 13}}",
+    "data: {train: photos, augment: [random_flip, {random_zoom: 0.1}]}\nstrategy: imag\nfinetune: {unfreeze: all}",
+])
+def test_a_sound_recipe_validates(tmp_path, capsys, user_module, text):
+    assert main(["validate", str(write(tmp_path, text + "\n"))]) is None
+    assert "backbone:" in capsys.readouterr().out
+
+
+def test_set_one_unfreeze_mode_replaces_the_recipes_mode(tmp_path, capsys):
+    path = write(tmp_path, "strategy: finetune\nfinetune: {unfreeze: {from: block_13_expand}}\n")
+    assert main(["validate", str(path), "--set", "finetune.unfreeze.all=true"]) is None
+    out = capsys.readouterr().out
+    assert "all: true" in out and "block_13_expand" not in out
