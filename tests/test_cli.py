@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,24 @@ def transferkit(*args, cwd=None, env=None, timeout=120):
     """Run `python -m transferkit ARGS` and return the completed process."""
     return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """Runs `transferkit ARGS` through `transferkit.cli.main` in the test process: (exit code, stdout,
+    stderr). For checks that start Keras, which a fresh process would take seconds to do."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # the CLI installs its own
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+        return (code, *capsys.readouterr())
+
+    return run
 
 
 def assert_one_line_error(result, *fragments):
@@ -97,23 +116,21 @@ def test_recommend_writes_the_chosen_backbones_own_layer_names(tmp_path):
      ["no space left on the disk", "free some space"]),
     (MemoryError(), ["out of memory", "data.batch_size"]),
 ])
-def test_a_full_disk_or_memory_anywhere_is_one_line_and_exit_1(monkeypatch, capsys, error, fragments):
+def test_a_full_disk_or_memory_anywhere_is_one_line_and_exit_1(monkeypatch, in_process, error, fragments):
     def fails(*args, **kwargs):
         raise error
 
     monkeypatch.setattr("transferkit.recipe.load_recipe", fails)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["validate", "recipe.yaml"])
-    message = capsys.readouterr().err
-    assert exit_info.value.code == 1 and len(message.strip().splitlines()) == 1 and "Traceback" not in message
+    code, _, message = in_process("validate", "recipe.yaml")
+    assert code == 1 and len(message.strip().splitlines()) == 1 and "Traceback" not in message
     for fragment in fragments:
         assert fragment in message
 
 
-def test_other_errors_keep_their_traceback(monkeypatch):
+def test_other_errors_keep_their_traceback(monkeypatch, in_process):
     monkeypatch.setattr("transferkit.recipe.load_recipe", lambda *a, **k: open("/nonexistent/dir/file"))
     with pytest.raises(FileNotFoundError):
-        main(["validate", "recipe.yaml"])
+        in_process("validate", "recipe.yaml")
 
 
 def test_validate_prints_the_resolved_recipe(tmp_path):

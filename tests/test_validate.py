@@ -1,13 +1,16 @@
 """`transferkit validate` is the whole check: what a run would trip over before or after its slow
 work, validate finds first, as one line and exit code 2. Nothing here trains or reads an image."""
 
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
-from test_cli import assert_one_line_error, transferkit
+from test_cli import assert_one_line_error, in_process, transferkit  # noqa: F401 - in_process: a fixture
 
-from transferkit.cli import main
+from transferkit.recipe import load_recipe
+from transferkit.strategies import check_recipe
 
 BACKBONE = "backbone: {name: mobilenet, alpha: 0.25}\n"
 MOBILENET = "data: {train: photos}\n" + BACKBONE
@@ -91,6 +94,9 @@ def user_module(tmp_path, monkeypatch):
         def head_without_classes(features):
             return features
 
+        def head(features, num_classes):
+            raise AssertionError("validate never calls it")
+
         def constant_lr(epoch, lr):
             return lr
 
@@ -98,15 +104,8 @@ def user_module(tmp_path, monkeypatch):
             return None if epoch == 3 else lr
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    return "my_code"
-
-
-def validate_here(capsys, path, *args) -> tuple[int, str]:
-    """``transferkit validate PATH ARGS`` through `transferkit.cli.main`: (exit code, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["validate", str(path), *args])
-    return exit_info.value.code, capsys.readouterr().err
+    yield "my_code"
+    sys.modules.pop("my_code", None)
 
 
 @pytest.mark.parametrize("text, fragments", [
@@ -138,8 +137,8 @@ def validate_here(capsys, path, *args) -> tuple[int, str]:
     ("strategy: finetune\nfinetune: {unfreeze: {top_blocks: 14}}", ["finetune.unfreeze.top_blocks: 14", "1 to 13"]),
     ("strategy: finetune\nwarmup: {linear_probe: true}\nhead: {layers: [{dense: 8}]}", ["warmup.linear_probe"]),
 ])
-def test_what_used_to_fail_after_the_slow_work_fails_at_validate(tmp_path, capsys, user_module, text, fragments):
-    code, error = validate_here(capsys, write(tmp_path, text + "\n"))
+def test_what_used_to_fail_after_the_slow_work_fails_at_validate(tmp_path, in_process, user_module, text, fragments):
+    code, _, error = in_process("validate", write(tmp_path, text + "\n"))
     assert code == 2 and len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
     for fragment in fragments:
         assert fragment in error
@@ -147,18 +146,24 @@ def test_what_used_to_fail_after_the_slow_work_fails_at_validate(tmp_path, capsy
 
 @pytest.mark.parametrize("text", [
     "strategy: finetune\nfinetune: {unfreeze: {from: conv_dw_12}, schedule: {name: function, "
-    "function: 'my_code:constant_lr'}, early_stopping: {monitor: val_accuracy}}\nhead: {custom: 'my_code:constant_lr'}",
+    "function: 'my_code:constant_lr'}, early_stopping: {monitor: val_accuracy}}\nhead: {custom: 'my_code:head'}",
     "extract: {layer: [conv_pw_6_relu, conv_dw_7, top]}",  # conv_dw_7 is no cut point, but a layer
     "strategy: finetune\nfinetune: {unfreeze: {top_blocks: 13}}",
     "data: {train: photos, augment: [random_flip, {random_zoom: 0.1}]}\nstrategy: imag\nfinetune: {unfreeze: all}",
 ])
-def test_a_sound_recipe_validates(tmp_path, capsys, user_module, text):
-    assert main(["validate", str(write(tmp_path, text + "\n"))]) is None
-    assert "backbone:" in capsys.readouterr().out
+def test_a_sound_recipe_validates(tmp_path, in_process, user_module, text):
+    code, out, error = in_process("validate", write(tmp_path, text + "\n"))
+    assert code == 0 and "backbone:" in out, error
 
 
-def test_set_one_unfreeze_mode_replaces_the_recipes_mode(tmp_path, capsys):
+def test_set_one_unfreeze_mode_replaces_the_recipes_mode(tmp_path, in_process):
     path = write(tmp_path, "strategy: finetune\nfinetune: {unfreeze: {from: block_13_expand}}\n")
-    assert main(["validate", str(path), "--set", "finetune.unfreeze.all=true"]) is None
-    out = capsys.readouterr().out
-    assert "all: true" in out and "block_13_expand" not in out
+    code, out, _ = in_process("validate", path, "--set", "finetune.unfreeze.all=true")
+    assert code == 0 and "all: true" in out and "block_13_expand" not in out
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_shipped_recipes_pass_the_whole_check(path):
+    recipe = load_recipe(path)
+    assert check_recipe(recipe) == recipe.data.image_size
