@@ -12,6 +12,7 @@ from transferkit.export import export_model, load_exported_model
 from transferkit.recipe import load_recipe
 from transferkit.strategies.extract import extract
 
+pytestmark = pytest.mark.slow  # every test extracts features of real images
 CASES = {  # run name -> (dataset, classes, classifier spec)
     "logreg_binary": ("cats_dogs", ("cat", "dog"), {"name": "logistic_regression", "grid": {"C": [0.1, 1.0]}}),
     "logreg_3_classes": ("dtd10", ("banded", "bubbly", "cracked"), {"name": "logistic_regression"}),
