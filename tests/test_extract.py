@@ -32,9 +32,11 @@ def test_extract_trains_and_writes_the_run_folder(first_run):
     folder = first_run.folder
     assert first_run.metrics["val"]["n"] == 10 and first_run.class_names == ["cat", "dog"]
     assert first_run.metrics["val"]["top1"] >= 0.7  # ImageNet features separate cats from dogs
-    for name in ["run.json", "recipe.yaml", "model/feature_extractor.keras", "model/classifier.joblib",
+    for name in ["run.json", "recipe.yaml", "model/feature_extractor.keras",
                  "val_metrics.json", "val_confusion_matrix.png", "val_predictions.csv", "val_mistakes.csv"]:
         assert (folder / name).is_file(), name
+    assert list((folder / "model").glob("classifier.*"))
+    assert not folder.with_name(f"{folder.name}.partial").exists()  # written beside it, then moved in
     summary = json.loads((folder / "run.json").read_text())
     assert summary["image_size"] == 128 and summary["info"]["feature_dim"] == 256
 
@@ -159,3 +161,18 @@ def test_out_of_memory_names_a_smaller_batch(small_cats_dogs, home, tmp_path, mo
         extract(recipe, progress=False)
     monkeypatch.undo()
     assert extract(recipe, progress=False).metrics["val"]["n"] == 10  # and the same command then runs
+
+
+def test_run_json_lists_each_skipped_file_once(small_cats_dogs, home, tmp_path):
+    data = tmp_path / "data"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        for path in sorted((small_cats_dogs / cls).iterdir())[:6]:
+            (data / cls / path.name).write_bytes(path.read_bytes())
+    (data / "cat" / "broken.jpg").write_bytes(b"not an image")
+    recipe = make_recipe(data, tmp_path / "run")
+    recipe.data.image_size, recipe.data.test = 32, 0.25  # train, val and test all come from the folder
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        run = extract(recipe, progress=False)
+    skipped = json.loads((run.folder / "run.json").read_text())["info"]["skipped_files"]
+    assert [os.path.basename(path) for path, _ in skipped] == ["broken.jpg"]

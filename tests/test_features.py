@@ -290,3 +290,17 @@ def _worker(store_path, paths_json, log_path, kill_at_flush, sleep):
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
+
+
+def test_alpha_null_and_its_default_share_one_cache_entry():
+    from transferkit.recipe import load_recipe
+    from transferkit.strategies.extract import _digest, _feature_config
+
+    def config(backbone):
+        return _feature_config(load_recipe({"data": {"train": "photos"}, "backbone": backbone}), 224)
+
+    default = config({"name": "mobilenet_v2"})
+    assert default == config({"name": "mobilenet_v2", "alpha": 1.0}) == config({"name": "mobilenet_v2", "alpha": 1})
+    assert _digest(default) == _digest(config({"name": "mobilenet_v2", "alpha": 1.0}))
+    assert default != config({"name": "mobilenet_v2", "alpha": 0.35})
+    assert config({"name": "resnet50"})["alpha"] is None  # no width multipliers at all

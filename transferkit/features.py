@@ -15,10 +15,16 @@ flushed, and only then gets its byte in ``done`` set and flushed. A kill while w
 leaves it unmarked, so it is recomputed; a kill while creating metadata can leave a file h5py
 cannot read, which is moved aside as ``<name>.corrupt-<timestamp>`` and rebuilt. Completeness is
 read from the key, ``complete`` and ``done``, never from the file's existence.
+
+A full disk is an error of one line, before anything is written: HDF5 cannot recover from a failed
+write (the next flush, or the interpreter's exit, crashes the process), so the free space is
+checked before a split is created and the features' whole extent is then reserved on disk
+(``posix_fallocate``), so that writing a chunk never runs out of space.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -36,8 +42,8 @@ import numpy as np
 
 from transferkit import __version__
 from transferkit.cache import touch
-from transferkit.errors import TransferkitError
-from transferkit.io import atomic_path
+from transferkit.errors import ResourceError, TransferkitError
+from transferkit.io import atomic_path, disk_full_is_one_line, format_bytes, require_space
 
 logger = logging.getLogger("transferkit")
 
@@ -104,6 +110,7 @@ class FeatureStore:
         attrs: dict | None = None,
         chunk_size: int = 256,
         progress: bool = True,
+        dim: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Features for every path, computed chunk by chunk and saved as they come.
 
@@ -120,19 +127,28 @@ class FeatureStore:
             chunk_size: images per call to ``embed`` and per resumable unit (a resumed split
                 keeps the chunk size it was started with).
             progress: print progress to stderr.
+            dim: the number of features per image, when known: the free space is then checked
+                before anything is computed (else once the first chunk gives it).
 
         Returns:
             (features float32 [N, D], labels int64 [N]) read back from the file.
+
+        Raises:
+            ResourceError: the disk lacks the space for the split (checked before writing).
         """
         paths = [os.fspath(path) for path in paths]
         labels = np.asarray(labels, dtype=np.int64)
         if not paths or labels.shape != (len(paths),):
             raise ValueError(f"need one label per path and at least one path, got {len(paths)} "
                              f"paths and labels of shape {labels.shape}")
-        with self._open_for_writing() as file:
-            group = self._prepare_group(file, split, paths, labels, key, attrs or {}, chunk_size)
-            self._fill(file, group, paths, embed, progress)
-            features = _read(group)[:2]
+        features = self._complete(split, paths, labels, key)  # read-only: a full disk does not matter
+        if features is None:
+            with disk_full_is_one_line(self.path.parent, then=_MORE_SPACE):
+                require_space(self.path.parent, 0, "the feature store", then=_MORE_SPACE)
+                with self._open_for_writing() as file:
+                    group = self._prepare_group(file, split, paths, labels, key, attrs or {}, chunk_size, dim)
+                    self._fill(file, group, paths, embed, progress)
+                    features = _read(group)[:2]
         touch(self.path)  # its last use, for clear_cache(older_than_days=...)
         return features
 
@@ -156,6 +172,20 @@ class FeatureStore:
         except _H5_ERRORS as err:
             logger.warning("cannot read feature store %s (%s)", self.path, err)
             return default
+
+    def _complete(self, split, paths, labels, key) -> tuple[np.ndarray, np.ndarray] | None:
+        """The split's features and labels if it is complete for exactly these paths, labels and key."""
+        if not self.path.exists():
+            return None
+        try:
+            with h5py.File(self.path, "r") as file:
+                group = file.get(split)
+                if group is None or not _describe_split(group)["complete"] or group.attrs["key"] != key \
+                        or list(group["paths"].asstr()[()]) != paths or not np.array_equal(group["labels"][()], labels):
+                    return None
+                return _read(group)[:2]
+        except _H5_ERRORS:  # unreadable or locked: the writing path says which
+            return None
 
     def _open_for_writing(self) -> h5py.File:
         """Open the file; one h5py cannot read is moved aside and a new one started."""
@@ -185,8 +215,9 @@ class FeatureStore:
         with atomic_path(self.path) as tmp:
             h5py.File(tmp, "w").close()
 
-    def _prepare_group(self, file, split, paths, labels, key, attrs, chunk_size) -> h5py.Group:
-        """The split's group: kept if its key and file list match, else (re)created and flushed."""
+    def _prepare_group(self, file, split, paths, labels, key, attrs, chunk_size, dim=None) -> h5py.Group:
+        """The split's group: kept if its key and file list match, else (re)created and flushed
+        (once the disk is known to hold it)."""
         group = file.get(split)
         if group is not None:
             stored_paths = list(group["paths"].asstr()[()])
@@ -199,6 +230,8 @@ class FeatureStore:
             logger.info("features for %r in %s out of date: %s; recomputing", split, self.path,
                         reason)
             del file[split]
+        require_space(self.path.parent, _split_bytes(paths, dim or 0),
+                      f"the features of {len(paths)} images ({split})", then=_MORE_SPACE)
         group = file.create_group(split)
         group.attrs.update({name: _attr_value(value) for name, value in attrs.items()})
         group.attrs.update({"key": key, "complete": False, "chunk_size": chunk_size})
@@ -220,10 +253,13 @@ class FeatureStore:
         remaining = sum(stop - start for start, stop in chunks)
         report = _Progress(group.name.lstrip("/"), len(paths), len(paths) - remaining,
                            progress and remaining > 0)
+        if "features" in group and len(todo):
+            _reserve(self.path)
         for index, (start, stop), features in zip(todo, chunks, _chunk_features(embed, paths, chunks)):
             features = np.asarray(features, dtype=np.float32)
             if "features" not in group:
                 _create_features(group, len(paths), features, chunk_size)
+                _reserve(self.path)
             expected = (stop - start, group["features"].shape[1])
             if features.shape != expected:
                 raise ValueError(f"embed returned shape {features.shape} for {expected[0]} "
@@ -266,9 +302,39 @@ def _create_features(group: h5py.Group, n: int, first_chunk: np.ndarray, chunk_s
     if first_chunk.ndim != 2:
         raise ValueError(f"embed must return a 2-D array [n, D], got shape {first_chunk.shape}")
     dim = first_chunk.shape[1]
+    require_space(Path(group.file.filename).parent, n * dim * 4, f"the features of {n} images "
+                  f"({group.name.lstrip('/')})", then=_MORE_SPACE)
     group.create_dataset("features", shape=(n, dim), dtype=np.float32,
                          chunks=(min(chunk_size, n), dim), dcpl=_preallocated(), fill_time="never")
     group.file.flush()
+
+
+_MORE_SPACE = ", or set TRANSFERKIT_HOME to a folder on a disk with more room"
+
+
+def _split_bytes(paths: list[str], dim: int) -> int:
+    """What a split takes on disk: features, labels and paths (with HDF5's per-string overhead)."""
+    return len(paths) * (dim * 4 + 8 + 16) + sum(len(path.encode()) for path in paths)
+
+
+def _reserve(path: Path) -> None:
+    """Give the file's unwritten (sparse) extent real blocks, so that writing features into it can
+    never fail for lack of space; ``OSError(ENOSPC)`` here, while HDF5 has nothing unwritten."""
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:  # macOS, Windows: the space check alone
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        allocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            missing = os.fstat(fd).st_size - os.fstat(fd).st_blocks * 512
+            raise ResourceError(f"not enough space for the features in {path.parent}: about {format_bytes(missing)} "
+                                f"more are needed; free some space{_MORE_SPACE}") from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _read(group: h5py.Group) -> tuple[np.ndarray, np.ndarray, list[str]]:

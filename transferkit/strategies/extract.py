@@ -1,5 +1,8 @@
 """Feature extraction: cut the backbone, cache pooled features in HDF5, fit a scikit-learn classifier.
 
+The run folder is written beside the output folder and put in place in one step when complete
+(see :mod:`transferkit.outputs`): a failure or a kill leaves the previous run folder as it was.
+
 Example:
     >>> run = extract(load_recipe("recipes/digits.yaml"))
     >>> run.metrics["val"]["top1"]
@@ -18,7 +21,9 @@ from transferkit.accelerator import out_of_memory
 from transferkit.data import ImageSet, load_images
 from transferkit.errors import DeviceMemoryError
 from transferkit.features import FeatureStore, cache_key
-from transferkit.io import transferkit_home
+from transferkit.io import disk_full_is_one_line, transferkit_home
+from transferkit.logs import log_to_stderr_unless_configured
+from transferkit.outputs import OutputFolder
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run import Run, predict_in_batches
 from transferkit.strategies import preflight, recipe_splits
@@ -36,13 +41,28 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     Returns:
         The :class:`Run`, already saved to ``recipe.output``, with ``metrics["val"]`` (and
         ``metrics["test"]`` when the recipe has a test set).
-    """
-    from transferkit.classifiers import build_classifier, fit_cached, predict_proba
-    from transferkit.evaluate import format_metrics, write_report
 
+    Raises:
+        ResourceError: another run uses the output folder, or the disk is full.
+    """
+    log_to_stderr_unless_configured()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     started = time.perf_counter()
     image_size = preflight(recipe)
+    with OutputFolder(recipe.output) as out, disk_full_is_one_line(out.partial, then=", then run again"):
+        run = _extract(recipe, image_size, out.partial, progress, started)
+        run.save(out.partial)
+        out.commit()
+    run.folder = out.path
+    log.info("run saved to %s (%.1fs)", out.path, run.info["seconds"]["total"])
+    return run
+
+
+def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, started: float) -> Run:
+    """Features, the classifier fit and the reports (written to ``folder``); the Run, unsaved."""
+    from transferkit.classifiers import build_classifier, fit_cached, predict_proba
+    from transferkit.evaluate import format_metrics, write_report
+
     splits = recipe_splits(recipe)
     extractor = feature_extractor(recipe, image_size)
     sets = _named_sets(splits)
@@ -61,7 +81,6 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
 
     run = Run(recipe=recipe, class_names=splits.class_names, image_size=image_size,
               feature_extractor=extractor, classifier=classifier)
-    folder = Path(recipe.output)
     for name in ("val", "test"):
         if name in features:
             x, y = features[name]
@@ -71,11 +90,9 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     run.info = {"seconds": {"extract": round(extracted - started, 2), "fit": round(fitted - extracted, 2),
                             "total": round(time.perf_counter() - started, 2)},
                 "images": {name: len(images) for name, images in sets.items()},
-                "skipped_files": [list(item) for images in sets.values() for item in images.skipped],
+                "skipped_files": [list(item) for item in splits.skipped],  # each once, not once per split
                 "feature_dim": int(train_x.shape[1]),
                 "best_params": getattr(classifier, "best_params_", None)}
-    run.save(folder)
-    log.info("run saved to %s (%.1fs)", folder, run.info["seconds"]["total"])
     return run
 
 
@@ -97,6 +114,7 @@ def feature_extractor(recipe: Recipe, image_size: int):
 
 def cache_features(recipe: Recipe, progress: bool = True) -> None:
     """Compute a recipe's features into the feature store, so that its ``extract`` starts from them."""
+    log_to_stderr_unless_configured()
     image_size = preflight(recipe)
     _cached_features(recipe, feature_extractor(recipe, image_size), image_size,
                      _named_sets(recipe_splits(recipe)), progress)
@@ -125,14 +143,19 @@ def _cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str,
         paths = sorted(labels)
         feats, _ = store.compute(f"{Path(root).name}-{_digest(root)}", paths, np.array([labels[p] for p in paths]),
                                  embed, key=cache_key(**config, files=paths), attrs={**config, "root": root},
-                                 progress=progress)
+                                 progress=progress, dim=int(extractor.output.shape[-1]))
         rows.update(zip(paths, feats))
     return {name: (np.stack([rows[p] for p in images.paths]), images.labels) for name, images in sets.items()}
 
 
 def _feature_config(recipe: Recipe, image_size: int) -> dict:
+    """Everything the features depend on; equal settings give equal values (alpha: null is the
+    registry's default width, 1.0)."""
+    from transferkit.backbones import get_backbone_info
+
     spec = recipe.backbone
-    return {"backbone": spec.name, "weights": spec.weights, "alpha": spec.alpha, "options": spec.options,
+    alpha = float(spec.alpha) if spec.alpha is not None else 1.0 if get_backbone_info(spec.name).alphas else None
+    return {"backbone": spec.name, "weights": spec.weights, "alpha": alpha, "options": spec.options,
             "layers": recipe.extract.layer, "pooling": recipe.extract.pooling, "image_size": image_size,
             "tta": recipe.extract.tta, "power_norm": recipe.extract.power_norm}
 
