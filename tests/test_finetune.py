@@ -197,7 +197,7 @@ def test_kill_then_resume_runs_each_epoch_exactly_once(small_cats_dogs, home, tm
 
     recipe = make_recipe(small_cats_dogs, tmp_path / "run", warmup=2, epochs=4)
     (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
-    state = tmp_path / "run" / "checkpoint" / "state.json"
+    state = tmp_path / "run.partial" / "checkpoint" / "state.json"  # the run is written beside its folder
     process = subprocess.Popen([sys.executable, "-m", "transferkit", "finetune", str(tmp_path / "recipe.yaml"),
                                 "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -217,7 +217,7 @@ def test_kill_then_resume_runs_each_epoch_exactly_once(small_cats_dogs, home, tm
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert history["phase"] == ["warmup"] * 2 + ["finetune"] * 4
     assert history["loss"][:before["epoch"]] == before["history"]["loss"]  # kept, not re-run
-    assert not state.exists()
+    assert not state.exists() and not (tmp_path / "run.partial").exists()
 
 
 def test_finetune_command_rejects_an_extract_recipe(tmp_path, small_cats_dogs):

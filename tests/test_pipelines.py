@@ -1,5 +1,6 @@
 """transferkit.pipelines: tf.data and PyDataset batches from real images, shuffling, augmentation, caching."""
 
+import functools
 import time
 
 import numpy as np
@@ -94,12 +95,12 @@ def test_one_hot_labels_and_batch_mixing(pets, pipeline):
     ((x, y),) = _batches(make_dataset(pets, 32, 20, num_classes=2, pipeline=pipeline))
     assert y.dtype == np.float32 and np.array_equal(y.argmax(axis=1), pets.labels) and np.all(y.sum(axis=1) == 1)
     ((mx, my),) = _batches(make_dataset(pets, 32, 20, num_classes=2, pipeline=pipeline,
-                                        mix=BatchMixer(mixup=0.4, seed=0)))
+                                        mix=functools.partial(BatchMixer, mixup=0.4)))
     assert mx.shape == x.shape and not np.array_equal(mx, x)
     np.testing.assert_allclose(my.sum(axis=1), 1, atol=1e-6)
     assert np.any((my > 0) & (my < 1))  # soft targets
     with pytest.raises(ValueError, match="mix needs one-hot labels"):
-        make_dataset(pets, 32, mix=BatchMixer(mixup=0.4), pipeline=pipeline)
+        make_dataset(pets, 32, mix=functools.partial(BatchMixer, mixup=0.4), pipeline=pipeline)
 
 
 def _count_decodes(monkeypatch) -> list:
@@ -133,18 +134,17 @@ def test_cached_batches_equal_decoded_ones_and_decode_once(pets, pipeline, monke
     assert [float(x.sum()) for b, _ in epochs[0] for x in b] != [float(x.sum()) for b, _ in epochs[1] for x in b]
 
 
-def test_pydataset_decodes_the_next_batches_ahead_in_order(pets, monkeypatch):
-    decoded = []
-    load_images = pipelines.load_images
-    monkeypatch.setattr(pipelines, "load_images", lambda paths, size: decoded.append(list(paths)) or load_images(paths, size))
+def test_pydataset_decodes_the_next_batches_ahead(pets, monkeypatch):
+    calls = _count_decodes(monkeypatch)
     dataset = make_dataset(pets, 32, 4, pipeline="pydataset")
     x, _ = dataset[0]
+    ahead = 4 * (1 + pipelines.PREFETCH)
     deadline = time.monotonic() + 30
-    while len(decoded) < 1 + pipelines.PREFETCH and time.monotonic() < deadline:
+    while len(calls) < ahead and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert decoded == [pets.paths[i:i + 4] for i in range(0, 4 * (1 + pipelines.PREFETCH), 4)]
+    assert sorted(calls) == sorted(pets.paths[:ahead])
     x1, _ = dataset[1]  # served from the prefetched decode, not decoded again
-    assert decoded.count(pets.paths[4:8]) == 1
+    assert all(calls.count(path) == 1 for path in pets.paths[4:8])
     np.testing.assert_array_equal(x1, load_images(pets.paths[4:8], 32).astype(np.float32))
 
 
@@ -170,3 +170,33 @@ def test_cache_limit_keeps_as_many_images_as_fit():
     assert 0 < cache_limit("auto", 10**9, 224) < 10**9  # a bound: as many as fit, not all or nothing
     assert cache_limit(True, 10**9, 224) == 10**9 and cache_limit(False, 1, 8) == 0
     assert cache_limit(7, 20, 32) == 7 and cache_limit(50, 20, 32) == 20
+
+
+@pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
+def test_training_epochs_depend_on_the_seed_and_the_epoch_alone(pets, pipeline):
+    """What a resumed run relies on: epochs 1-2 of a dataset that starts at epoch 1 are those of one
+    that starts at epoch 0, order, augmentation and mixing draws included."""
+    from transferkit.augment import BatchMixer, build_augmentation
+
+    def epochs(first, seed=7):
+        augment = build_augmentation(["random_flip", {"random_rotation": 0.2}], seed=seed)
+        dataset = make_dataset(pets, 32, 8, epochs=range(first, 3), augment=augment, seed=seed, num_classes=2,
+                               mix=functools.partial(BatchMixer, mixup=0.4, cutmix=1.0), pipeline=pipeline)
+        batches = _batches(dataset)
+        return [batches[i:i + 3] for i in range(0, len(batches), 3)]  # 3 batches per epoch
+
+    from_start, resumed = epochs(0), epochs(1)
+    assert len(from_start) == 3 and len(resumed) == 2
+    for epoch, again in zip(from_start[1:], resumed):
+        for (x, y), (rx, ry) in zip(epoch, again):
+            assert np.array_equal(x, rx) and np.array_equal(y, ry)
+    first, second = ([float(y.argmax(1).sum()) for _, y in epoch] + [float(x.sum()) for x, _ in epoch]
+                     for epoch in from_start[:2])
+    assert first != second  # a new order and new draws every epoch
+    assert not np.array_equal(epochs(1, seed=8)[0][0][0], resumed[0][0][0])
+
+
+def test_an_epoch_order_is_the_same_in_both_pipelines(pets):
+    orders = [[tuple(y.tolist()) for _, y in _batches(make_dataset(pets, 32, 8, epochs=range(2, 4), pipeline=p))]
+              for p in ("tf", "pydataset")]
+    assert orders[0] == orders[1]

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import RecipeError
-from transferkit.io import atomic_write_json, atomic_write_text
+from transferkit.io import atomic_write_json, atomic_write_text, disk_full_is_one_line, exclusive_lock
+from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.recipe import Recipe, load_recipe
 
 log = logging.getLogger("transferkit")
@@ -49,9 +50,11 @@ def compare(recipe: Recipe | str | Path, modes=("normal", "imag"), seeds: int = 
 
     Returns:
         The summary written to ``compare.json``.
-    """
-    from transferkit.strategies.finetune import finetune
 
+    Raises:
+        ResourceError: another comparison uses the folder, or the disk is full.
+    """
+    log_to_stderr_unless_configured()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     modes = list(modes)
     unknown = [mode for mode in modes if mode not in MODES]
@@ -61,6 +64,23 @@ def compare(recipe: Recipe | str | Path, modes=("normal", "imag"), seeds: int = 
     if seeds < 2:
         raise RecipeError(f"compare: needs at least 2 seeds for a spread and a test, got {seeds}")
     folder = Path(output or Path(recipe.output) / "compare")
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock"), str(folder)):
+        curves = _train_all(recipe, modes, seeds, folder, backbone, head, progress)
+        summary = summarize(curves, seeds=[recipe.seed + i for i in range(seeds)])
+        summary["recipe"] = recipe.to_dict()
+        with disk_full_is_one_line(folder, then=", then run the comparison again (finished runs are reused)"):
+            atomic_write_json(folder / "compare.json", summary)
+            atomic_write_text(folder / "compare.md", to_markdown(summary))
+            plot_comparison(curves, folder / "curves.png")
+    log.info("compare: wrote %s\n%s", folder, to_markdown(summary))
+    return summary
+
+
+def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backbone, head, progress: bool) -> dict:
+    """Each mode's histories, one per seed: finished runs read back, the others trained (an
+    unfinished one resumed); each run is a run folder of its own under ``folder/runs``."""
+    from transferkit.strategies.finetune import finetune, unfinished_run
+
     split_seed = recipe.seed if recipe.data.split_seed is None else recipe.data.split_seed
     curves: dict[str, list[dict]] = {mode: [] for mode in modes}
     for index in range(seeds):
@@ -73,17 +93,10 @@ def compare(recipe: Recipe | str | Path, modes=("normal", "imag"), seeds: int = 
             if history is None:
                 run_recipe = dataclasses.replace(recipe, strategy=MODES[mode], seed=seed, output=str(run_folder),
                                                  data=dataclasses.replace(recipe.data, split_seed=split_seed))
-                resume = (run_folder / "checkpoint" / "state.json").is_file()
-                history = finetune(run_recipe, backbone=backbone, head=head, resume=resume,
-                                   progress=progress).history
+                history = finetune(run_recipe, backbone=backbone, head=head, progress=progress,
+                                   resume=unfinished_run(run_folder) is not None).history
             curves[mode].append(history)
-    summary = summarize(curves, seeds=[recipe.seed + i for i in range(seeds)])
-    summary["recipe"] = recipe.to_dict()
-    atomic_write_json(folder / "compare.json", summary)
-    atomic_write_text(folder / "compare.md", to_markdown(summary))
-    plot_comparison(curves, folder / "curves.png")
-    log.info("compare: wrote %s\n%s", folder, to_markdown(summary))
-    return summary
+    return curves
 
 
 def summarize(curves: dict[str, list[dict]], seeds: list[int]) -> dict:
@@ -174,11 +187,13 @@ def plot_comparison(curves: dict[str, list[dict]], path) -> None:
 
 
 def _finished_history(run_folder: Path) -> dict | None:
-    """The history of a finished run in ``run_folder``, or None (nothing there, or unfinished)."""
+    """The history of a finished run in ``run_folder``, or None (nothing there, or a newer run unfinished)."""
     import json
 
+    from transferkit.strategies.finetune import unfinished_run
+
     summary = run_folder / "run.json"
-    if not summary.is_file() or (run_folder / "checkpoint").exists():
+    if not summary.is_file() or unfinished_run(run_folder) is not None:
         return None
     return json.loads(summary.read_text())["history"]
 

@@ -4,45 +4,61 @@ Two pipelines give the same batches: ``tf.data`` under Keras' TensorFlow backend
 ``keras.utils.PyDataset`` (Pillow in a thread pool) everywhere else, so JAX and PyTorch machines
 need no TensorFlow. Both decode in parallel, prefetch, and keep decoded images in memory up to a bound.
 
+Training data can be made a function of ``(seed, epoch)`` alone (``make_dataset(..., epochs=...)``):
+each epoch's order, every augmentation draw and every MixUp/CutMix draw come from seeds derived from
+the recipe's seed, the epoch and the batch, never from what the pipeline did before. A run resumed
+after epoch 2 therefore sees exactly the batches an uninterrupted run saw from epoch 3 on.
+
 TensorFlow and Keras are imported inside the functions that need them, never at module level.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from transferkit.data import ImageSet, load_image, load_images
+from transferkit.data import ImageSet, load_image
+
+log = logging.getLogger("transferkit")
 
 PIPELINES = ("auto", "tf", "pydataset")
 CACHE_FRACTION = 0.25  # cache: auto keeps decoded images in memory up to this share of the RAM
 PREFETCH = 2  # batches the PyDataset pipeline decodes ahead
+# independent random streams derived from one seed (see draw_seeds)
+ORDER, AUGMENT, MIX, MODEL = range(4)
+
 
 def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shuffle: bool = False,
                  augment=None, seed: int = 0, pipeline: str = "auto", num_classes: int | None = None,
-                 mix=None, cache: bool | str = False):
+                 mix=None, cache: bool | int | str = False, epochs: range | None = None):
     """Batches of ``(pixels float32 [B, S, S, 3] in 0..255, labels int32 [B])`` for Keras.
 
     Args:
         images: the images.
         image_size: side ``S`` of the square images.
-        batch_size: images per batch (the last batch may be smaller).
+        batch_size: images per batch (the last batch of an epoch may be smaller).
         shuffle: draw a new order every epoch (seeded).
         augment: a Keras layer applied to each batch in training mode (see
             :func:`transferkit.augment.build_augmentation`), or None.
-        seed: random state of the shuffle.
+        seed: random state of the shuffle, augmentation and mixing.
         pipeline: ``"tf"`` (``tf.data``), ``"pydataset"`` (``keras.utils.PyDataset``, no TensorFlow
             needed) or ``"auto"``: ``"tf"`` under Keras' TensorFlow backend when TF is installed.
         num_classes: give it for one-hot float32 labels ``[B, num_classes]`` instead.
-        mix: a batch function ``(pixels, one_hot) -> (pixels, one_hot)`` in NumPy run after
-            ``augment``, e.g. :class:`transferkit.augment.BatchMixer`; needs ``num_classes``.
+        mix: ``mix(seed=...) -> mixer`` where a mixer maps ``(pixels, one_hot) -> (pixels, one_hot)`` in
+            NumPy after ``augment``, e.g. ``functools.partial(BatchMixer, 0.2)`` (see
+            :class:`transferkit.augment.BatchMixer`); needs ``num_classes``.
         cache: keep decoded images (uint8) in memory from the first epoch on: True (all), False
             (none), a number of images (at most that many), or "auto" (as many as fit in
             :data:`CACHE_FRACTION` of the physical memory). The images beyond the bound are
             decoded again every epoch.
+        epochs: training epochs, e.g. ``range(2, 6)`` (0-based): the dataset yields those epochs'
+            batches back to back, shuffled, each epoch a function of ``(seed, epoch)`` alone; give
+            ``Model.fit`` ``steps_per_epoch=steps_per_epoch(len(images), batch_size)``.
 
     Returns:
         A ``tf.data.Dataset`` or a ``keras.utils.PyDataset``; both work with ``Model.fit`` and
@@ -55,16 +71,28 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
     if mix is not None and num_classes is None:
         raise ValueError("mix needs one-hot labels: give num_classes too")
     build = _tf_dataset if pipeline == "tf" else _image_batches_class()
-    return build(images, image_size, batch_size, shuffle=shuffle, augment=augment, seed=seed,
-                 num_classes=num_classes, mix=mix, cache=cache_limit(cache, len(images), image_size))
+    return build(_Source(images, image_size, batch_size, seed, cache_limit(cache, len(images), image_size)),
+                 shuffle=shuffle or epochs is not None, augment=augment, num_classes=num_classes, mix=mix,
+                 epochs=None if epochs is None else list(epochs))
+
+
+def steps_per_epoch(count: int, batch_size: int) -> int:
+    """Batches in an epoch of ``count`` images."""
+    return -(-count // batch_size)
+
+
+def fitting_batch_size(batch_size: int, count: int, split: str = "training") -> int:
+    """``batch_size``, or ``count`` where it is larger: one batch then holds the whole split, as it
+    would with the larger size, without asking the pipeline for a batch of that size."""
+    if batch_size <= count:
+        return batch_size
+    log.info("data.batch_size %d is more than the %d %s images: using %d (one batch per epoch)",
+             batch_size, count, split, count)
+    return count
 
 
 def cache_limit(cache: bool | int | str, count: int, image_size: int) -> int:
-    """How many of ``count`` decoded images to keep in memory for ``cache`` (see :func:`make_dataset`).
-
-    "auto" counts each uint8 image twice (the cache and the shuffle buffer) against
-    :data:`CACHE_FRACTION` of the physical memory.
-    """
+    """How many of ``count`` decoded images to keep in memory for ``cache`` (see :func:`make_dataset`)."""
     if isinstance(cache, bool):
         return count if cache else 0
     if cache != "auto":
@@ -73,7 +101,31 @@ def cache_limit(cache: bool | int | str, count: int, image_size: int) -> int:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # no sysconf: do not risk it
         return 0
-    return min(count, int(CACHE_FRACTION * memory) // (2 * image_size * image_size * 3))
+    return min(count, int(CACHE_FRACTION * memory) // (image_size * image_size * 3))
+
+
+def draw_seeds(seed: int, stream: int, *key: int, count: int = 1) -> np.ndarray:
+    """``count`` seeds in [1, 2**31) that depend on ``(seed, stream, *key)`` alone (NumPy's SeedSequence)."""
+    words = np.random.SeedSequence([seed % 2**32, stream, *key]).generate_state(count)
+    return (words.astype(np.int64) & 0x7FFFFFFF) | 1
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of ``count`` images in training epoch ``epoch`` (0-based)."""
+    return np.random.default_rng(draw_seeds(seed, ORDER, epoch)[0]).permutation(count)
+
+
+def seed_states(layer) -> list:
+    """The random generator states (Keras ``SeedGenerator``) of ``layer`` and everything in it, in a
+    fixed order: what dropout and the random augmentation layers draw from."""
+    return [variable for variable in layer.variables if variable.name == "seed_generator_state"]
+
+
+def reseed(states: list, seed: int, stream: int, *key: int) -> None:
+    """Set each generator state to its own seed derived from ``(seed, stream, *key)``, so the draws
+    that follow depend on that key alone."""
+    for state, value in zip(states, draw_seeds(seed, stream, *key, count=len(states))):
+        state.assign(np.array([value, 0], dtype=state.dtype))
 
 
 def _tensorflow_backend() -> bool:
@@ -84,50 +136,107 @@ def _tensorflow_backend() -> bool:
     return importlib.util.find_spec("tensorflow") is not None and keras.backend.backend() == "tensorflow"
 
 
-def _tf_dataset(images: ImageSet, image_size: int, batch_size: int, *, shuffle, augment, seed, num_classes, mix,
-                cache):
-    """paths -> shuffle -> Pillow decode in parallel -> batch -> float32 -> augment -> one-hot, mix ->
-    prefetch. The first ``cache`` images are decoded once and kept; with a shuffle they are drawn
-    in random turns with the others."""
+class _Source:
+    """What both pipelines share: the images, their order per epoch, and the decoded-image cache."""
+
+    def __init__(self, images: ImageSet, image_size: int, batch_size: int, seed: int, cache: int):
+        self.images, self.image_size, self.seed = images, image_size, seed
+        # a batch larger than the set is the whole set: the same batches, no pipeline asked for more
+        self.batch_size = max(1, min(int(batch_size), len(images)))
+        self.labels = np.asarray(images.labels, dtype=np.int32)
+        self.per_epoch = steps_per_epoch(len(images), self.batch_size)
+        self._cache_limit, self._decoded, self._lock = cache, {}, threading.Lock()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pixels(self, indices) -> np.ndarray:
+        """uint8 ``[len(indices), S, S, 3]``; decoded images are kept until ``cache`` of them are."""
+        indices = [int(i) for i in indices]
+        missing = [i for i in dict.fromkeys(indices) if i not in self._decoded]
+        if missing:
+            if self._pool is None:
+                with self._lock:
+                    self._pool = self._pool or ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="transferkit-decode")
+            paths = [self.images.paths[i] for i in missing]
+            fresh = dict(zip(missing, self._pool.map(lambda path: load_image(path, self.image_size), paths)))
+            with self._lock:
+                for i in missing[:max(self._cache_limit - len(self._decoded), 0)]:
+                    self._decoded[i] = fresh[i]
+        else:
+            fresh = {}
+        if not indices:
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        return np.stack([self._decoded[i] if i in self._decoded else fresh[i] for i in indices])
+
+    def mix_seed(self, epoch: int, batch: int) -> int:
+        return int(draw_seeds(self.seed, MIX, epoch, batch)[0])
+
+
+def _tf_dataset(source: _Source, *, shuffle, augment, num_classes, mix, epochs):
+    """batches of indices -> Pillow decode (threads, cache) -> float32 -> augment -> one-hot, mix ->
+    prefetch. With ``epochs`` each batch carries ``(epoch, batch)`` and every draw is keyed by it."""
     import tensorflow as tf
 
-    def decode(path):
-        return load_image(path.decode(), image_size)
+    count, batch_size, labels = len(source), source.batch_size, source.labels
 
-    def load(path, label):
-        pixels = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
-        pixels.set_shape((image_size, image_size, 3))
-        return pixels, label
+    def load(indices):
+        pixels = tf.numpy_function(source.pixels, [indices], tf.uint8, stateful=False)
+        pixels.set_shape((None, source.image_size, source.image_size, 3))
+        return tf.cast(pixels, tf.float32), tf.gather(labels, indices)
 
-    def part(start, stop, kept, salt=0):
-        ds = tf.data.Dataset.from_tensor_slices((images.paths[start:stop], images.labels[start:stop].astype(np.int32)))
-        if kept:  # decoded once, then shuffled from memory
-            ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if epochs is None:
+        order = tf.data.Dataset.range(count)
         if shuffle:
-            ds = ds.shuffle(max(stop - start, 1), seed=seed + salt, reshuffle_each_iteration=True)
-        return ds if kept else ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-
-    count = len(images)
-    if cache in (0, count):
-        ds = part(0, count, kept=cache > 0)
-    elif shuffle:
-        ds = tf.data.Dataset.sample_from_datasets([part(0, cache, True), part(cache, count, False, salt=1)],
-                                                  weights=[cache / count, 1 - cache / count], seed=seed)
+            order = order.shuffle(max(count, 1), seed=source.seed, reshuffle_each_iteration=True)
+        ds = order.batch(batch_size).map(lambda indices: (-1, -1, *load(indices)), num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        ds = part(0, cache, True).concatenate(part(cache, count, False))
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+        def one_epoch(epoch):
+            order = tf.numpy_function(lambda e: epoch_order(count, source.seed, int(e)), [epoch], tf.int64)
+            order.set_shape((count,))
+            return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate().map(
+                lambda batch, indices: (epoch, batch, indices))
+        ds = tf.data.Dataset.from_tensor_slices(np.array(epochs, np.int64)).flat_map(one_epoch)
+        ds = ds.map(lambda epoch, batch, indices: (epoch, batch, *load(indices)), num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(_tf_augment(augment, source.seed, keyed=epochs is not None),
+                    num_parallel_calls=None if epochs is not None else tf.data.AUTOTUNE)
     if num_classes is not None:
-        ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda e, b, x, y: (e, b, x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
     if mix is not None:
-        def mixed(x, y):
-            x, y = tf.numpy_function(mix, [x, y], (tf.float32, tf.float32), stateful=True)
-            x.set_shape((None, image_size, image_size, 3))
+        mixer = mix(seed=source.seed) if epochs is None else None
+
+        def mix_batch(epoch, batch, pixels, one_hot):
+            return (mixer or mix(seed=source.mix_seed(int(epoch), int(batch))))(pixels, one_hot)
+
+        def mixed(e, b, x, y):
+            x, y = tf.numpy_function(mix_batch, [e, b, x, y], (tf.float32, tf.float32), stateful=epochs is None)
+            x.set_shape((None, source.image_size, source.image_size, 3))
             y.set_shape((None, num_classes))
-            return x, y
+            return e, b, x, y
         ds = ds.map(mixed, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.map(lambda e, b, x, y: (x, y)).prefetch(tf.data.AUTOTUNE)
+
+
+def _tf_augment(augment, seed: int, keyed: bool):
+    """The ``tf.data`` map function that augments a batch. Keyed, it first sets the layers'
+    generator states from ``(seed, epoch, batch)``: the map then runs batch after batch (one
+    thread), so that no other batch moves the states in between. (Under another Keras backend the
+    layers draw from TensorFlow generators of their own, which are not keyed.)"""
+    import tensorflow as tf
+
+    states = seed_states(augment) if keyed and _tensorflow_backend() else []
+
+    def augmented(epoch, batch, pixels, labels):
+        if states:
+            values = tf.numpy_function(lambda e, b: draw_seeds(seed, AUGMENT, int(e), int(b), count=len(states)),
+                                       [epoch, batch], tf.int64, stateful=False)
+            for i, state in enumerate(states):  # dataset functions run their stateful ops in order
+                state.assign(tf.cast(tf.stack([values[i], 0]), state.dtype))
+        return epoch, batch, augment(pixels, training=True), labels
+
+    return augmented
 
 
 @functools.cache
@@ -143,20 +252,21 @@ def _image_batches_class():
         so their random draws are the same from run to run.
         """
 
-        def __init__(self, images, image_size, batch_size, *, shuffle, augment, seed, num_classes, mix, cache):
+        def __init__(self, source: _Source, *, shuffle, augment, num_classes, mix, epochs):
             super().__init__()
-            self.images, self.image_size, self.batch_size = images, image_size, batch_size
-            self.shuffle, self.augment, self.num_classes, self.mix = shuffle, augment, num_classes, mix
-            self._decoded: dict = {}  # index -> uint8 pixels, filled as batches are read, up to cache of them
-            self._cache_limit = cache
-            self._rng = np.random.default_rng(seed)
-            self._order = np.arange(len(images))
-            self._ahead: dict = {}  # batch index -> Future of its uint8 pixels, this epoch's order
+            self.source, self.shuffle, self.augment, self.num_classes, self.epochs = \
+                source, shuffle, augment, num_classes, epochs
+            self._mix, self._mixer = mix, (mix(seed=source.seed) if mix is not None and epochs is None else None)
+            self._states = seed_states(augment) if augment is not None and epochs is not None else []
+            self._rng = np.random.default_rng(source.seed)
+            self._order = np.arange(len(source))
+            self._orders: dict = {}  # epoch -> its order (the current and the next)
+            self._ahead: dict = {}  # batch index -> Future of its uint8 pixels
             self._loader = None
             self.on_epoch_end()
 
         def __len__(self):
-            return -(-len(self.images) // self.batch_size)
+            return self.source.per_epoch * (len(self.epochs) if self.epochs is not None else 1)
 
         def __getitem__(self, index):
             if not 0 <= index < len(self):
@@ -165,38 +275,39 @@ def _image_batches_class():
                 self._loader = ThreadPoolExecutor(1, thread_name_prefix="transferkit-prefetch")
             for ahead in range(index, min(index + PREFETCH + 1, len(self))):
                 if ahead not in self._ahead:
-                    self._ahead[ahead] = self._loader.submit(self._pixels, self._batch(ahead))
+                    self._ahead[ahead] = self._loader.submit(self.source.pixels, self._plan(ahead)[2])
             for stale in [i for i in self._ahead if i < index]:  # skipped by a caller that jumped ahead
                 self._ahead.pop(stale).cancel()
             pixels = self._ahead.pop(index).result().astype(np.float32)
-            batch = self._batch(index)
+            epoch, batch, indices = self._plan(index)
             if self.augment is not None:
+                if self._states:
+                    reseed(self._states, self.source.seed, AUGMENT, epoch, batch)
                 pixels = keras.ops.convert_to_numpy(self.augment(pixels, training=True))
-            labels = self.images.labels[batch].astype(np.int32)
+            labels = self.source.labels[indices]
             if self.num_classes is not None:
                 labels = np.eye(self.num_classes, dtype=np.float32)[labels]
-            if self.mix is not None:
-                pixels, labels = self.mix(pixels, labels)
+            if self._mix is not None:
+                mixer = self._mixer or self._mix(seed=self.source.mix_seed(epoch, batch))
+                pixels, labels = mixer(pixels, labels)
             return pixels, labels
 
-        def _batch(self, index):
-            return self._order[index * self.batch_size:(index + 1) * self.batch_size]
-
-        def _pixels(self, batch):
-            """The batch's uint8 pixels; decoded images are kept until ``cache`` of them are."""
-            if not self._cache_limit:
-                return load_images([self.images.paths[i] for i in batch], self.image_size)
-            missing = [i for i in batch if i not in self._decoded]
-            fresh = dict(zip(missing, load_images([self.images.paths[i] for i in missing], self.image_size)))
-            for i in missing[:max(self._cache_limit - len(self._decoded), 0)]:
-                self._decoded[i] = fresh[i]
-            return np.stack([self._decoded[i] if i in self._decoded else fresh[i] for i in batch])
+        def _plan(self, index):
+            """``(epoch, batch in the epoch, image indices)`` of batch ``index``."""
+            size, per_epoch = self.source.batch_size, self.source.per_epoch
+            if self.epochs is None:
+                return -1, index, self._order[index * size:(index + 1) * size]
+            epoch, batch = self.epochs[index // per_epoch], index % per_epoch
+            if epoch not in self._orders:
+                self._orders = {e: o for e, o in self._orders.items() if e > epoch - 2}
+                self._orders[epoch] = epoch_order(len(self.source), self.source.seed, epoch)
+            return epoch, batch, self._orders[epoch][batch * size:(batch + 1) * size]
 
         def on_epoch_end(self):
-            if self.shuffle:
+            if self.shuffle and self.epochs is None:
                 for future in self._ahead.values():  # decoded in the old order
                     future.cancel()
                 self._ahead.clear()
-                self._order = self._rng.permutation(len(self.images))
+                self._order = self._rng.permutation(len(self.source))
 
     return ImageBatches

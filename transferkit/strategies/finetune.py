@@ -2,17 +2,22 @@
 
 Training runs as a list of phases (``warmup``, then ``finetune``; with ``strategy: imag`` the
 fine-tuning epochs alternate ``finetune`` and ``imag`` episodes, see :mod:`transferkit.imag`), each
-with its own trainable layers, optimizer and epoch range in one shared epoch count. After every epoch the run folder gets:
+with its own trainable layers, optimizer and epoch range in one shared epoch count.
 
-    checkpoint/epoch-N.weights.h5, epoch-N.optimizer.npz   model and optimizer state of epoch N
-    checkpoint/epoch-N.imag_head.npz                       inside an imag episode: its head
-    checkpoint/best.weights.h5                             best epoch so far (early stopping)
-    checkpoint/state.json                                  epoch, phase, history, early stopping
-    history.json, history.csv, curves.png                  the training monitor
+The run is written into ``<output>.partial`` beside the output folder, which is replaced in one
+step when the run is complete (see :mod:`transferkit.outputs`). After every epoch that sibling gets:
+
+    checkpoint/epoch-N.weights.npz, epoch-N.optimizer.npz   model and optimizer state of epoch N
+    checkpoint/epoch-N.imag_head.npz                        inside an imag episode: its head
+    checkpoint/best.weights.npz                             best epoch so far (early stopping)
+    checkpoint/state.json                                   epoch, phase, history, early stopping
+    history.json, history.csv, curves.png                   the training monitor
 
 ``state.json`` is written last, so it only ever names complete files; ``resume=True`` rebuilds the
-model from the recipe, loads them and carries on with the next epoch. A finished run removes its
-checkpoint folder and leaves ``model/model.keras`` and the reports.
+model from the recipe, loads them and carries on with the next epoch. Every random draw of an epoch
+(its order, augmentation, MixUp/CutMix, dropout) is derived from the recipe's seed and the epoch
+number alone, so the resumed run ends with the weights an uninterrupted run ends with. A finished
+run drops its checkpoint folder and leaves ``model/model.keras`` and the reports.
 
 Example:
     >>> run = finetune(load_recipe("recipes/flowers5_finetune.yaml"))
@@ -25,6 +30,7 @@ import csv
 import dataclasses
 import functools
 import io
+import json
 import logging
 import math
 import shutil
@@ -37,9 +43,11 @@ import numpy as np
 
 from transferkit.accelerator import augment_placement, distribution, dtype_policy, out_of_memory, resolve_precision
 from transferkit.augment import build_augmentation
-from transferkit.pipelines import make_dataset
 from transferkit.errors import RecipeError, TransferkitError
-from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
+from transferkit.io import atomic_path, atomic_write_json, atomic_write_text, disk_full_is_one_line, require_space
+from transferkit.logs import log_to_stderr_unless_configured
+from transferkit.outputs import OutputFolder
+from transferkit.pipelines import MODEL, fitting_batch_size, make_dataset, reseed, seed_states, steps_per_epoch
 from transferkit.recipe import OptimizerSpec, Recipe, load_recipe
 from transferkit.run import Run
 from transferkit.strategies import preflight, recipe_splits
@@ -92,7 +100,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
             vector) gets the head. Unless ``finetune.unfreeze`` says otherwise all of it trains.
         resume: continue an interrupted run from its last finished epoch.
         restart: throw an interrupted run's checkpoint away and start over.
-        progress: show Keras' per-batch progress bar (an epoch summary is always logged).
+        progress: show Keras' per-batch progress bar on a terminal (an epoch summary is always logged).
 
     Returns:
         The :class:`Run`, saved to ``recipe.output``, with ``metrics``, ``history`` (one entry per
@@ -101,12 +109,12 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     Raises:
         TrainingError: an unfinished run in the folder without resume/restart, or a loss that
             became NaN (the last good epoch stays resumable).
+        ResourceError: another run uses the output folder, or the disk is full (the last finished
+            epoch stays resumable).
     """
     import keras
 
-    from transferkit.diagnose import diagnose
-    from transferkit.evaluate import format_metrics, write_report
-
+    log_to_stderr_unless_configured()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     started = time.perf_counter()
     if backbone is None:
@@ -114,14 +122,36 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     else:
         backbone = backbone if isinstance(backbone, keras.Model) else backbone()
         image_size = recipe.data.image_size or backbone.input.shape[1]
-    folder = Path(recipe.output)
-    checkpoints = Checkpoints(folder / "checkpoint")
-    state = _starting_state(checkpoints, resume, restart)
+    with OutputFolder(recipe.output, resumable=lambda partial: Checkpoints.of(partial).state() is not None,
+                      restart=restart) as out, disk_full_is_one_line(out.partial, then=_AGAIN):
+        _adopt_earlier_checkpoint(out, restart)
+        state = _starting_state(Checkpoints.of(out.partial), out.path, resume)
+        run = _train(recipe, out.partial, state, image_size, head=head, backbone=backbone, progress=progress)
+        run.info["seconds"]["this_session"] = round(time.perf_counter() - started, 2)
+        run.save(out.partial)
+        out.commit(drop=("checkpoint",))
+    run.folder = out.path
+    log.info("run saved to %s (%.1fs)", out.path, time.perf_counter() - started)
+    return run
+
+
+_AGAIN = ", then run the same command again with --resume (the last finished epoch is kept)"
+
+
+def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, head, backbone, progress: bool) -> Run:
+    """Train (or go on training) in ``folder``, write the reports there and return the unsaved Run."""
+    import keras
+
+    from transferkit.diagnose import diagnose
+    from transferkit.evaluate import format_metrics, write_report
+
+    checkpoints = Checkpoints.of(folder)
     splits = recipe_splits(recipe)
     if splits.val is None:
         raise RecipeError("data.val: fine-tuning needs a validation split to monitor: "
                           "give a fraction (0.2) or a folder")
     class_names = splits.class_names
+    batch_size = fitting_batch_size(recipe.data.batch_size, len(splits.train))
     precision = resolve_precision(recipe.precision)
     keras.utils.set_random_seed(recipe.seed)
     with distribution(recipe.distribute), dtype_policy(precision):
@@ -134,29 +164,31 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     placement = augment_placement(recipe.data.augment_on)
     if augment is not None:
         log.info("augmentation runs in the %s", "model (training step)" if placement == "model" else "input pipeline")
-    val = make_dataset(splits.val, image_size, recipe.data.batch_size, num_classes=len(class_names),
-                       cache=recipe.data.cache)
+    val = make_dataset(splits.val, image_size, batch_size, num_classes=len(class_names), cache=recipe.data.cache)
     trainer = _Trainer(recipe, model, checkpoints, folder, phases, val, state, head=head, precision=precision,
                        augment=augment if placement == "model" else None)
+    steps = steps_per_epoch(len(splits.train), batch_size)
+    trainer.check_optimizers(steps)
     if state is not None:
-        model.load_weights(checkpoints.weights(state["epoch"]))
+        checkpoints.load_weights(model, state["epoch"])
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], trainer.total, state["phase"])
     elif recipe.warmup.linear_probe:
         _linear_probe(recipe, model, splits, image_size, progress)
+    log.info("training in %s (moved to %s when complete)", folder, recipe.output)
     with distribution(recipe.distribute):
         for phase in phases:
             if trainer.epoch >= phase.last or trainer.stopped:
                 continue
-            train = _train_dataset(recipe, phase, splits.train, image_size, class_names,
-                                   augment if placement == "pipeline" else None)
-            trainer.run_phase(phase, train, verbose=1 if progress and sys.stderr.isatty() else 0)
+            train = _train_dataset(recipe, phase, splits.train, image_size, batch_size, class_names,
+                                   augment if placement == "pipeline" else None, first=trainer.epoch)
+            trainer.run_phase(phase, train, steps, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
     run = Run(recipe=recipe, class_names=class_names, image_size=image_size, model=model,
               history={**trainer.history, "phase": trainer.phases})
     for name, images in (("val", splits.val), ("test", splits.test)):
         if images is not None:
-            data = make_dataset(images, image_size, recipe.data.batch_size)
+            data = make_dataset(images, image_size, fitting_batch_size(batch_size, len(images), name))
             probabilities = model.predict(data, verbose=0).astype("float64")
             run.metrics[name] = write_report(folder, images.labels, probabilities, class_names,
                                              paths=images.paths, prefix=name)
@@ -165,7 +197,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     if diagnosis is not None:
         atomic_write_text(folder / "diagnosis.txt", diagnosis.to_text() + "\n")
         log.info("%s", diagnosis.to_text())
-    run.info = {"seconds": {"train": round(trainer.seconds, 2), "this_session": round(time.perf_counter() - started, 2)},
+    run.info = {"seconds": {"train": round(trainer.seconds, 2)},
                 "images": {name: len(images) for name, images in
                            (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images},
                 "epochs": len(trainer.phases), "precision": precision, "jit_compile": trainer.jit_compile,
@@ -173,10 +205,13 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
                 "augment_on": placement if augment is not None else None,
                 "early_stopping": trainer.early_stopping,
                 "diagnosis": diagnosis.to_dict() if diagnosis else None}
-    run.save(folder)
-    checkpoints.clear()
-    log.info("run saved to %s (%.1fs)", folder, run.info["seconds"]["this_session"])
     return run
+
+
+def unfinished_run(output: str | Path) -> dict | None:
+    """The checkpoint state of an unfinished run into ``output``, or None."""
+    output = Path(output)
+    return Checkpoints.of(output.with_name(f"{output.name}.partial")).state()
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,19 +237,21 @@ def with_augmentation(model, augment):
     return keras.Model(inputs, model(augment(inputs)), name=f"{model.name}_augmented")
 
 
-def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, class_names: list[str], augment=None):
-    """Shuffled one-hot batches, augmented by ``augment``; MixUp/CutMix after warm-up; imagined
-    labels in imag episodes."""
+def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_size: int, class_names: list[str],
+                   augment=None, first: int = 0):
+    """The phase's epochs from ``first`` on: shuffled one-hot batches, augmented by ``augment``;
+    MixUp/CutMix after warm-up; imagined labels in imag episodes. Each epoch's draws depend on the
+    recipe's seed and the epoch alone (see :func:`transferkit.pipelines.make_dataset`)."""
     from transferkit.augment import BatchMixer
 
     if phase.name == "imag":
         images = imagined(images, recipe, phase.episode)
     spec = recipe.finetune
-    mix = (BatchMixer(spec.mixup, spec.cutmix, seed=recipe.seed + phase.first)
+    mix = (functools.partial(BatchMixer, spec.mixup, spec.cutmix)
            if phase.name != "warmup" and (spec.mixup or spec.cutmix) else None)
-    return make_dataset(images, image_size, recipe.data.batch_size, shuffle=True, augment=augment,
-                        seed=recipe.seed + phase.first, num_classes=len(class_names), mix=mix,
-                        cache=recipe.data.cache)
+    return make_dataset(images, image_size, batch_size, augment=augment, seed=recipe.seed,
+                        num_classes=len(class_names), mix=mix, cache=recipe.data.cache,
+                        epochs=range(max(first, phase.first), phase.last))
 
 
 def imagined(images, recipe: Recipe, episode: int):
@@ -264,24 +301,30 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
 # --------------------------------------------------------------------------------------------
 
 class Checkpoints:
-    """The ``checkpoint/`` folder of a run: per-epoch weights and optimizer state, ``state.json``."""
+    """The ``checkpoint/`` folder of a run: per-epoch weights and optimizer state, ``state.json``.
+
+    Arrays are written with NumPy (``.npz``, atomically), not HDF5: on a full disk a write fails with
+    an ordinary error and the earlier epoch stays, where HDF5 leaves its library unusable.
+    """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
+    @classmethod
+    def of(cls, run_folder: Path) -> "Checkpoints":
+        return cls(Path(run_folder) / "checkpoint")
+
     def state(self) -> dict | None:
         """The last saved state, or None when there is no unfinished run."""
-        import json
-
         path = self.folder / "state.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
     def weights(self, epoch: int) -> Path:
-        return self.folder / f"epoch-{epoch}.weights.h5"
+        return self.folder / f"epoch-{epoch}.weights.npz"
 
     @property
     def best(self) -> Path:
-        return self.folder / "best.weights.h5"
+        return self.folder / "best.weights.npz"
 
     def optimizer(self, epoch: int) -> Path:
         return self.folder / f"epoch-{epoch}.optimizer.npz"
@@ -294,17 +337,39 @@ class Checkpoints:
         weights) of ``epoch``, then ``state.json``, then older epochs go."""
         import keras
 
-        self._save_weights(model, self.weights(epoch))
-        _save_arrays(self.optimizer(epoch), [keras.ops.convert_to_numpy(v) for v in optimizer.variables])
-        if imag_head is not None:
-            _save_arrays(self.imag_head(epoch), imag_head)
-        atomic_write_json(self.folder / "state.json", {**state, "epoch": epoch})
+        optimizer_state = [keras.ops.convert_to_numpy(v) for v in optimizer.variables]
+        weights = model.get_weights()
+        require_space(self.folder, sum(a.nbytes for a in [*weights, *optimizer_state, *(imag_head or [])]),
+                      f"the epoch {epoch} checkpoint", then=_AGAIN)
+        try:
+            _save_arrays(self.weights(epoch), weights)
+            _save_arrays(self.optimizer(epoch), optimizer_state)
+            if imag_head is not None:
+                _save_arrays(self.imag_head(epoch), imag_head)
+            atomic_write_json(self.folder / "state.json", {**state, "epoch": epoch})
+        except BaseException:  # state.json still names the last complete epoch: give the space back
+            self._remove_epochs(keep=(self.state() or {}).get("epoch"))
+            raise
+        self._remove_epochs(keep=epoch)
+
+    def _remove_epochs(self, keep: int | None) -> None:
         for path in self.folder.glob("epoch-*"):
-            if not path.name.startswith(f"epoch-{epoch}."):
+            if not path.name.startswith(f"epoch-{keep}."):
                 path.unlink()
 
     def save_best(self, model) -> None:
-        self._save_weights(model, self.best)
+        weights = model.get_weights()
+        require_space(self.folder, sum(a.nbytes for a in weights), "the best epoch's weights", then=_AGAIN)
+        _save_arrays(self.best, weights)
+
+    def load_weights(self, model, epoch: int | None = None) -> None:
+        """Put the weights of ``epoch`` (None: the best epoch) into ``model``."""
+        path = self.best if epoch is None else self.weights(epoch)
+        earlier = path.with_name(path.name.replace(".weights.npz", ".weights.h5"))
+        if not path.is_file() and earlier.is_file():  # written by an earlier transferkit
+            model.load_weights(earlier)
+            return
+        model.set_weights(_load_arrays(path))
 
     def restore_optimizer(self, optimizer, trainable_variables, epoch: int) -> None:
         """Builds ``optimizer`` and loads the variables saved with ``epoch``."""
@@ -320,13 +385,6 @@ class Checkpoints:
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    @staticmethod
-    def _save_weights(model, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name.removesuffix('.weights.h5')}.tmp.weights.h5")
-        model.save_weights(tmp)  # Keras insists on the .weights.h5 ending
-        tmp.replace(path)
-
 
 def _save_arrays(path: Path, arrays: list) -> None:
     with atomic_path(path) as tmp:
@@ -339,13 +397,27 @@ def _load_arrays(path: Path) -> list[np.ndarray]:
         return [saved[f"v{i}"] for i in range(len(saved.files))]
 
 
-def _starting_state(checkpoints: Checkpoints, resume: bool, restart: bool) -> dict | None:
+def _finished(state: dict) -> bool:
+    return state["epoch"] >= state["total_epochs"] or bool(state.get("early_stopping", {}).get("stopped"))
+
+
+def _adopt_earlier_checkpoint(out: OutputFolder, restart: bool) -> None:
+    """A ``checkpoint/`` inside the output folder itself is either what a finished run had not yet
+    dropped when it was killed (removed), or an unfinished run of an earlier transferkit, which
+    checkpointed there (moved beside, so that ``--resume`` continues it; ``--restart`` removes it)."""
+    earlier = Checkpoints.of(out.path)
+    state = earlier.state() if earlier.folder.is_dir() else None
+    if state is not None and not restart and not _finished(state) and Checkpoints.of(out.partial).state() is None:
+        shutil.rmtree(Checkpoints.of(out.partial).folder, ignore_errors=True)
+        earlier.folder.rename(Checkpoints.of(out.partial).folder)
+    else:
+        earlier.clear()
+
+
+def _starting_state(checkpoints: Checkpoints, output: Path, resume: bool) -> dict | None:
     state = checkpoints.state()
-    if state is not None and restart:
-        checkpoints.clear()
-        return None
     if state is not None and not resume:
-        raise TrainingError(f"{checkpoints.folder.parent} holds an unfinished run (stopped after epoch "
+        raise TrainingError(f"{output} has an unfinished run in {checkpoints.folder.parent.name} (stopped after epoch "
                             f"{state['epoch']} of {state['total_epochs']}): add --resume to continue it "
                             "or --restart to start over")
     if state is None and resume:
@@ -365,7 +437,7 @@ class _Trainer:
         state = state or {}
         self.recipe, self.model, self.checkpoints, self.folder, self.val = recipe, model, checkpoints, folder, val
         self.head, self.precision, self.augment = head, precision, augment  # augment: in-model augmentation
-        self.total = phases[-1].last if phases else 0
+        self.phases_planned, self.total = phases, phases[-1].last if phases else 0
         # the fine-tuning schedule runs over all finetune and imag episodes together
         self.budget_first = next((phase.first for phase in phases if phase.name != "warmup"), 0)
         self.trained = model  # the model being trained: ``model``, or in an imag episode the imag model
@@ -383,7 +455,13 @@ class _Trainer:
     def stopped(self) -> bool:
         return bool(self.early_stopping.get("stopped"))
 
-    def run_phase(self, phase: Phase, train, verbose: int) -> None:
+    def check_optimizers(self, steps: int) -> None:
+        """Build every phase's optimizer and schedule once, so that a bad setting fails before
+        the first epoch rather than after the warm-up."""
+        for phase in {phase.name: phase for phase in self.phases_planned}.values():
+            self._optimizer(phase, steps)
+
+    def run_phase(self, phase: Phase, train, steps: int, verbose: int) -> None:
         from transferkit.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
 
         resuming = self.epoch > phase.first
@@ -398,18 +476,19 @@ class _Trainer:
         self.parameters[phase.name] = counts
         log.info("%s: epochs %d-%d, %s trainable of %s parameters", phase.name, phase.first + 1, phase.last,
                  f"{counts['trainable']:,}", f"{counts['total']:,}")
-        optimizer = self.optimizer = self._optimizer(phase, steps_per_epoch=len(train))
+        optimizer = self.optimizer = self._optimizer(phase, steps)
         self._compile(fitted, phase, optimizer)
         if phase.name == "imag":  # the normal model only validates, in end_epoch
             self._compile(self.model, phase, "sgd")
         if resuming:
             self.checkpoints.restore_optimizer(optimizer, self.trained.trainable_variables, self.epoch)
         elif phase.name != "warmup":  # carry on along the schedule after earlier episodes
-            optimizer.iterations.assign((phase.first - self.budget_first) * len(train))
+            optimizer.iterations.assign((phase.first - self.budget_first) * steps)
         monitor = _monitor_class()(self, phase)
         try:
             fitted.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
-                             initial_epoch=self.epoch, callbacks=[monitor], verbose=verbose, shuffle=False)
+                       initial_epoch=self.epoch, steps_per_epoch=steps, callbacks=[monitor], verbose=verbose,
+                       shuffle=False)
         except Exception as error:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
             if not out_of_memory(error):
                 raise
@@ -461,9 +540,9 @@ class _Trainer:
         """Restores the best epoch's weights when early stopping asks for it."""
         spec = self.recipe.finetune.early_stopping
         best = self.checkpoints.best
-        if spec is not None and spec.restore_best_weights and best.is_file() and \
-                self.early_stopping.get("best_epoch") != self.epoch:
-            self.model.load_weights(best)
+        saved = best.is_file() or best.with_name("best.weights.h5").is_file()  # .h5: an earlier transferkit's
+        if spec is not None and spec.restore_best_weights and saved and self.early_stopping.get("best_epoch") != self.epoch:
+            self.checkpoints.load_weights(self.model)
             log.info("restored the weights of epoch %d (best %s %.4f)", self.early_stopping["best_epoch"],
                      spec.monitor, self.early_stopping["best"])
 
@@ -514,6 +593,11 @@ class _Trainer:
             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
                      spec.monitor, state["wait"], state["best"], state["best_epoch"])
         return self.stopped
+
+    def begin_epoch(self, fitted, epoch: int) -> None:
+        """Seed the random layers (dropout, augmentation in the model) from the recipe's seed and
+        ``epoch`` (0-based), so that a resumed run draws what an uninterrupted one draws."""
+        reseed(seed_states(fitted), self.recipe.seed, MODEL, epoch)
 
     def _optimizer(self, phase: Phase, steps_per_epoch: int):
         from transferkit.optim import build_optimizer, build_schedule, layer_decay_multipliers
@@ -589,6 +673,7 @@ def _monitor_class():
             self.diverged, self.diverged_loss, self._started = False, None, 0.0
 
         def on_epoch_begin(self, epoch, logs=None):
+            self.trainer.begin_epoch(self.model, epoch)
             self._started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
