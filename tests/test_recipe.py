@@ -172,7 +172,8 @@ def test_data_cache_is_true_false_auto_or_a_number_of_images():
 
 def test_an_alias_bomb_is_refused_in_milliseconds(tmp_path):
     lines = ["data: {train: a}", "backbone:", "  options:", "    a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    lines += [f"    {name}: &{name} [{', '.join([f'*{previous}'] * 9)}]" for previous, name in zip("abcdefgh", "bcdefghi")]
+    lines += [f"    {name}: &{name} [{', '.join([f'*{previous}'] * 9)}]"
+              for previous, name in zip("abcdefgh", "bcdefghi")]
     path = write(tmp_path, "\n".join(lines) + "\n")
     started = time.monotonic()
     message = error_of(path)
@@ -184,7 +185,8 @@ def test_aliases_that_stay_small_are_fine_and_recursive_ones_are_not(tmp_path):
     recipe = load_recipe(write(tmp_path, "data: {train: a}\nwarmup: {optimizer: &opt {name: adam}}\n"
                                          "finetune: {optimizer: *opt}\n"))
     assert recipe.warmup.optimizer == recipe.finetune.optimizer and recipe.finetune.optimizer.name == "adam"
-    assert "refers to its own anchor" in error_of(write(tmp_path, "data: {train: a}\nbackbone: {options: &o {x: *o}}\n"))
+    recursive = write(tmp_path, "data: {train: a}\nbackbone: {options: &o {x: *o}}\n", name="recursive.yaml")
+    assert "refers to its own anchor" in error_of(recursive)
 
 
 def test_unreadable_files_are_one_line(tmp_path):
