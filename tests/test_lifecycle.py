@@ -467,3 +467,16 @@ def error_line(stderr: Path) -> str:
     lines = text.strip().splitlines()
     assert "Traceback" not in text and [line for line in lines if line.startswith("error:")] == lines[-1:], text
     return lines[-1]
+
+
+@pytest.mark.slow
+def test_a_script_sees_what_the_command_shows(tiny, tmp_path):
+    recipe = tiny_recipe(tiny, tmp_path / "run", strategy="extract")
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    script = "import sys, transferkit as tk\ntk.extract(tk.load_recipe(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "recipe.yaml")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TRANSFERKIT_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert "extracting " in done.stderr and "\r" not in done.stderr  # not a terminal: whole lines
+    assert any(line.startswith("val: top-1") for line in lines) and any(line.startswith("run saved to") for line in lines)

@@ -200,3 +200,10 @@ def test_an_epoch_order_is_the_same_in_both_pipelines(pets):
     orders = [[tuple(y.tolist()) for _, y in _batches(make_dataset(pets, 32, 8, epochs=range(2, 4), pipeline=p))]
               for p in ("tf", "pydataset")]
     assert orders[0] == orders[1]
+
+
+@pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
+def test_a_batch_larger_than_the_images_holds_them_all(pets, pipeline):
+    (x, y), = _batches(make_dataset(pets, 8, 10**9, pipeline=pipeline))
+    assert len(x) == len(y) == len(pets)
+    assert [len(y) for _, y in _batches(make_dataset(pets, 8, 10**9, epochs=range(2), pipeline=pipeline))] == [20, 20]
