@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from transferkit.errors import TransferkitError
-from transferkit.io import exclusive_lock
+from transferkit.io import disk_full_is_one_line, exclusive_lock
 
 log = logging.getLogger("transferkit")
 
@@ -71,16 +71,17 @@ class OutputFolder:
         self.committed = False
 
     def __enter__(self) -> "OutputFolder":
-        self._lock.__enter__()
-        try:
-            self._recover()
-            _check_replaceable(self.path)
-            if self.partial.exists() and (self.restart or not self.resumable(self.partial)):
-                shutil.rmtree(self.partial)
-            self.partial.mkdir(parents=True, exist_ok=True)
-        except BaseException:
-            self._lock.__exit__(None, None, None)
-            raise
+        with disk_full_is_one_line(self.path.parent):
+            self._lock.__enter__()
+            try:
+                self._recover()
+                _check_replaceable(self.path)
+                if self.partial.exists() and (self.restart or not self.resumable(self.partial)):
+                    shutil.rmtree(self.partial)
+                self.partial.mkdir(parents=True, exist_ok=True)
+            except BaseException:
+                self._lock.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
