@@ -3,6 +3,7 @@
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,23 @@ def home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRANSFERKIT_HOME", str(path))
         yield path
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """Runs `transferkit ARGS` through `transferkit.cli.main` in the test process: (exit code, stdout,
+    stderr). For checks that start Keras, which a fresh process would take seconds to do."""
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # the CLI installs its own
+
+    from transferkit.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+        return (code, *capsys.readouterr())
+
+    return run

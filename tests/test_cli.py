@@ -5,13 +5,11 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
-from transferkit.cli import main
 from transferkit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,24 +19,6 @@ def transferkit(*args, cwd=None, env=None, timeout=120):
     """Run `python -m transferkit ARGS` and return the completed process."""
     return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-@pytest.fixture
-def in_process(monkeypatch, capsys):
-    """Runs `transferkit ARGS` through `transferkit.cli.main` in the test process: (exit code, stdout,
-    stderr). For checks that start Keras, which a fresh process would take seconds to do."""
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # the CLI installs its own
-
-    def run(*args):
-        capsys.readouterr()
-        try:
-            main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exit_info:
-            code = exit_info.code
-        return (code, *capsys.readouterr())
-
-    return run
 
 
 def assert_one_line_error(result, *fragments):

@@ -116,6 +116,22 @@ def test_evaluate_again_on_the_runs_own_split_gives_the_same_metrics(first_run):
     assert again["top1"] == first_run.metrics["val"]["top1"] and again["n"] == first_run.metrics["val"]["n"]
 
 
+def test_evaluate_and_export_wait_for_no_run_but_refuse_a_folder_in_use(first_run, tmp_path):
+    from transferkit.errors import ResourceError
+    from transferkit.export import export_model
+    from transferkit.outputs import folder_lock
+
+    loaded = Run.load(first_run.folder)
+    before = (first_run.folder / "val_metrics.json").read_bytes()
+    with folder_lock(first_run.folder):  # as a run replacing the folder holds it
+        with pytest.raises(ResourceError, match="in use by another transferkit run"):
+            loaded.evaluate()
+        with pytest.raises(ResourceError, match="in use by another transferkit run"):
+            export_model(loaded)
+        export_model(loaded, tmp_path / "elsewhere.keras")  # outside the run folder: no lock needed
+    assert (first_run.folder / "val_metrics.json").read_bytes() == before
+
+
 def test_tta_is_part_of_the_saved_model_so_predict_matches_training(small_cats_dogs, home, tmp_path):
     run = extract(make_recipe(small_cats_dogs, tmp_path / "tta", tta=True), progress=False)
     val = [row.split(",")[0] for row in (run.folder / "val_predictions.csv").read_text().splitlines()[1:]]

@@ -337,6 +337,18 @@ def test_run_of_an_untrusted_classifier_type_loads_only_when_trusted_by_name(run
     np.testing.assert_array_equal(loaded.predict(pixels), run_folder.predict(pixels))
 
 
+
+def test_the_commands_open_an_untrusted_classifier_type_only_with_trust(run_folder, images, features, in_process):
+    _, pixels, labels = images
+    x = run_folder.feature_extractor.predict(pixels, verbose=0)
+    run_folder.classifier = build_classifier(ClassifierSpec("sklearn.svm:SVC", grid={}), seed=0).fit(x, labels)
+    run_folder.save()
+    code, _, err = in_process("predict", run_folder.folder, images[0][0])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--trust sklearn.svm._classes.SVC" in err
+    code, out, err = in_process("predict", run_folder.folder, images[0][0], "--trust", "sklearn.svm._classes.SVC")
+    assert code == 0 and out.startswith(str(images[0][0])), err
+
+
 # --------------------------------------------------------------------------------------------
 # The classifier cache
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import assert_one_line_error, in_process, transferkit  # noqa: F401 - in_process: a fixture
+from test_cli import assert_one_line_error, transferkit
 
+from transferkit.errors import RecipeError
 from transferkit.recipe import load_recipe
 from transferkit.strategies import check_recipe
 
@@ -167,3 +168,30 @@ def test_set_one_unfreeze_mode_replaces_the_recipes_mode(tmp_path, in_process):
 def test_shipped_recipes_pass_the_whole_check(path):
     recipe = load_recipe(path)
     assert check_recipe(recipe) == recipe.data.image_size
+
+
+def test_compare_checks_every_mode_before_the_first_run(tmp_path):
+    from transferkit.compare import compare
+
+    recipe = load_recipe(write(tmp_path, "strategy: finetune\nimag: {head: {layers: [{dense: 4, activation: nope}]}}\n"))
+    with pytest.raises(RecipeError, match=r"imag\.head\.layers\[0\]\.activation"):
+        compare(recipe, modes=["normal", "imag"], seeds=2, output=tmp_path / "comparison")
+    assert not (tmp_path / "comparison").exists()
+
+
+def test_finetune_with_its_own_backbone_checks_the_recipe_before_building_it(tmp_path, user_module):
+    from transferkit.strategies.finetune import finetune
+
+    recipe = load_recipe(write(tmp_path, "strategy: finetune\nfinetune: {unfreeze: {from: my_own_layer}, "
+                                         "schedule: {name: function, function: 'nosuch:fn'}}\n"))
+    with pytest.raises(RecipeError, match="finetune.schedule.function: cannot import 'nosuch:fn'"):
+        finetune(recipe, backbone=lambda: pytest.fail("the backbone was built before the recipe was checked"))
+    fixed = load_recipe(write(tmp_path, "strategy: finetune\nfinetune: {unfreeze: {from: my_own_layer}}\n"))
+    check_recipe(fixed, own_backbone=True)  # layer names belong to the caller's model: not checked here
+
+
+def test_any_recipe_seed_seeds_the_imag_episodes():
+    from transferkit.strategies.finetune import episode_seed
+
+    seeds = [episode_seed(2**32 - 1, episode) for episode in (1, 2, 3)]
+    assert all(0 <= seed < 2**32 for seed in seeds) and len(set(seeds)) == 3

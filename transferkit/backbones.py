@@ -376,6 +376,9 @@ def layer_names(name: str, alpha: float | None = None, **kwargs) -> tuple[str, .
     info = get_backbone_info(name)
     key = (info.name, alpha, repr(sorted(kwargs.items())))
     if key not in _LAYER_NAMES:
+        from transferkit.logs import start_keras_quietly
+
+        start_keras_quietly()  # a command's first use of Keras: TensorFlow's start-up lines stay off the terminal
         with _layer_name_counters_kept():
             model = create_backbone(info.name, weights=None, alpha=alpha, **kwargs)
         _LAYER_NAMES[key] = tuple(layer.name for layer in model.layers)

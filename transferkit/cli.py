@@ -14,6 +14,7 @@ import click
 import yaml
 
 from transferkit.errors import TransferkitError
+from transferkit.logs import start_keras_quietly
 
 EXAMPLES = """\b
 Examples:
@@ -97,22 +98,19 @@ def validate(recipe, overrides):
     click.echo(_checked(load_recipe(recipe, overrides=overrides)).to_yaml(), nl=False)
 
 
-def _checked(recipe, strategies=None, weights: bool = True):
+def _checked(recipe, weights: bool = True):
     """``recipe``, checked as `transferkit validate` checks it (the start of every command that runs one).
 
     Args:
-        strategies: check it as each of these strategies (compare runs several); default: its own.
         weights: also check that the backbone's weights file is there (or can be downloaded).
     """
-    import dataclasses
-
     from transferkit.strategies import check_recipe, check_recipe_weights
 
     if weights:
         check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
-    _start_keras_quietly()  # some checks build Keras objects
-    for strategy in strategies or [recipe.strategy]:
-        check_recipe(dataclasses.replace(recipe, strategy=strategy), weights=False)
+    if recipe.strategy != "extract":  # its checks build Keras objects; extract's need Keras only rarely
+        start_keras_quietly()
+    check_recipe(recipe, weights=False)
     return recipe
 
 
@@ -135,7 +133,7 @@ def extract(recipe, overrides, quiet):
 
     recipe = load_recipe(recipe, overrides=overrides)
     check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
-    _start_keras_quietly()
+    start_keras_quietly()
     run = run_extract(recipe, progress=not quiet)  # checks the whole recipe first, as validate does
     click.echo(f"run folder: {run.folder}")
 
@@ -150,8 +148,9 @@ def extract(recipe, overrides, quiet):
 def finetune(recipe, overrides, resume, restart, quiet):
     """Attach a new head, warm it up on the frozen body, unfreeze and fine-tune (strategy finetune or imag).
 
-    Every epoch is checkpointed; after an interruption (even kill -9) run the same command with
-    --resume. history.json, history.csv and curves.png are rewritten after each epoch.
+    Training happens in OUTPUT.partial/ beside the output folder: every epoch is checkpointed there
+    and history.json, history.csv and curves.png are rewritten there; the finished run replaces the
+    output folder in one step. After an interruption (even kill -9) run the same command with --resume.
 
     \b
     Examples:
@@ -170,7 +169,7 @@ def finetune(recipe, overrides, resume, restart, quiet):
         raise click.UsageError("the recipe's strategy is extract: run `transferkit extract RECIPE`, "
                                "or --set strategy=finetune")
     check_recipe_weights(recipe)
-    _start_keras_quietly()
+    start_keras_quietly()
     run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)  # checks it all first
     click.echo(f"run folder: {run.folder}")
 
@@ -193,23 +192,31 @@ def compare(recipe, modes, seeds, output, overrides):
     Example:
       transferkit compare recipes/digits8_imag.yaml --modes normal,imag --seeds 3
     """
-    from transferkit.compare import MODES, compare as run_compare, to_markdown
+    from transferkit.compare import compare as run_compare, to_markdown
     from transferkit.recipe import load_recipe
+    from transferkit.strategies import check_recipe_weights
 
-    modes = [m.strip() for m in modes.split(",") if m.strip()]
-    recipe = load_recipe(recipe, overrides=overrides)  # checked for every mode before the first run
-    _checked(recipe, strategies=sorted({MODES[mode] for mode in modes if mode in MODES}))
-    summary = run_compare(recipe, modes=modes, seeds=seeds, output=output)
+    recipe = load_recipe(recipe, overrides=overrides)
+    check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
+    start_keras_quietly()
+    summary = run_compare(recipe, modes=[m.strip() for m in modes.split(",") if m.strip()], seeds=seeds,
+                          output=output)  # checks the recipe for every mode before the first run
     click.echo(to_markdown(summary), nl=False)
+
+
+_TRUST = click.option("--trust", "trusted", multiple=True, metavar="TYPE",
+                      help="Open a classifier of this type (module.Class, as the error names it) though it is not "
+                           "one of transferkit's own; only for a run folder whose source you trust (repeatable).")
 
 
 @cli.command()
 @click.argument("run_folder", type=click.Path(file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
+@_TRUST
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Classes listed per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines for machines.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV for machines.")
-def predict(run_folder, images, top_k, as_json, as_csv):
+def predict(run_folder, images, trusted, top_k, as_json, as_csv):
     """Classify images (files or folders, searched recursively) with a trained run.
 
     \b
@@ -221,8 +228,8 @@ def predict(run_folder, images, top_k, as_json, as_csv):
 
     from transferkit.run import Run
 
-    _start_keras_quietly()
-    rows, _ = Run.load(run_folder).classify(images, top_k=top_k)
+    start_keras_quietly()
+    rows, _ = Run.load(run_folder, trusted=trusted).classify(images, top_k=top_k)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
@@ -282,7 +289,8 @@ def _days_ago(timestamp: float) -> str:
 @click.argument("run_folder", type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(file_okay=False), help="A class-per-folder set with the run's classes. "
               "Default: the run's own test (else val) split.")
-def evaluate(run_folder, data):
+@_TRUST
+def evaluate(run_folder, data, trusted):
     """Evaluate a trained run again, on its own held-out split or on other data.
 
     \b
@@ -293,8 +301,8 @@ def evaluate(run_folder, data):
     from transferkit.evaluate import format_metrics
     from transferkit.run import Run
 
-    _start_keras_quietly()
-    run = Run.load(run_folder)
+    start_keras_quietly()
+    run = Run.load(run_folder, trusted=trusted)
     click.echo(format_metrics(run.evaluate(data)))
 
 
@@ -304,7 +312,8 @@ def evaluate(run_folder, data):
               "RUN_FOLDER/export/saved_model or RUN_FOLDER/export/model.tflite.")
 @click.option("--format", "format_", type=click.Choice(["keras", "saved_model", "tflite"]), default="keras",
               show_default=True, help="saved_model and tflite need the TensorFlow backend.")
-def export(run_folder, output, format_):
+@_TRUST
+def export(run_folder, output, format_, trusted):
     """One model, raw images in, probabilities out (an extract run's linear classifier folded in).
 
     \b
@@ -314,8 +323,10 @@ def export(run_folder, output, format_):
     """
     from transferkit.export import export_model
 
-    _start_keras_quietly()
-    click.echo(f"wrote {export_model(run_folder, output, format=format_)}")
+    start_keras_quietly()
+    from transferkit.run import Run
+
+    click.echo(f"wrote {export_model(Run.load(run_folder, trusted=trusted), output, format=format_)}")
 
 
 class SizeType(click.ParamType):
@@ -361,7 +372,7 @@ def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, 
     from transferkit.recommend import recommend as recommend_strategy
 
     if data is not None and (similar is None or candidates):
-        _start_keras_quietly()
+        start_keras_quietly()
     rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone, alpha=alpha)
     recipe = rec.recipe(data=_absolute(data), name=Path(write_to).stem if write_to else "my-run")
     ranking = _rank(data, candidates) if candidates else None
@@ -438,34 +449,6 @@ def _write_recipe(path, recipe: dict, rec, placeholder: bool) -> None:
         text = text.replace(f"train: {PLACEHOLDER_DATA}\n",
                             f"train: {PLACEHOLDER_DATA}  # FILL IN: one sub-folder per class\n")
     atomic_write_text(path, text)
-
-
-def _start_keras_quietly() -> None:
-    """Import Keras and start its backend with TensorFlow's C++ start-up chatter kept off the terminal.
-
-    TensorFlow prints a few lines before its logging is initialised, which no environment setting
-    silences. They are captured and shown only if the start-up fails.
-    """
-    if "keras" in sys.modules:
-        return
-    import os
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import keras
-            keras.ops.convert_to_numpy(keras.ops.zeros(1))  # device start-up prints too
-        except BaseException:
-            os.dup2(saved, 2)
-            capture.seek(0)
-            sys.stderr.write(capture.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def main(argv=None) -> None:

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import RecipeError
-from transferkit.io import atomic_write_json, atomic_write_text, disk_full_is_one_line, exclusive_lock
+from transferkit.io import atomic_write_json, atomic_write_text, disk_full_is_one_line
 from transferkit.logs import log_to_stderr_unless_configured
+from transferkit.outputs import folder_lock
 from transferkit.recipe import Recipe, load_recipe
 
 log = logging.getLogger("transferkit")
@@ -63,8 +64,12 @@ def compare(recipe: Recipe | str | Path, modes=("normal", "imag"), seeds: int = 
                           f"{','.join(map(str, modes))}")
     if seeds < 2:
         raise RecipeError(f"compare: needs at least 2 seeds for a spread and a test, got {seeds}")
+    from transferkit.strategies import check_recipe
+
+    for strategy in sorted({MODES[mode] for mode in modes}):  # every mode, before the first run starts
+        check_recipe(dataclasses.replace(recipe, strategy=strategy), own_backbone=backbone is not None)
     folder = Path(output or Path(recipe.output) / "compare")
-    with exclusive_lock(folder.with_name(f".{folder.name}.lock"), str(folder)):
+    with folder_lock(folder):
         curves = _train_all(recipe, modes, seeds, folder, backbone, head, progress)
         summary = summarize(curves, seeds=[recipe.seed + i for i in range(seeds)])
         summary["recipe"] = recipe.to_dict()

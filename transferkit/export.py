@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from transferkit.errors import TransferkitError
 from transferkit.io import atomic_path, atomic_write_json
+from transferkit.outputs import folder_lock
 
 
 FORMATS = {"keras": "model/model.keras", "saved_model": "export/saved_model", "tflite": "export/model.tflite"}
@@ -79,12 +81,14 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
         classifier.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         class_names = [run.class_names[c] for c in classes]
 
-    atomic_write_json(_classes_path(path), {"class_names": class_names, "image_size": run.image_size})
-    if format == "keras":
-        with atomic_path(path) as tmp:
-            model.save(tmp)
-    else:
-        _export_tensorflow(model, path, format)
+    inside_run = run.folder is not None and path.resolve().is_relative_to(Path(run.folder).resolve())
+    with folder_lock(run.folder) if inside_run else contextlib.nullcontext():  # not while a run replaces it
+        atomic_write_json(_classes_path(path), {"class_names": class_names, "image_size": run.image_size})
+        if format == "keras":
+            with atomic_path(path) as tmp:
+                model.save(tmp)
+        else:
+            _export_tensorflow(model, path, format)
     return path
 
 

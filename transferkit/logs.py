@@ -1,4 +1,5 @@
-"""Progress and epoch lines for people using transferkit from Python (scripts, notebooks).
+"""What transferkit shows on stderr: progress and epoch lines for people using it from Python
+(scripts, notebooks), and nothing of TensorFlow's start-up chatter (:func:`start_keras_quietly`).
 
 transferkit logs to the ``"transferkit"`` logger. The command line configures logging itself; a
 script or notebook that has not configured logging would see nothing, so the first long-running
@@ -11,7 +12,9 @@ quiets it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 
 LOGGER = "transferkit"
 
@@ -45,3 +48,28 @@ def log_to_stderr_unless_configured() -> None:
     logger.addHandler(_StderrHandler())
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+
+
+def start_keras_quietly() -> None:
+    """Import Keras and start its backend with TensorFlow's C++ start-up chatter kept off the terminal.
+
+    TensorFlow prints a few lines before its logging is initialised, which no environment setting
+    silences. They are captured and shown only if the start-up fails.
+    """
+    if "keras" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import keras
+            keras.ops.convert_to_numpy(keras.ops.zeros(1))  # device start-up prints too
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

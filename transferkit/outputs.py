@@ -67,7 +67,7 @@ class OutputFolder:
         self.path, self.resumable, self.restart = path, resumable, restart
         self.partial = path.with_name(f"{path.name}.partial")
         self._aside = path.with_name(f".{path.name}.old")
-        self._lock = exclusive_lock(path.with_name(f".{path.name}.lock"), str(path))
+        self._lock = folder_lock(path)
         self.committed = False
 
     def __enter__(self) -> "OutputFolder":
@@ -125,6 +125,13 @@ class OutputFolder:
             else:
                 os.rename(self._aside, self.path)
                 log.info("restored the previous run folder %s", self.path)
+
+
+def folder_lock(path: str | Path):
+    """The lock of the folder ``path`` (a run's output, a comparison), held while something writes it:
+    ``with folder_lock("runs/flowers"): ...`` raises :class:`ResourceError` at once if another process has it."""
+    path = Path(os.path.abspath(path))
+    return exclusive_lock(path.with_name(f".{path.name}.lock"), str(path))
 
 
 def _check_replaceable(path: Path) -> None:

@@ -289,7 +289,8 @@ def _load_skops(path: Path, trusted: tuple[str, ...]):
         raise TransferkitError(
             f"{path}: holds types transferkit does not open ({', '.join(untrusted[:5])}"
             f"{', ...' if len(untrusted) > 5 else ''}); it opens only its own classifiers (logistic_regression, "
-            f"linear_svm, knn, random_forest): if you trust where this file came from, pass trusted={untrusted!r}")
+            f"linear_svm, knn, random_forest): if you trust where this file came from, open it with "
+            f"{' '.join('--trust ' + name for name in untrusted)} (Python: trusted={untrusted!r})")
     saved = skops.io.loads(data, trusted=sorted(trusted_types() | set(trusted)))
     if not isinstance(saved, dict) or "estimator" not in saved or not isinstance(saved.get("metadata"), str):
         raise TransferkitError(f"{path}: not a transferkit classifier file: fit it again with `transferkit extract`")

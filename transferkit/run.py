@@ -9,6 +9,11 @@ Run folder layout::
       model/model.keras            images -> class probabilities (finetune, imag; extract after export)
       history.json, history.csv, curves.png, diagnosis.txt       (finetune, imag)
       val_*.{json,csv,png,txt}, test_*...                       evaluation reports
+    runs/<name>.partial/           a run being written (and a fine-tuning run's checkpoints)
+    runs/.<name>.lock              locked while a process writes runs/<name>
+
+A run is written into ``<name>.partial`` and replaces ``<name>`` whole when it is complete (see
+:mod:`transferkit.outputs`), so a run folder is never half old, half new.
 
 A run folder is data, safe to open from anyone: it holds no pickle. Keras models load with
 ``safe_mode=True``; the classifier is arrays (linear ones, ``.npz``) or a ``skops`` file opened only
@@ -129,21 +134,25 @@ class Run:
             The metrics of :func:`transferkit.evaluate.evaluate_predictions`.
         """
         from transferkit.data import scan_folder
-        from transferkit.strategies import recipe_splits
         from transferkit.evaluate import write_report
+        from transferkit.outputs import folder_lock
+        from transferkit.strategies import recipe_splits
 
-        folder = Path(self.folder or self.recipe.output)
+        run_folder = Path(self.folder or self.recipe.output)
         if data is not None:
-            images, prefix = scan_folder(data, class_names=self.class_names), "eval"
-            folder = folder / "evaluations" / Path(data).resolve().name
+            images, prefix = scan_folder(data, class_names=self.class_names,
+                                         follow_links=self.recipe.data.follow_links), "eval"
+            folder = run_folder / "evaluations" / Path(data).resolve().name
         else:
             splits = recipe_splits(self.recipe)
             prefix = "test" if splits.test is not None else "val"
-            images = getattr(splits, prefix)
+            images, folder = getattr(splits, prefix), run_folder
             if images is None:
                 raise TransferkitError("the recipe has neither a test nor a val split: pass --data DIR")
-        return write_report(folder, images.labels, self.predict(images.paths), self.class_names,
-                            paths=images.paths, prefix=prefix)
+        probabilities = self.predict(images.paths)
+        with folder_lock(run_folder):  # not while a run is replacing the folder
+            return write_report(folder, images.labels, probabilities, self.class_names, paths=images.paths,
+                                prefix=prefix)
 
     def save(self, folder: str | Path | None = None) -> Path:
         """Write the run folder (default: the recipe's ``output``); every file is written atomically.

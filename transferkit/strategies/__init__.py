@@ -18,7 +18,7 @@ from transferkit.recipe import Recipe, did_you_mean
 MONITORED = ("val_loss", "val_accuracy", "val_top5", "loss", "accuracy", "top5")
 
 
-def check_recipe(recipe: Recipe, *, weights: bool = True) -> int:
+def check_recipe(recipe: Recipe, *, weights: bool = True, own_backbone: bool = False) -> int:
     """Check what can fail before any slow work: nothing is trained, no image is read.
 
     Keras is imported only when a check needs it (optimizers, augmentation, a layer name that is not
@@ -27,6 +27,8 @@ def check_recipe(recipe: Recipe, *, weights: bool = True) -> int:
     Args:
         recipe: a loaded recipe.
         weights: also check that the backbone's weights file is there or can be downloaded.
+        own_backbone: the caller trains a Keras model of its own instead of ``recipe.backbone``, so
+            neither its weights nor layer names are checked.
 
     Returns:
         The input image size: the recipe's, or the backbone's default.
@@ -34,12 +36,12 @@ def check_recipe(recipe: Recipe, *, weights: bool = True) -> int:
     Raises:
         TransferkitError: one line naming the recipe key and the fix.
     """
-    if weights:
+    if weights and not own_backbone:
         check_recipe_weights(recipe)
     if recipe.strategy == "extract":
         _check_extract(recipe)
     else:
-        _check_finetune(recipe)
+        _check_finetune(recipe, layers=not own_backbone)
     return _image_size(recipe)
 
 
@@ -77,7 +79,7 @@ def _check_extract(recipe: Recipe) -> None:
     check_classifier(recipe.extract.classifier)  # name, estimator class, parameters, grid: short of fitting
 
 
-def _check_finetune(recipe: Recipe) -> None:
+def _check_finetune(recipe: Recipe, layers: bool = True) -> None:
     from transferkit.augment import check_augmentation
     from transferkit.heads import check_head
     from transferkit.optim import check_optimizer, check_schedule
@@ -94,8 +96,9 @@ def _check_finetune(recipe: Recipe) -> None:
             raise RecipeError("warmup.linear_probe: works with head.pooling avg or max, not flatten")
     elif warmup.epochs:
         check_optimizer(warmup.optimizer, "warmup.optimizer")
-    if finetune.epochs:
+    if finetune.epochs and layers:
         _check_unfreeze(recipe)
+    if finetune.epochs:
         check_optimizer(finetune.optimizer, "finetune.optimizer")
         check_schedule(finetune.schedule, finetune.optimizer.learning_rate, finetune.epochs)
         if finetune.early_stopping is not None and finetune.early_stopping.monitor not in MONITORED:

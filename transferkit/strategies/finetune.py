@@ -50,7 +50,7 @@ from transferkit.outputs import OutputFolder
 from transferkit.pipelines import MODEL, fitting_batch_size, make_dataset, reseed, seed_states, steps_per_epoch
 from transferkit.recipe import OptimizerSpec, Recipe, load_recipe
 from transferkit.run import Run
-from transferkit.strategies import preflight, recipe_splits
+from transferkit.strategies import check_recipe, preflight, recipe_splits
 
 log = logging.getLogger("transferkit")
 
@@ -120,6 +120,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     if backbone is None:
         image_size = preflight(recipe)
     else:
+        check_recipe(recipe, own_backbone=True)
         backbone = backbone if isinstance(backbone, keras.Model) else backbone()
         image_size = recipe.data.image_size or backbone.input.shape[1]
     with OutputFolder(recipe.output, resumable=lambda partial: Checkpoints.of(partial).state() is not None,
@@ -254,11 +255,16 @@ def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_
                         epochs=range(max(first, phase.first), phase.last))
 
 
+def episode_seed(seed: int, episode: int) -> int:
+    """The seed of imag episode ``episode``'s label permutation and fresh head (any recipe seed fits)."""
+    return (seed * 1000 + episode) % 2**32
+
+
 def imagined(images, recipe: Recipe, episode: int):
     """``images`` with the imagined labels of imag episode ``episode`` (its own seeded permutation)."""
     from transferkit.imag import label_mapping
 
-    mapping = label_mapping(recipe.imag.mapping, images.class_names, seed=recipe.seed * 1000 + episode)
+    mapping = label_mapping(recipe.imag.mapping, images.class_names, seed=episode_seed(recipe.seed, episode))
     log.info("imag episode %d: %s", episode, ", ".join(f"{images.class_names[i]}->{images.class_names[j]}"
                                                       for i, j in enumerate(mapping) if i != j))
     return dataclasses.replace(images, labels=mapping[images.labels])
@@ -279,9 +285,7 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
     if "head_logits" not in names or names[names.index(HEAD_POOL) + 1:] not in (
             ["head_logits", "probabilities"], ["head_dropout", "head_logits", "probabilities"]):
         raise RecipeError("warmup.linear_probe: needs the built-in head without hidden layers "
-                          "(head.layers: [], no head.custom); or use warmup.epochs instead")
-    if recipe.head.pooling == "flatten":
-        raise RecipeError("warmup.linear_probe: works with head.pooling avg or max, not flatten")
+                          "(head.layers: [], no head function); or use warmup.epochs instead")
     probe = dataclasses.replace(recipe, extract=ExtractSpec(layer="top", pooling=recipe.head.pooling,
                                                             tta=False, power_norm=False))
     extractor = keras.Model(model.input, model.get_layer(HEAD_POOL).output)
@@ -527,7 +531,7 @@ class _Trainer:
         from transferkit.surgery import HEAD_POOL
 
         spec = self.recipe.imag.head or self.recipe.head
-        keras.utils.set_random_seed(self.recipe.seed * 1000 + phase.episode)
+        keras.utils.set_random_seed(episode_seed(self.recipe.seed, phase.episode))
         with dtype_policy(self.precision):
             outputs = build_head(self.model.get_layer(HEAD_POOL).output, self.num_classes, spec,
                                  None if self.recipe.imag.head else self.head)
