@@ -88,11 +88,14 @@ def measure(images, backbone: str = "mobilenet_v2", alpha: float | None = None, 
     info = get_backbone_info(backbone)
     size = image_size or info.default_size
     sample = _subsample(images, subsample, seed)
+    log.info("measuring %s on %d images (%dpx): features at %d cut points", info.name, len(sample), size,
+             len(info.cut_points))
     pixels = load_images(sample.paths, size).astype("float32")
     body = create_backbone(backbone, image_size=size, alpha=alpha)
     layers = list(info.cut_points)
     features = _pooled_at(body, layers, pixels)
     embedded = time.perf_counter()
+    log.info("measuring: linear probe and LogME at each cut point (features took %.0fs)", embedded - started)
 
     probe, probe_std, scores = {}, {}, {}
     for layer, x in zip(layers, features):
@@ -112,8 +115,9 @@ def measure(images, backbone: str = "mobilenet_v2", alpha: float | None = None, 
                        notes=notes)
 
 
-def rank_backbones(images, candidates, seed: int = 0, subsample: int = SUBSAMPLE) -> list[dict]:
-    """Measure each ``(name, alpha)`` that has weights; rank them by LogME and by the probe.
+def rank_backbones(images, candidates, seed: int = 0, subsample: int = SUBSAMPLE, progress: bool = True) -> list[dict]:
+    """Measure each ``(name, alpha)`` that has weights; rank them by LogME and by the probe (``progress``:
+    log each measurement's steps to stderr, unless logging is configured).
 
     Returns:
         One row per candidate, best LogME first: ``backbone``, ``alpha``, ``best_layer``, ``logme``
@@ -122,7 +126,10 @@ def rank_backbones(images, candidates, seed: int = 0, subsample: int = SUBSAMPLE
     """
     from transferkit.backbones import check_weights
     from transferkit.errors import BackboneError
+    from transferkit.logs import log_to_stderr_unless_configured
 
+    if progress:
+        log_to_stderr_unless_configured()
     rows, skipped = [], []
     for name, alpha in candidates:
         try:

@@ -87,7 +87,7 @@ def count_images(data: str | Path) -> dict:
 
 def recommend(size: str | int | None = None, similar: bool | str | None = None, *,
               data: str | Path | None = None, backbone: str = "mobilenet_v2", alpha: float | None = None,
-              seed: int = 0) -> Recommendation:
+              seed: int = 0, progress: bool = True) -> Recommendation:
     """Pick a strategy from the decision table, measuring what is not given.
 
     Args:
@@ -101,6 +101,7 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
             settings use.
         alpha: the backbone's width multiplier, for measuring.
         seed: seeds the measurement's subsample.
+        progress: log what the measurement is doing (to stderr, unless logging is configured).
 
     Returns:
         A :class:`Recommendation`; ``.recipe(data)`` turns it into a runnable recipe.
@@ -119,8 +120,11 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
     measurement = None
     if similar is None and data is not None:
         from transferkit.data import resolve_source, scan_folder
+        from transferkit.logs import log_to_stderr_unless_configured
         from transferkit.measure import measure
 
+        if progress:
+            log_to_stderr_unless_configured()
         measurement = measure(scan_folder(resolve_source(data), screen=False), info.name, alpha, seed=seed)
         similar = measurement.similar
         evidence.update(_similarity_evidence(measurement))

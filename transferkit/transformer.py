@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import logging
 import numbers
 import os
 from pathlib import Path
@@ -29,6 +30,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from transferkit.backbones import check_weights, get_backbone_info
+from transferkit.logs import log_to_stderr_unless_configured
+
+log = logging.getLogger("transferkit")
 
 _CHUNK = 256  # images decoded and embedded at a time: bounds memory for long path lists
 
@@ -45,6 +49,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         pooling: "avg" or "max".
         batch_size: images per forward pass.
         tta: average the features of each image and its horizontal flip.
+        verbose: log a line per 256 images transformed (to stderr, unless logging is configured).
 
     Attributes:
         model_: the Keras model, raw RGB 0..255 images -> `[N, n_features_out_]` (shared with
@@ -60,7 +65,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, backbone="mobilenet_v2", layer="top", weights="imagenet", image_size=None,
-                 alpha=None, pooling="avg", batch_size=32, tta=False):
+                 alpha=None, pooling="avg", batch_size=32, tta=False, verbose=False):
         self.backbone = backbone
         self.layer = layer
         self.weights = weights
@@ -69,6 +74,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.pooling = pooling
         self.batch_size = batch_size
         self.tta = tta
+        self.verbose = verbose
 
     def fit(self, X, y=None):
         """Validates the parameters and builds the feature model; `X` and `y` are not used.
@@ -98,7 +104,13 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         images = _as_images(X)
-        chunks = [self._embed(self._pixels(images[i:i + _CHUNK])) for i in range(0, len(images), _CHUNK)]
+        if self.verbose:
+            log_to_stderr_unless_configured()
+        chunks = []
+        for start in range(0, len(images), _CHUNK):
+            chunks.append(self._embed(self._pixels(images[start:start + _CHUNK])))
+            if self.verbose:
+                log.info("features: %d/%d images", min(start + _CHUNK, len(images)), len(images))
         return np.concatenate(chunks) if chunks else np.zeros((0, self.n_features_out_), np.float32)
 
     def get_feature_names_out(self, input_features=None):
