@@ -82,8 +82,14 @@ def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
 def test_a_layer_the_backbone_lacks_fails_at_validate(tmp_path):
     """What `recommend` writes for MobileNetV2, run with MobileNet: it used to die after warm-up."""
     path = write(tmp_path, "strategy: finetune\nfinetune: {unfreeze: {from: block_13_expand}}\n")
-    assert_one_line_error(transferkit("validate", path), "finetune.unfreeze.from: mobilenet has no layer "
-                          "'block_13_expand'", "conv_dw_12")
+    assert_one_line_error(transferkit("validate", path), f"error: {path}: finetune.unfreeze.from: mobilenet has no "
+                          "layer 'block_13_expand'", "conv_dw_12")
+
+
+def test_the_commands_that_run_a_recipe_check_it_first_and_name_it(tmp_path, in_process):
+    path = write(tmp_path, "extract: {layer: conv_pw_99_relu}\n")  # no data folder either: the layer fails first
+    code, _, error = in_process("extract", path)
+    assert code == 2 and error.startswith(f"error: {path}: extract.layer: mobilenet has no layer"), error
 
 
 # --- the checks that need Python objects: through the command's entry point, in this process -------

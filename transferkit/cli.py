@@ -95,22 +95,29 @@ def validate(recipe, overrides):
     """
     from transferkit.recipe import load_recipe
 
-    click.echo(_checked(load_recipe(recipe, overrides=overrides)).to_yaml(), nl=False)
+    click.echo(_checked(load_recipe(recipe, overrides=overrides), recipe).to_yaml(), nl=False)
 
 
-def _checked(recipe, weights: bool = True):
+def _checked(recipe, source=None, weights: bool = True):
     """``recipe``, checked as `transferkit validate` checks it (the start of every command that runs one).
 
     Args:
+        source: the recipe file, named at the start of an error as ``load_recipe`` names it.
         weights: also check that the backbone's weights file is there (or can be downloaded).
     """
+    from transferkit.errors import ResourceError
     from transferkit.strategies import check_recipe, check_recipe_weights
 
-    if weights:
-        check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
-    if recipe.strategy != "extract":  # its checks build Keras objects; extract's need Keras only rarely
-        start_keras_quietly()
-    check_recipe(recipe, weights=False)
+    try:
+        if weights:
+            check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
+        if recipe.strategy != "extract":  # its checks build Keras objects; extract's need Keras only rarely
+            start_keras_quietly()
+        check_recipe(recipe, weights=False)
+    except TransferkitError as error:
+        if source is None or isinstance(error, ResourceError):
+            raise
+        raise type(error)(f"{source}: {error}") from None
     return recipe
 
 
@@ -128,13 +135,11 @@ def extract(recipe, overrides, quiet):
       transferkit extract recipes/dtd10_extract.yaml --set extract.layer=block_12_add
     """
     from transferkit.recipe import load_recipe
-    from transferkit.strategies import check_recipe_weights
     from transferkit.strategies.extract import extract as run_extract
 
-    recipe = load_recipe(recipe, overrides=overrides)
-    check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
+    recipe = _checked(load_recipe(recipe, overrides=overrides), recipe)
     start_keras_quietly()
-    run = run_extract(recipe, progress=not quiet)  # checks the whole recipe first, as validate does
+    run = run_extract(recipe, progress=not quiet)
     click.echo(f"run folder: {run.folder}")
 
 
@@ -159,18 +164,16 @@ def finetune(recipe, overrides, resume, restart, quiet):
       transferkit finetune recipe.yaml --set finetune.epochs=2 --set data.image_size=128
     """
     from transferkit.recipe import load_recipe
-    from transferkit.strategies import check_recipe_weights
     from transferkit.strategies.finetune import finetune as run_finetune
 
     if resume and restart:
         raise click.UsageError("give --resume or --restart, not both")
-    recipe = load_recipe(recipe, overrides=overrides)
+    source, recipe = recipe, load_recipe(recipe, overrides=overrides)
     if recipe.strategy == "extract":
         raise click.UsageError("the recipe's strategy is extract: run `transferkit extract RECIPE`, "
                                "or --set strategy=finetune")
-    check_recipe_weights(recipe)
-    start_keras_quietly()
-    run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)  # checks it all first
+    _checked(recipe, source)
+    run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)
     click.echo(f"run folder: {run.folder}")
 
 
@@ -194,10 +197,8 @@ def compare(recipe, modes, seeds, output, overrides):
     """
     from transferkit.compare import compare as run_compare, to_markdown
     from transferkit.recipe import load_recipe
-    from transferkit.strategies import check_recipe_weights
 
-    recipe = load_recipe(recipe, overrides=overrides)
-    check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
+    recipe = _checked(load_recipe(recipe, overrides=overrides), recipe)
     start_keras_quietly()
     summary = run_compare(recipe, modes=[m.strip() for m in modes.split(",") if m.strip()], seeds=seeds,
                           output=output)  # checks the recipe for every mode before the first run
