@@ -30,7 +30,7 @@ PIPELINES = ("auto", "tf", "pydataset")
 CACHE_FRACTION = 0.25  # cache: auto keeps decoded images in memory up to this share of the RAM
 PREFETCH = 2  # batches the PyDataset pipeline decodes ahead
 # independent random streams derived from one seed (see draw_seeds)
-ORDER, AUGMENT, MIX, MODEL = range(4)
+ORDER, AUGMENT, MIX, MODEL, BACKEND = range(5)
 
 
 def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shuffle: bool = False,
@@ -126,6 +126,18 @@ def reseed(states: list, seed: int, stream: int, *key: int) -> None:
     that follow depend on that key alone."""
     for state, value in zip(states, draw_seeds(seed, stream, *key, count=len(states))):
         state.assign(np.array([value, 0], dtype=state.dtype))
+
+
+def reseed_backend(seed: int, *key: int) -> None:
+    """Seed the backend's global generator from ``(seed, *key)``. Under PyTorch, a Keras layer built
+    without a seed (dropout in a head or a backbone) draws from ``torch``'s global generator, not
+    from a generator state that :func:`reseed` can set."""
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(int(draw_seeds(seed, BACKEND, *key)[0]))
 
 
 def _tensorflow_backend() -> bool:

@@ -47,7 +47,8 @@ from transferkit.errors import RecipeError, TransferkitError
 from transferkit.io import atomic_path, atomic_write_json, atomic_write_text, disk_full_is_one_line, require_space
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
-from transferkit.pipelines import MODEL, fitting_batch_size, make_dataset, reseed, seed_states, steps_per_epoch
+from transferkit.pipelines import (MODEL, fitting_batch_size, make_dataset, reseed, reseed_backend, seed_states,
+                                   steps_per_epoch)
 from transferkit.recipe import OptimizerSpec, Recipe, load_recipe
 from transferkit.run import Run
 from transferkit.strategies import check_recipe, preflight, recipe_splits
@@ -603,6 +604,12 @@ class _Trainer:
         ``epoch`` (0-based), so that a resumed run draws what an uninterrupted one draws."""
         reseed(seed_states(fitted), self.recipe.seed, MODEL, epoch)
 
+    def begin_batch(self, batch: int) -> None:
+        """Seed the backend's global generator from the recipe's seed, the epoch (``self.epoch``, the
+        epochs finished) and ``batch``: what draws from it (PyTorch's dropout without a seed) does not
+        depend on what drew before, such as a data loader started here only because the run resumed."""
+        reseed_backend(self.recipe.seed, self.epoch, batch)
+
     def _optimizer(self, phase: Phase, steps_per_epoch: int):
         from transferkit.optim import build_optimizer, build_schedule, layer_decay_multipliers
 
@@ -679,6 +686,9 @@ def _monitor_class():
         def on_epoch_begin(self, epoch, logs=None):
             self.trainer.begin_epoch(self.model, epoch)
             self._started = time.perf_counter()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.trainer.begin_batch(batch)
 
         def on_epoch_end(self, epoch, logs=None):
             loss = float((logs or {}).get("loss", math.nan))
