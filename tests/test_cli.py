@@ -77,8 +77,9 @@ def test_recommend_writes_a_placeholder_to_fill_in(tmp_path):
     assert load_recipe(out).strategy == "finetune"
 
 
-def test_recommend_writes_the_chosen_backbones_own_layer_names(tmp_path):
-    """MobileNet has no block_13_expand: the written recipe names MobileNet's layers, and validates."""
+def test_recommend_writes_the_chosen_backbones_own_layer_names(tmp_path, small_cats_dogs):
+    """MobileNet has no block_13_expand: the written recipe names MobileNet's layers, and validates
+    once its placeholder data folder is filled in."""
     out = tmp_path / "mobilenet.yaml"
     result = transferkit("recommend", "--size", "large", "--similar", "yes", "--backbone", "mobilenet",
                          "--alpha", "0.25", "--write", out)
@@ -86,7 +87,8 @@ def test_recommend_writes_the_chosen_backbones_own_layer_names(tmp_path):
     written = yaml.safe_load(out.read_text())
     assert written["backbone"] == {"name": "mobilenet", "weights": "imagenet", "alpha": 0.25}
     assert written["finetune"]["unfreeze"]["from"] == "conv_dw_12"
-    assert transferkit("validate", out).returncode == 0
+    assert_one_line_error(transferkit("validate", out), "data.train: folder not found", "path/to/images")
+    assert transferkit("validate", out, "--set", f"data.train={small_cats_dogs}").returncode == 0
 
 
 @pytest.mark.parametrize("error, fragments", [

@@ -1,12 +1,15 @@
 """`transferkit validate` is the whole check: what a run would trip over before or after its slow
 work, validate finds first, as one line and exit code 2. Nothing here trains or reads an image."""
 
+import os
+import shutil
 import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from conftest import DATASETS
 from test_cli import assert_one_line_error, transferkit
 
 from transferkit.errors import RecipeError
@@ -18,11 +21,22 @@ MOBILENET = "data: {train: photos}\n" + BACKBONE
 
 
 def write(tmp_path, text: str, name="recipe.yaml"):
-    """A recipe file: ``text``, after MobileNet (alpha 0.25) and a data section unless it has its own."""
+    """A recipe file: ``text``, after MobileNet (alpha 0.25) and a data section unless it has its own;
+    beside it ``photos/``, 4 real cats and 4 real dogs."""
+    photos(tmp_path)
     path = tmp_path / name
     path.write_text(text if text.startswith(("data:", "backbone:")) else
                     (BACKBONE if "data:" in text else MOBILENET) + text)
     return path
+
+
+def photos(folder: Path, per_class: int = 4) -> Path:
+    root = folder / "photos"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for path in sorted((DATASETS / "cats_dogs" / cls).iterdir())[:per_class]:
+            shutil.copyfile(path, root / cls / path.name)
+    return root
 
 
 def alias_bomb() -> str:
@@ -161,6 +175,31 @@ def test_what_used_to_fail_after_the_slow_work_fails_at_validate(tmp_path, in_pr
 def test_a_sound_recipe_validates(tmp_path, in_process, user_module, text):
     code, out, error = in_process("validate", write(tmp_path, text + "\n"))
     assert code == 0 and "backbone:" in out, error
+
+
+def test_validate_lists_the_data_without_reading_it(tmp_path, in_process):
+    path = write(tmp_path, "data: {train: photos, val: 0.25}\n" + BACKBONE)
+    os.symlink("..", tmp_path / "photos" / "cat" / "loop")
+    os.mkfifo(tmp_path / "photos" / "dog" / "x.jpg")
+    (tmp_path / "photos" / "dog" / "broken.jpg").write_bytes(b"not an image")  # decoded only by the run
+    with pytest.warns(UserWarning, match=r"skipped 2 files .*cat/loop \(link to the folder.*dog/x.jpg \(not a regular"):
+        code, out, error = in_process("validate", path)
+    assert code == 0 and "backbone:" in out, error
+    assert "data: 2 classes; images: train 6, val 3; 2 files skipped (listed above)" in error
+
+
+@pytest.mark.parametrize("data, fragments", [
+    ("{train: nowhere}", ["data.train: folder not found", "nowhere"]),
+    ("{train: photos/cat}", ["data.train: no class folders in"]),
+    ("{train: photos, val: 0.1}", ["data.val: cannot split 1 of the 8 images", "at least one image of each of the 2"]),
+    ("{train: photos, val: photos}", ["data.val", "photos"]),
+])
+def test_data_that_cannot_make_a_run_fails_at_validate(tmp_path, in_process, data, fragments):
+    code, _, error = in_process("validate", write(tmp_path, f"data: {data}\n" + BACKBONE))
+    assert code == 2 and len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+    assert error.startswith(f"error: {tmp_path / 'recipe.yaml'}: ")
+    for fragment in fragments:
+        assert fragment in error
 
 
 def test_set_one_unfreeze_mode_replaces_the_recipes_mode(tmp_path, in_process):

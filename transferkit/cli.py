@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 failure, 2 a usage or input error (one line on stderr, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -87,15 +88,25 @@ def validate(recipe, overrides):
 
     Checks everything known before the slow work: keys, types, finite numbers and bounds, the
     weights file, layer names against the backbone, import paths and their signatures, optimizer,
-    schedule, classifier and augmentation settings. Nothing is trained and no image is read.
+    schedule, classifier and augmentation settings; and the data folders, listed (classes, images
+    per split, skipped links and special files) but not read: a file that cannot be decoded is
+    found and skipped when the run starts. Nothing is trained.
 
     \b
     Example:
       transferkit validate recipes/digits.yaml --set data.batch_size=16
     """
     from transferkit.recipe import load_recipe
+    from transferkit.strategies import recipe_splits
 
-    click.echo(_checked(load_recipe(recipe, overrides=overrides), recipe).to_yaml(), nl=False)
+    checked = _checked(load_recipe(recipe, overrides=overrides), recipe)
+    with _naming(recipe):
+        splits = recipe_splits(checked, screen=False)
+    click.echo(checked.to_yaml(), nl=False)
+    counts = ", ".join(f"{name} {len(part)}" for name, part in
+                       (("train", splits.train), ("val", splits.val), ("test", splits.test)) if part is not None)
+    skipped = f"; {len(splits.skipped)} files skipped (listed above)" if splits.skipped else ""
+    click.echo(f"data: {len(splits.class_names)} classes; images: {counts}{skipped}", err=True)
 
 
 def _checked(recipe, source=None, weights: bool = True):
@@ -105,20 +116,28 @@ def _checked(recipe, source=None, weights: bool = True):
         source: the recipe file, named at the start of an error as ``load_recipe`` names it.
         weights: also check that the backbone's weights file is there (or can be downloaded).
     """
-    from transferkit.errors import ResourceError
     from transferkit.strategies import check_recipe, check_recipe_weights
 
-    try:
+    with _naming(source):
         if weights:
             check_recipe_weights(recipe)  # a missing weights file fails in a second, before TensorFlow starts
         if recipe.strategy != "extract":  # its checks build Keras objects; extract's need Keras only rarely
             start_keras_quietly()
         check_recipe(recipe, weights=False)
+    return recipe
+
+
+@contextlib.contextmanager
+def _naming(source):
+    """Errors about the recipe (not the environment) start with the recipe file ``source``."""
+    from transferkit.errors import ResourceError
+
+    try:
+        yield
     except TransferkitError as error:
         if source is None or isinstance(error, ResourceError):
             raise
         raise type(error)(f"{source}: {error}") from None
-    return recipe
 
 
 @cli.command()

@@ -497,13 +497,15 @@ def stratified_split(images: ImageSet, fraction: float, seed: int) -> tuple[Imag
         kept, held_out = train_test_split(np.arange(len(images)), test_size=fraction,
                                           stratify=images.labels, random_state=seed)
     except ValueError as err:
-        raise DataError(f"cannot split {fraction:g} of the {len(images)} images in {images.root}/ "
-                        f"by class: {err}") from None
+        raise DataError(f"cannot split {fraction:g} of the {len(images)} images in {images.root}/ by class "
+                        f"({err}): hold out at least one image of each of the {len(counts)} classes and keep "
+                        "at least one, or give a folder") from None
     return images.subset(np.sort(kept)), images.subset(np.sort(held_out))
 
 
 def load_splits(train: str | Path, val: float | str | Path | None = 0.2,
-                test: float | str | Path | None = None, seed: int = 0, follow_links: bool = False) -> Splits:
+                test: float | str | Path | None = None, seed: int = 0, follow_links: bool = False,
+                screen: bool = True) -> Splits:
     """Train / val / test image sets from a folder (or ``builtin:...``) and fractions or folders.
 
     Fractions are of the whole train folder: with ``val=0.2, test=0.1`` on 500 images, test gets
@@ -517,6 +519,8 @@ def load_splits(train: str | Path, val: float | str | Path | None = 0.2,
         test: like ``val``.
         seed: random state of the splits.
         follow_links: also use links to files outside each folder (``data.follow_links``).
+        screen: decode every file to catch bad ones; False only lists the folders (as
+            ``transferkit validate`` does: nothing is read).
 
     Returns:
         :class:`Splits`; ``Splits.skipped`` lists every skipped file once.
@@ -526,13 +530,16 @@ def load_splits(train: str | Path, val: float | str | Path | None = 0.2,
     if sum(fractions.values()) >= 1:
         raise DataError(f"data.val + data.test = {sum(fractions.values()):g} leaves no training images: "
                         "make their sum less than 1")
-    train_set = _scan_source("train", train, follow_links=follow_links)
-    parts = {key: None if value is None else _scan_source(key, value, train_set.class_names, follow_links)
+    train_set = _scan_source("train", train, follow_links=follow_links, screen=screen)
+    parts = {key: None if value is None else _scan_source(key, value, train_set.class_names, follow_links, screen)
              for key, value in given.items() if key not in fractions}
     _refuse_shared_files({"train": train_set, **parts})
     total = len(train_set)
     for key, fraction in fractions.items():  # counts of the whole, rounded up like scikit-learn
-        train_set, parts[key] = stratified_split(train_set, math.ceil(fraction * total), seed)
+        try:
+            train_set, parts[key] = stratified_split(train_set, math.ceil(fraction * total), seed)
+        except DataError as err:
+            raise DataError(f"data.{key}: {err}") from None
     return Splits(train_set, parts["val"], parts["test"])
 
 
@@ -547,10 +554,10 @@ def _is_fraction(key: str, value) -> bool:
     raise DataError(f"data.{key}: expected a fraction in (0, 1), a folder or null, got {value!r}")
 
 
-def _scan_source(key: str, source, class_names=None, follow_links: bool = False) -> ImageSet:
+def _scan_source(key: str, source, class_names=None, follow_links: bool = False, screen: bool = True) -> ImageSet:
     """scan_folder(resolve_source(source)), with errors prefixed by the recipe key."""
     try:
-        return scan_folder(resolve_source(source), class_names, follow_links=follow_links)
+        return scan_folder(resolve_source(source), class_names, screen=screen, follow_links=follow_links)
     except DataError as err:
         raise DataError(f"data.{key}: {err}") from None
 
