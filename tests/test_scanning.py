@@ -131,6 +131,20 @@ def test_a_link_to_a_class_folder_is_not_followed(pets, tmp_path):
         scan_folder(only_links)
 
 
+def test_a_hard_link_is_the_same_file_too(pets, tmp_path):
+    dog = sorted((pets / "dog").iterdir())[2]
+    os.link(dog, pets / "cat" / "hard.jpg")  # a dog hard-linked into cat/, as a deduplicating tool leaves it
+    images, _ = _scan(pets)  # no path of the two is the original: the first in sorted order is kept
+    assert len(images) == 24 and str(dog) not in images.paths
+    assert _skipped(images, pets) == {f"dog/{dog.name}": "same file as cat/hard.jpg"}
+    val = tmp_path / "val"
+    (val / "dog").mkdir(parents=True)
+    os.link(dog, val / "dog" / "x.jpg")
+    with warnings.catch_warnings(), pytest.raises(DataError, match=r"^data.val: 1 image\(s\) of .*val/ are also in data.train"):
+        warnings.simplefilter("ignore")  # the hard link in cat/, shown above
+        load_splits(pets, val=val)
+
+
 def test_split_folders_that_share_files_are_refused(pets, tmp_path):
     val = tmp_path / "val"
     (val / "dog").mkdir(parents=True)

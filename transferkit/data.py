@@ -197,8 +197,8 @@ def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: 
     - links to folders (never followed, at any depth, so a link loop cannot repeat images), broken
       links, and links to files outside ``root`` unless ``follow_links``;
     - FIFOs, sockets and devices: judged by ``stat`` and never opened, so nothing can hang;
-    - a second path to a file already found (a link to it, in its own class or another): each real
-      file is kept once, where it lies itself, else at its first link in sorted order;
+    - a second path to a file already found (a symbolic or hard link to it, in its own class or
+      another): each file is kept once, where it lies itself, else at its first link in sorted order;
     - with ``screen=True`` (every file decoded once, in a thread pool) unreadable, truncated and
       non-image files; with ``screen=False`` only files without an image extension.
 
@@ -383,7 +383,7 @@ def _each_file_once(paths: list[str], shown_root=None) -> tuple[list[str], list[
     Returns:
         ``(kept paths in the given order, [(path, "same file as <kept path>"), ...])``.
     """
-    reals, links = _real_paths(paths), [os.path.islink(path) for path in paths]
+    reals, links = _file_identities(paths), [os.path.islink(path) for path in paths]
     chosen = {}
     for i, real in enumerate(reals):
         if real not in chosen or (links[chosen[real]] and not links[i]):
@@ -394,18 +394,17 @@ def _each_file_once(paths: list[str], shown_root=None) -> tuple[list[str], list[
     return [path for i, path in enumerate(paths) if i in kept], duplicates
 
 
-def _real_paths(paths: list[str]) -> list[str]:
-    """``os.path.realpath`` of each path, resolving each folder once (a file only if it is a link)."""
-    folders, reals = {}, []
+def _file_identities(paths: list[str]) -> list:
+    """What makes each path the file it is: its device and inode, so that symbolic links, hard links
+    and a folder reached twice all lead to one file (its real path if it cannot be looked up)."""
+    identities = []
     for path in paths:
-        if os.path.islink(path):
-            reals.append(os.path.realpath(path))
-        else:
-            folder, name = os.path.split(os.path.abspath(path))
-            if folder not in folders:
-                folders[folder] = os.path.realpath(folder)
-            reals.append(os.path.join(folders[folder], name))
-    return reals
+        try:
+            info = os.stat(path)
+            identities.append((info.st_dev, info.st_ino))
+        except OSError:
+            identities.append(os.path.realpath(path))
+    return identities
 
 
 _SPECIAL_FILES = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
@@ -568,7 +567,7 @@ def _refuse_shared_files(parts: dict[str, ImageSet | None]) -> None:
     for key, images in parts.items():
         shared = []
         paths = images.paths if images is not None else []
-        for path, real in zip(paths, _real_paths(paths)):
+        for path, real in zip(paths, _file_identities(paths)):
             first = owner.setdefault(real, (key, path))
             if first[0] != key:
                 shared.append((path, first))
