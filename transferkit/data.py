@@ -383,14 +383,14 @@ def _each_file_once(paths: list[str], shown_root=None) -> tuple[list[str], list[
     Returns:
         ``(kept paths in the given order, [(path, "same file as <kept path>"), ...])``.
     """
-    reals, links = _file_identities(paths), [os.path.islink(path) for path in paths]
+    identities, links = _file_identities(paths), [os.path.islink(path) for path in paths]
     chosen = {}
-    for i, real in enumerate(reals):
-        if real not in chosen or (links[chosen[real]] and not links[i]):
-            chosen[real] = i
+    for i, identity in enumerate(identities):
+        if identity not in chosen or (links[chosen[identity]] and not links[i]):
+            chosen[identity] = i
     kept = set(chosen.values())
-    duplicates = [(path, f"same file as {_shown_path(paths[chosen[real]], shown_root)}")
-                  for i, (path, real) in enumerate(zip(paths, reals)) if i not in kept]
+    duplicates = [(path, f"same file as {_shown_path(paths[chosen[identity]], shown_root)}")
+                  for i, (path, identity) in enumerate(zip(paths, identities)) if i not in kept]
     return [path for i, path in enumerate(paths) if i in kept], duplicates
 
 
@@ -567,8 +567,8 @@ def _refuse_shared_files(parts: dict[str, ImageSet | None]) -> None:
     for key, images in parts.items():
         shared = []
         paths = images.paths if images is not None else []
-        for path, real in zip(paths, _file_identities(paths)):
-            first = owner.setdefault(real, (key, path))
+        for path, identity in zip(paths, _file_identities(paths)):
+            first = owner.setdefault(identity, (key, path))
             if first[0] != key:
                 shared.append((path, first))
         if shared:
