@@ -34,8 +34,7 @@ from PIL import Image, ImageOps
 
 from transferkit.errors import DataError
 from transferkit.io import transferkit_home
-
-BUILTIN_PREFIX = "builtin:"
+from transferkit.recipe import BUILTIN_PREFIX
 
 
 # --------------------------------------------------------------------------------------------
