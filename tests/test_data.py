@@ -288,6 +288,20 @@ def test_large_jpegs_decode_in_draft_mode_close_to_full(tmp_path):
     assert pixels.shape == (64, 64, 3) and np.abs(pixels.astype(int) - full).mean() < 3
 
 
+def test_one_resize_for_files_uint8_and_float_pixels(datasets):
+    path = _first_jpeg(datasets / "cats_dogs")
+    pixels = load_image(path, 160)
+    image = Image.fromarray(pixels)
+    expected = np.asarray(image.resize((96, 96), Image.Resampling.BILINEAR))
+    assert np.array_equal(data.resize(image, 96), expected) and np.array_equal(data.resize(pixels, 96), expected)
+    floats = data.resize(pixels.astype(np.float64) + 0.25, 96)  # per channel as float32: not rounded
+    assert floats.dtype == np.float32 and np.abs(floats - 0.25 - expected).max() <= 1
+    assert not np.array_equal(floats, floats.round())
+    batch = np.stack([pixels, pixels[::-1]])
+    assert data.resize_all(batch, 160) is batch
+    assert np.array_equal(data.resize_all(batch, 96), np.stack([expected, data.resize(pixels[::-1], 96)]))
+    assert data.resize_all(batch[:0], 96).shape == (0, 96, 96, 3)
+
 def test_importing_data_and_augment_loads_no_tensorflow_or_keras():
     code = ("import sys, transferkit.data, transferkit.augment; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")

@@ -1,7 +1,7 @@
 """Class-per-folder images in, batches of raw RGB pixels out.
 
 Discovery (:func:`scan_folder`), bad-file screening, stratified splits (:func:`load_splits`),
-built-in datasets (:func:`resolve_source`) and Pillow decoding (:func:`load_image`). Images leave
+built-in datasets (:func:`resolve_source`), Pillow decoding (:func:`load_image`) and resizing (:func:`resize`). Images leave
 this module as uint8 RGB; :mod:`transferkit.pipelines` batches them for Keras, and the backbone
 model does its own preprocessing.
 
@@ -595,8 +595,7 @@ def load_image(path: str | Path, image_size: int) -> np.ndarray:
     Returns:
         uint8 array of shape ``(image_size, image_size, 3)``.
     """
-    image = _open_rgb(path, draft_size=image_size)
-    return np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR))
+    return resize(_open_rgb(path, draft_size=image_size), image_size)
 
 
 def load_images(paths, image_size: int, workers: int | None = None) -> np.ndarray:
@@ -614,6 +613,39 @@ def load_images(paths, image_size: int, workers: int | None = None) -> np.ndarra
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         images = list(pool.map(lambda p: load_image(p, image_size), paths))
     return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
+def resize(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """Resize to a ``size`` x ``size`` square with Pillow's bilinear filter (aspect ratio not kept).
+
+    The one resize of transferkit: files (:func:`load_image`), pixel arrays given to
+    :class:`~transferkit.transformer.FeatureExtractor` and :mod:`transferkit.measure` all go through it.
+
+    Args:
+        image: a Pillow image, or pixels ``[height, width, channels]``: uint8 (resized as a Pillow
+            image) or any other number type (each channel resized as 32-bit floats, so values are
+            neither rounded nor clipped).
+        size: side of the square output.
+
+    Returns:
+        ``[size, size, channels]``: uint8 from a Pillow image or uint8 pixels, else float32.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            channels = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)) for c in range(image.shape[-1])]
+            return np.stack([resize(channel, size) for channel in channels], axis=-1)
+        image = Image.fromarray(image)
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def resize_all(images: np.ndarray, size: int) -> np.ndarray:
+    """:func:`resize` of each of ``images`` (``[n, height, width, channels]``); unchanged (not copied)
+    when they are ``size`` x ``size`` already."""
+    if images.shape[1:3] == (size, size):
+        return images
+    if not len(images):
+        return np.zeros((0, size, size, *images.shape[3:]), images.dtype if images.dtype == np.uint8 else np.float32)
+    return np.stack([resize(image, size) for image in images])
 
 
 def _open_rgb(path: str | Path, draft_size: int) -> Image.Image:

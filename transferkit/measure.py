@@ -207,6 +207,7 @@ def _probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, flo
 def _imagenet_confidence(pixels: np.ndarray, backbone: str, alpha) -> tuple[dict | None, list[str]]:
     """Mean max-probability and normalised entropy of an ImageNet classifier on the images."""
     from transferkit.backbones import check_weights, create_backbone
+    from transferkit.data import resize_all
     from transferkit.errors import BackboneError
 
     for name, candidate_alpha in [(backbone, alpha), *TOP_FALLBACKS]:
@@ -215,7 +216,7 @@ def _imagenet_confidence(pixels: np.ndarray, backbone: str, alpha) -> tuple[dict
         except BackboneError:
             continue
         top = create_backbone(name, image_size=224, alpha=candidate_alpha, include_top=True)
-        resized = _resize(pixels, 224)
+        resized = resize_all(pixels.astype(np.uint8), 224).astype("float32")  # pixels: whole numbers
         probabilities = np.asarray(top.predict(resized, batch_size=32, verbose=0), dtype=np.float64)
         entropy = -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(axis=1) / math.log(1000)
         notes = [] if name == backbone else [f"ImageNet confidence measured with {name}"
@@ -226,11 +227,3 @@ def _imagenet_confidence(pixels: np.ndarray, backbone: str, alpha) -> tuple[dict
                 "mean_entropy": float(entropy.mean())}, notes
     return None, ["ImageNet confidence skipped: no backbone with cached ImageNet top weights"]
 
-
-def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    if pixels.shape[1] == size:
-        return pixels
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(p.astype(np.uint8)).resize((size, size), Image.BILINEAR))
-                     for p in pixels]).astype("float32")

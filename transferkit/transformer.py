@@ -164,13 +164,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _pixels(self, images) -> np.ndarray:
         """float32 `[n, S, S, 3]` from a slice of paths or of pixels."""
-        from transferkit.data import load_images
+        from transferkit.data import load_images, resize_all
 
         if isinstance(images, list):
             return load_images(images, self.image_size_).astype(np.float32)
-        if images.shape[1:3] != (self.image_size_,) * 2:
-            images = np.stack([_resize(image, self.image_size_) for image in images])
-        return images.astype(np.float32)
+        return resize_all(images, self.image_size_).astype(np.float32)
 
     def _embed(self, pixels: np.ndarray) -> np.ndarray:
         model = self._model()
@@ -226,12 +224,3 @@ def _as_images(X):
         raise ValueError("X must be image paths (str or Path) or an RGB pixel array [N, H, W, 3], "
                          f"got {type(X).__name__}") from None
 
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Pillow bilinear resize to `size` x `size`, as `transferkit.data.load_image` does (floats per channel)."""
-    from PIL import Image
-
-    if image.dtype == np.uint8:
-        return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-    channels = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)) for c in range(3)]
-    return np.stack([np.asarray(c.resize((size, size), Image.Resampling.BILINEAR)) for c in channels], axis=-1)
