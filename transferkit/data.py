@@ -1,9 +1,9 @@
 """Class-per-folder images in, batches of raw RGB pixels out.
 
 Discovery (:func:`scan_folder`), bad-file screening, stratified splits (:func:`load_splits`),
-built-in datasets (:func:`resolve_source`), Pillow decoding (:func:`load_image`) and resizing (:func:`resize`). Images leave
-this module as uint8 RGB; :mod:`transferkit.pipelines` batches them for Keras, and the backbone
-model does its own preprocessing.
+built-in datasets (:func:`resolve_source`), Pillow decoding (:func:`load_image`) and resizing
+(:func:`resize`). Images leave this module as uint8 RGB; :mod:`transferkit.pipelines` batches them
+for Keras, and the backbone model does its own preprocessing.
 
 Problems with a file (unreadable, truncated, not an image, not a regular file, a link that is not
 followed, a second path to a file already found) are never fatal: the file is skipped and one
@@ -632,8 +632,8 @@ def resize(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            channels = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)) for c in range(image.shape[-1])]
-            return np.stack([resize(channel, size) for channel in channels], axis=-1)
+            planes = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)) for c in range(image.shape[-1])]
+            return np.stack([resize(plane, size) for plane in planes], axis=-1)
         image = Image.fromarray(image)
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
 
