@@ -11,13 +11,12 @@ plain table.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import threading
 
 import numpy as np
 
-from transferkit.errors import RecipeError
+from transferkit.errors import RecipeError, did_you_mean
 
 #: recipe name -> ``keras.layers`` class name
 AUGMENTATIONS: dict[str, str] = {
@@ -153,8 +152,7 @@ def _check_arguments(name: str, kwargs: dict, arguments: dict) -> None:
 
 
 def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(choices)}"
+    return did_you_mean(word, choices, f"choose from {', '.join(choices)}", show=repr)
 
 
 def _arguments(name: str) -> dict[str, inspect.Parameter]:

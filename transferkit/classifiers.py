@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import RecipeError, TransferkitError
+from transferkit.errors import RecipeError, TransferkitError, did_you_mean
 from transferkit.recipe import ClassifierSpec, import_object
 
 log = logging.getLogger("transferkit")
@@ -43,7 +43,6 @@ CLASSIFIERS = {
     "random_forest": ClassifierInfo("sklearn.ensemble:RandomForestClassifier", {"n_estimators": 300, "n_jobs": -1},
                                     {"max_features": ["sqrt", 0.1]}),
 }
-LINEAR = ("sklearn.linear_model:LogisticRegression", "sklearn.svm:LinearSVC")
 
 
 def classifier_info(spec: ClassifierSpec) -> ClassifierInfo:
@@ -52,9 +51,8 @@ def classifier_info(spec: ClassifierSpec) -> ClassifierInfo:
         return CLASSIFIERS[spec.name]
     if ":" in spec.name:
         return ClassifierInfo(spec.name)
-    import difflib
-    close = difflib.get_close_matches(spec.name, CLASSIFIERS, n=1)
-    hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(CLASSIFIERS)} or an import path like sklearn.svm:SVC"
+    hint = did_you_mean(spec.name, CLASSIFIERS,
+                        f"use one of {', '.join(CLASSIFIERS)} or an import path like sklearn.svm:SVC")
     raise RecipeError(f"extract.classifier.name: unknown classifier {spec.name!r}: {hint}")
 
 

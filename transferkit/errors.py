@@ -35,10 +35,11 @@ class DeviceMemoryError(TransferkitError):
     """The device ran out of memory; a smaller ``data.batch_size`` fits."""
 
 
-def did_you_mean(word, choices, otherwise: str = "") -> str:
+def did_you_mean(word, choices, otherwise: str = "", *, show=str) -> str:
     """``"did you mean X?"`` for the choice closest to ``word`` (``difflib``, cutoff 0.6), else ``otherwise``:
-    the one way transferkit suggests a fix for a misspelt name."""
+    the one way transferkit suggests a fix for a misspelt name. ``show`` writes the choice found
+    (e.g. ``repr`` to quote it, or a function adding the key's path); the match is on the bare choice."""
     import difflib
 
     close = difflib.get_close_matches(str(word), [str(choice) for choice in choices], n=1, cutoff=0.6)
-    return f"did you mean {close[0]}?" if close else otherwise
+    return f"did you mean {show(close[0])}?" if close else otherwise

@@ -16,11 +16,9 @@ Example:
 
 from __future__ import annotations
 
-import difflib
-
 import numpy as np
 
-from transferkit.errors import RecipeError
+from transferkit.errors import RecipeError, did_you_mean
 
 
 def episode_plan(epochs: int, normal_epochs: int, imag_epochs: int) -> list[tuple[str, int]]:
@@ -86,6 +84,6 @@ def label_mapping(mapping, class_names: list[str], seed: int) -> np.ndarray:
 def _class_index(name, class_names: list[str]) -> int:
     if str(name) in class_names:
         return class_names.index(str(name))
-    guess = difflib.get_close_matches(str(name), class_names, n=1)
-    hint = f": did you mean {guess[0]}?" if guess else f" (classes: {', '.join(class_names)})"
+    guess = did_you_mean(name, class_names)
+    hint = f": {guess}" if guess else f" (classes: {', '.join(class_names)})"
     raise RecipeError(f"imag.mapping: unknown class {name!r}{hint}")

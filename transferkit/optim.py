@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import math
@@ -34,7 +33,7 @@ import numbers
 import keras
 from keras import ops
 
-from transferkit.errors import RecipeError
+from transferkit.errors import RecipeError, did_you_mean
 from transferkit.recipe import MAX_EPOCHS, OptimizerSpec, ScheduleSpec, import_object
 
 SCHEDULES = ("constant", "step", "exponential", "cosine", "sgdr", "function")
@@ -120,8 +119,8 @@ def _optimizer_classes() -> dict[str, type]:
 def _optimizer_class(name: str) -> type:
     classes = _optimizer_classes()
     if not isinstance(name, str) or _normalise(name) not in classes:
-        close = difflib.get_close_matches(_normalise(str(name)), classes, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
+        hint = did_you_mean(_normalise(str(name)), classes)
+        hint = f"{hint} " if hint else ""
         raise RecipeError(f"optimizer.name: unknown optimizer {name!r}: {hint}"
                           f"give any keras.optimizers class: {', '.join(classes)}")
     return classes[_normalise(name)]
@@ -153,8 +152,8 @@ def _optimizer_kwargs(spec, optimizer_class: type) -> dict:
         if key in _OWN_KEYS:
             raise RecipeError(f"optimizer.options.{key}: {key} has its own key: set optimizer.{key} instead")
         if key not in arguments:
-            close = difflib.get_close_matches(str(key), arguments, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
+            hint = did_you_mean(key, arguments)
+            hint = f"{hint} " if hint else ""
             raise RecipeError(f"optimizer.options.{key}: unknown argument for {name} (got {value!r}): "
                               f"{hint}(arguments: {', '.join(a for a in arguments if a not in _OWN_KEYS)})")
         kwargs[key] = value

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import importlib
 import inspect
 import math
@@ -30,8 +29,8 @@ import yaml
 
 from transferkit.augment import AUGMENTATIONS
 from transferkit.errors import RecipeError
+from transferkit.errors import did_you_mean as _did_you_mean
 
-STRATEGIES = ("extract", "finetune", "imag")
 BUILTIN_PREFIX = "builtin:"
 
 #: Upper bounds, checked when a recipe is loaded (before any slow work).
@@ -641,11 +640,11 @@ def _kind(value) -> str:
 
 
 def did_you_mean(name: str, choices, prefix: str = "") -> str:
-    """``": did you mean X?"`` for the closest choice, else ``" (valid: a, b, ...)"``."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    if close:
-        return f": did you mean {prefix}{close[0]}?"
-    return f" (valid: {', '.join(sorted(choices))})"
+    """``": did you mean X?"`` (:func:`transferkit.errors.did_you_mean`, the choice shown after
+    ``prefix``) for the closest choice, else ``" (valid: a, b, ...)"``: a tail for a recipe error."""
+    choices = list(choices)
+    hint = _did_you_mean(name, choices, show=lambda choice: f"{prefix}{choice}")
+    return f": {hint}" if hint else f" (valid: {', '.join(sorted(choices))})"
 
 
 def _to_plain(value):
