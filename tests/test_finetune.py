@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from transferkit.backbones import create_backbone
+from transferkit.errors import DeviceMemoryError
 from transferkit.recipe import DenseSpec, load_recipe
 from transferkit.run import Run
 from transferkit.strategies.extract import extract
@@ -267,8 +268,8 @@ def test_out_of_memory_says_which_batch_size_to_try(small_cats_dogs, home, tmp_p
     def exhausted(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4294967296 bytes.")
     monkeypatch.setattr(keras.Model, "fit", exhausted)
-    with pytest.raises(TrainingError, match=r"out of memory at data.batch_size 8 \(warmup, 128 px\): lower it, "
-                                            r"e.g. --set data.batch_size=4, or use precision: mixed_bfloat16$"):
+    with pytest.raises(DeviceMemoryError, match=r"out of memory at data.batch_size 8 \(warmup, 128 px\): lower it, "
+                                                r"e.g. --set data.batch_size=4, or use precision: mixed_bfloat16$"):
         finetune(make_recipe(small_cats_dogs, tmp_path), progress=False)
     monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: (_ for _ in ()).throw(ValueError("shapes differ")))
     with pytest.raises(ValueError, match="shapes differ"):  # anything else is not dressed up

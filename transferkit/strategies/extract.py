@@ -44,6 +44,7 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
 
     Raises:
         ResourceError: another run uses the output folder, or the disk is full.
+        DeviceMemoryError: the device ran out of memory extracting features (those extracted are kept).
     """
     log_to_stderr_unless_configured()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)

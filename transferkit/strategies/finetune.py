@@ -43,7 +43,7 @@ import numpy as np
 
 from transferkit.accelerator import augment_placement, distribution, dtype_policy, out_of_memory, resolve_precision
 from transferkit.augment import build_augmentation
-from transferkit.errors import RecipeError, TransferkitError
+from transferkit.errors import DeviceMemoryError, RecipeError, TransferkitError
 from transferkit.io import atomic_path, atomic_write_json, atomic_write_text, disk_full_is_one_line, require_space
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
@@ -110,6 +110,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     Raises:
         TrainingError: an unfinished run in the folder without resume/restart, or a loss that
             became NaN (the last good epoch stays resumable).
+        DeviceMemoryError: the device ran out of memory (the last finished epoch stays resumable).
         ResourceError: another run uses the output folder, or the disk is full (the last finished
             epoch stays resumable).
     """
@@ -499,9 +500,10 @@ class _Trainer:
                 raise
             batch = self.recipe.data.batch_size
             again = f", then --resume (epoch {self.epoch} is saved)" if self.epoch else ""
-            raise TrainingError(f"out of memory at data.batch_size {batch} ({phase.name}, {self.recipe.data.image_size or 'default'}"
-                                f" px): lower it, e.g. --set data.batch_size={max(batch // 2, 1)}, or use precision: "
-                                f"mixed_bfloat16{again}") from None
+            raise DeviceMemoryError(f"out of memory at data.batch_size {batch} ({phase.name}, "
+                                    f"{self.recipe.data.image_size or 'default'} px): lower it, e.g. --set "
+                                    f"data.batch_size={max(batch // 2, 1)}, or use precision: "
+                                    f"mixed_bfloat16{again}") from None
         if monitor.diverged:
             again = f"continue after epoch {self.epoch} with --resume" if self.epoch else "run it again"
             raise TrainingError(
