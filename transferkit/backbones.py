@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import inspect
 import logging
 import math
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transferkit.errors import BackboneError
+from transferkit.errors import BackboneError, did_you_mean
 
 if TYPE_CHECKING:
     import keras
@@ -226,8 +225,7 @@ def get_backbone_info(name: str) -> BackboneInfo:
     key = str(name).strip().lower().replace("-", "_")
     if key in BACKBONES:
         return BACKBONES[key]
-    guess = difflib.get_close_matches(key, BACKBONES, n=1, cutoff=0.6)
-    hint = f"did you mean {guess[0]}?" if guess else f"choose one of {', '.join(BACKBONES)}"
+    hint = did_you_mean(key, BACKBONES, otherwise=f"choose one of {', '.join(BACKBONES)}")
     raise BackboneError(f"unknown backbone {name!r}: {hint} (see `transferkit backbones`)")
 
 
@@ -424,8 +422,8 @@ def check_layer(name: str, layer: str, key: str, alpha: float | None = None, **k
     names = layer_names(info.name, alpha, **kwargs)
     if layer in names:
         return
-    guess = difflib.get_close_matches(str(layer), names, n=1, cutoff=0.6)
-    hint = f": did you mean {guess[0]}?" if guess else ""
+    suggestion = did_you_mean(layer, names)
+    hint = f": {suggestion}" if suggestion else ""
     raise BackboneError(f"{key}: {info.name} has no layer {layer!r}{hint} (cut points: top, "
                         f"{', '.join(info.cut_points)}; fine-tuning starts by default at {info.finetune_from})")
 
@@ -452,10 +450,8 @@ def resolve_layer(model: keras.Model, name: str) -> str:
         return info.cut_points[-1]
     if name in names:
         return name
-    guess = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    message = f"model {model.name!r} has no layer {name!r}"
-    if guess:
-        message += f": did you mean {guess[0]}?"
+    hint = did_you_mean(name, names)
+    message = f"model {model.name!r} has no layer {name!r}" + (f": {hint}" if hint else "")
     if info is not None:
         message += f" (cut points: top, {', '.join(info.cut_points)})"
     raise BackboneError(message)
