@@ -64,6 +64,15 @@ def test_pixel_arrays_give_the_features_of_their_files(fitted, images):
     assert np.corrcoef(fitted.transform(larger).ravel(), from_paths.ravel())[0, 1] > 0.95
 
 
+def test_tta_averages_each_image_and_its_mirror_image(fitted, images):
+    tta = FeatureExtractor(tta=True, **SETTINGS).fit(None)
+    assert tta.model_ is fitted.model_  # the flip is added at transform time, on the shared model
+    pixels = load_images(images[0][:4], 96).astype("float32")
+    mirrored = pixels[:, :, ::-1]
+    expected = (fitted.transform(pixels) + fitted.transform(mirrored)) / 2
+    np.testing.assert_allclose(tta.transform(pixels), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tta.transform(mirrored), tta.transform(pixels), rtol=1e-5, atol=1e-5)
+
 def test_grid_search_over_c_and_layer_then_joblib_round_trip(images, tmp_path):
     paths, labels = images
     pipe = make_pipeline(FeatureExtractor(**SETTINGS), LogisticRegression(max_iter=1000))

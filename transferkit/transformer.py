@@ -48,7 +48,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         alpha: width multiplier (MobileNet families); None: 1.0.
         pooling: "avg" or "max".
         batch_size: images per forward pass.
-        tta: average the features of each image and its horizontal flip.
+        tta: average the features of each image and its horizontal flip (as the extract strategy does,
+            with `transferkit.surgery.average_over_flips`).
         verbose: log a line per 256 images transformed (to stderr, unless logging is configured).
 
     Attributes:
@@ -171,17 +172,15 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return resize_all(images, self.image_size_).astype(np.float32)
 
     def _embed(self, pixels: np.ndarray) -> np.ndarray:
-        model = self._model()
-        features = model.predict(pixels, batch_size=self.batch_size, verbose=0)
-        if self.tta:  # same flip as the extract strategy
-            features = (features + model.predict(pixels[:, :, ::-1], batch_size=self.batch_size, verbose=0)) / 2
-        return features.astype(np.float32)
+        model = _flip_averaged(self._model()) if self.tta else self._model()
+        return model.predict(pixels, batch_size=self.batch_size, verbose=0).astype(np.float32)
 
 
 def clear_model_cache() -> None:
     """Forgets the cached feature models and backbones (frees their memory)."""
     _feature_model.cache_clear()
     _backbone.cache_clear()
+    _flip_averaged.cache_clear()
 
 
 @functools.lru_cache(maxsize=2)
@@ -201,6 +200,15 @@ def _feature_model(name, weights, image_size, alpha, layers, pooling):
     body = (_backbone.__wrapped__ if weights is None else _backbone)(name, weights, image_size, alpha)
     names = [resolve_layer(body, layer) for layer in layers]
     return cut(body, names, pooling), tuple((n, int(body.get_layer(n).output.shape[-1])) for n in names)
+
+
+@functools.lru_cache(maxsize=8)
+def _flip_averaged(model):
+    """`model` averaged over each image and its mirror image, built once per model: the extract
+    strategy's test-time augmentation (`transferkit.surgery.average_over_flips`)."""
+    from transferkit.surgery import average_over_flips
+
+    return average_over_flips(model)
 
 
 def _file_key(path) -> tuple[str, int]:
