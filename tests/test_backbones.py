@@ -68,12 +68,16 @@ def run(model, x):
 # --- the registry -------------------------------------------------------------------------------
 
 # (name, alpha, image_size, include_top, minimalistic): every entry at its smallest size (MobileNet(V2)
-# then ask for their 224 file), plus the variants whose file name depends on alpha, size or top.
+# then ask for their 224 file) and with top at its own size, every alpha, plus the variants whose file
+# name depends on size or minimalistic. A Keras upgrade that renames any of these files fails here.
 FILE_CASES = [(name, None, BACKBONES[name].min_size, False, False) for name in NAMES] + [
+    (name, None, BACKBONES[name].default_size, True, False) for name in NAMES] + [
+    (name, alpha, 96 if name == "mobilenet_v2" else 128, False, False)
+    for name in NAMES for alpha in BACKBONES[name].alphas] + [
     ("mobilenet", 0.5, 128, True, False), ("mobilenet", 0.75, 192, False, False),
     ("mobilenet_v2", 1.4, 96, False, False), ("mobilenet_v2", 0.35, 160, True, False),
     ("mobilenet_v3_small", 0.75, 64, False, False), ("mobilenet_v3_large", 1.0, 64, True, True),
-    ("efficientnet_b0", None, 224, True, False), ("resnet50", None, 224, True, False),
+    ("mobilenet_v3_small", 1.0, 64, False, True),
 ]
 
 
@@ -89,6 +93,8 @@ def test_weights_filename_is_the_file_keras_asks_for(requested_file, name, alpha
         getattr(keras.applications, info.constructor)(
             input_shape=(size, size, 3), include_top=include_top, weights="imagenet", **kwargs)
     assert requested_file == [weights_filename(name, alpha, size, include_top, minimalistic)]
+    if (alpha, include_top, minimalistic) == (None, False, False):  # what `transferkit backbones` lists
+        assert requested_file == [info.weights_file]
 
 
 @pytest.mark.parametrize("name", NAMES)
