@@ -17,13 +17,8 @@ Example:
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
-import dataclasses
-import functools
-import importlib.metadata
-import importlib.util
 import inspect
 import logging
 import math
@@ -31,6 +26,7 @@ import os
 import socket
 import threading
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("transferkit")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class BackboneInfo:
     """What transferkit knows about one keras.applications network.
 
@@ -64,8 +60,8 @@ class BackboneInfo:
         alphas: width multipliers with ImageNet weights; () when the family has none.
         stochastic_depth: the `create_backbone` keyword for drop-connect / drop-path, if any.
         description: parameters and ImageNet top-1 as Keras documents them.
-        weights_file: Keras' ImageNet file without top at the default alpha and size, as
-            `weights_filename` derives it from Keras ("" where Keras' sources cannot be read).
+        weights_file: Keras' ImageNet file without top at the default alpha and size (see
+            `weights_filename` for other settings).
     """
 
     name: str
@@ -108,7 +104,11 @@ def _efficientnet(variant, size, depth_coefficient, description):
     return BackboneInfo(
         f"efficientnet_{variant}", f"EfficientNet{variant.upper()}", size, 32, None, ends,
         mid_cut=ends[4], finetune_from="block6a_expand_conv", stochastic_depth="drop_connect_rate",
-        description=description)
+        description=description, weights_file=f"efficientnet{variant}_notop.h5")
+
+
+def _classic_file(stem):
+    return f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
 _MOBILENET_V2_ENDS = _inverted_residual_ends(
@@ -131,21 +131,24 @@ BACKBONES: dict[str, BackboneInfo] = {info.name: info for info in [
         "mobilenet", "MobileNet", 224, 32, "tf",
         tuple(f"conv_pw_{i}_relu" for i in range(1, 14)),
         mid_cut="conv_pw_11_relu", finetune_from="conv_dw_12", alphas=(0.25, 0.5, 0.75, 1.0),
-        description="4.3M params, 70.4% top-1"),
+        description="4.3M params, 70.4% top-1", weights_file="mobilenet_1_0_224_tf_no_top.h5"),
     BackboneInfo(
         "mobilenet_v2", "MobileNetV2", 224, 32, "tf", (*_MOBILENET_V2_ENDS, "out_relu"),
         mid_cut="block_12_add", finetune_from="block_13_expand",
-        alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4), description="3.5M params, 71.3% top-1"),
+        alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4), description="3.5M params, 71.3% top-1",
+        weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
     BackboneInfo(
         "mobilenet_v3_small", "MobileNetV3Small", 224, 32, None,
         (*_MOBILENET_V3_SMALL_ENDS, "conv_1_activation"),
         mid_cut="expanded_conv_7_add", finetune_from="expanded_conv_8_expand", alphas=(0.75, 1.0),
-        description="2.9M params, 68.1% top-1"),
+        description="2.9M params, 68.1% top-1",
+        weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
     BackboneInfo(
         "mobilenet_v3_large", "MobileNetV3Large", 224, 32, None,
         (*_MOBILENET_V3_LARGE_ENDS, "conv_1_activation"),
         mid_cut="expanded_conv_11_add", finetune_from="expanded_conv_12_expand", alphas=(0.75, 1.0),
-        description="5.4M params, 75.6% top-1"),
+        description="5.4M params, 75.6% top-1",
+        weights_file="weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
     _efficientnet("b0", 224, 1.0, "5.3M params, 77.1% top-1"),
     _efficientnet("b1", 240, 1.1, "7.9M params, 79.1% top-1"),
     _efficientnet("b2", 260, 1.2, "9.2M params, 80.1% top-1"),
@@ -154,33 +157,34 @@ BACKBONES: dict[str, BackboneInfo] = {info.name: info for info in [
         "efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, None,
         _efficientnet_stage_ends((1, 2, 2, 3, 5, 8)),
         mid_cut="block5e_add", finetune_from="block6a_expand_conv",
-        stochastic_depth="drop_connect_rate", description="7.2M params, 78.7% top-1"),
+        stochastic_depth="drop_connect_rate", description="7.2M params, 78.7% top-1",
+        weights_file="efficientnetv2-b0_notop.h5"),
     BackboneInfo(
         "resnet50", "ResNet50", 224, 32, "caffe", ("conv1_relu", *_resnet_block_outs((3, 4, 6, 3))),
         mid_cut="conv4_block6_out", finetune_from="conv5_block1_1_conv",
-        description="25.6M params, 74.9% top-1"),
+        description="25.6M params, 74.9% top-1", weights_file=_classic_file("resnet50")),
     BackboneInfo(
         "resnet50_v2", "ResNet50V2", 224, 32, "tf", (*_resnet_block_outs((3, 4, 6, 3)), "post_relu"),
         mid_cut="conv4_block6_out", finetune_from="conv5_block1_preact_bn",
-        description="25.6M params, 76.0% top-1"),
+        description="25.6M params, 76.0% top-1", weights_file=_classic_file("resnet50v2")),
     BackboneInfo(
         "densenet121", "DenseNet121", 224, 32, "torch", _DENSENET121_CUTS,
         mid_cut="pool4_relu", finetune_from="conv5_block1_0_bn",
-        description="8.1M params, 75.0% top-1"),
+        description="8.1M params, 75.0% top-1", weights_file=_classic_file("densenet121")),
     BackboneInfo(
         "inception_v3", "InceptionV3", 299, 75, "tf", tuple(f"mixed{i}" for i in range(11)),
         # mixed8 has no weights: unfreezing from it trains mixed9-10, as in Keras' fine-tuning guide.
         mid_cut="mixed7", finetune_from="mixed8",
-        description="23.9M params, 77.9% top-1"),
+        description="23.9M params, 77.9% top-1", weights_file=_classic_file("inception_v3")),
     BackboneInfo(
         "xception", "Xception", 299, 71, "tf",
         ("block1_conv2_act", *_XCEPTION_ADDS, "block14_sepconv2_act"),
         mid_cut="block12_add", finetune_from="block13_sepconv1_act",
-        description="22.9M params, 79.0% top-1"),
+        description="22.9M params, 79.0% top-1", weights_file=_classic_file("xception")),
     BackboneInfo(
         "vgg16", "VGG16", 224, 32, "caffe", _VGG16_CUTS,
         mid_cut="block4_pool", finetune_from="block5_conv1",
-        description="138.4M params, 71.3% top-1"),
+        description="138.4M params, 71.3% top-1", weights_file=_classic_file("vgg16")),
     # Keras' ConvNeXtTiny fixes drop_path_rate at 0 and ends its stages in unnamed `x + y` ops, so
     # the cut points are the stem, the downsampling blocks (LayerNorm + conv of each stage end) and
     # the final LayerNormalization (which Keras applies after pooling, when there is pooling).
@@ -188,30 +192,12 @@ BACKBONES: dict[str, BackboneInfo] = {info.name: info for info in [
         "convnext_tiny", "ConvNeXtTiny", 224, 32, None, _CONVNEXT_TINY_CUTS,
         mid_cut="convnext_tiny_downsampling_block_2",
         finetune_from="convnext_tiny_downsampling_block_2",
-        description="28.6M params, 81.3% top-1"),
+        description="28.6M params, 81.3% top-1", weights_file="convnext_tiny_notop.h5"),
 ]}
-
-# `weights_file` is filled in at the end of this module, from Keras (see `weights_filename`).
 
 # MobileNet and MobileNetV2 have one ImageNet file per input size; other sizes load the 224 one.
 _SIZED_WEIGHTS = {"mobilenet": (128, 160, 192, 224), "mobilenet_v2": (96, 128, 160, 192, 224)}
 _MOBILENET_ALPHA_TEXT = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}
-# Where keras.applications keeps the names of its ImageNet files, so that a Keras upgrade that renames
-# one is followed. Importing Keras takes seconds, so the names are read from its source files (parsed,
-# not run). The file is the last part of a module-level URL: registry key -> (module, with top, without).
-_KERAS_WEIGHT_URLS = {
-    "inception_v3": ("inception_v3", "WEIGHTS_PATH", "WEIGHTS_PATH_NO_TOP"),
-    "xception": ("xception", "WEIGHTS_PATH", "WEIGHTS_PATH_NO_TOP"),
-    "vgg16": ("vgg16", "WEIGHTS_PATH", "WEIGHTS_PATH_NO_TOP"),
-    "densenet121": ("densenet", "DENSENET121_WEIGHT_PATH", "DENSENET121_WEIGHT_PATH_NO_TOP"),
-}
-# The file is the constructor's default `name` plus ".h5" (with top) or "_notop.h5" (that suffix is
-# written in the function body): registry key -> module.
-_KERAS_NAMED_WEIGHTS = {**{f"efficientnet_b{i}": "efficientnet" for i in range(4)},
-                        "efficientnet_v2_b0": "efficientnet_v2", "convnext_tiny": "convnext"}
-# ResNet and MobileNet (V1, V2, V3) build their file names in the constructor body from no constant
-# or default, so `weights_filename` writes those rules by hand (tests hold them to what Keras asks for).
-_RESNET_WEIGHTS_NAME = {"resnet50": "resnet50", "resnet50_v2": "resnet50v2"}  # ResNet(weights_name=)
 # EfficientNet B0-B3 add a normalisation fix-up layer only when built with weights="imagenet"
 # (tensorflow/tensorflow#49930), so Keras itself must load their ImageNet weights.
 _KERAS_LOADS_IMAGENET = {"efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"}
@@ -255,8 +241,7 @@ def weights_filename(name: str, alpha: float | None = None, image_size: int | No
                      include_top: bool = False, minimalistic: bool = False) -> str:
     """The file Keras looks for in `$KERAS_HOME/models/` for `weights="imagenet"`.
 
-    Read from the constants and defaults of keras/src/applications/*.py where Keras keeps the name
-    (without importing Keras), else by the rule the constructor's body follows.
+    Mirrors the naming in keras/src/applications/*.py without importing Keras.
 
     Args:
         name: registry key.
@@ -267,15 +252,9 @@ def weights_filename(name: str, alpha: float | None = None, image_size: int | No
 
     Returns:
         A file name such as "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5".
-
-    Raises:
-        BackboneError: unknown name or alpha, or Keras' sources no longer hold the name.
     """
     info = get_backbone_info(name)
     alpha = _check_alpha(info, alpha, "imagenet")
-    if info.name in _KERAS_WEIGHT_URLS or info.name in _KERAS_NAMED_WEIGHTS:
-        return _keras_weights_file(info, include_top)
-    # By hand from here: Keras builds these names in the constructor body.
     if info.name in _SIZED_WEIGHTS:
         rows = image_size if image_size in _SIZED_WEIGHTS[info.name] else 224
         no_top = "" if include_top else "_no_top"
@@ -285,8 +264,7 @@ def weights_filename(name: str, alpha: float | None = None, image_size: int | No
     if info.constructor.startswith("MobileNetV3"):
         variant = info.name.split("_")[-1] + ("_minimalistic" if minimalistic else "")
         return f"weights_mobilenet_v3_{variant}_224_{alpha}_float{'' if include_top else '_no_top_v2'}.h5"
-    top = "" if include_top else "_notop"
-    return f"{_RESNET_WEIGHTS_NAME[info.name]}_weights_tf_dim_ordering_tf_kernels{top}.h5"
+    return info.weights_file.replace("_notop.h5", ".h5") if include_top else info.weights_file
 
 
 def create_backbone(name: str, weights: str | os.PathLike | None = "imagenet",
@@ -573,84 +551,6 @@ def _not_cached_message(info, alpha, size, include_top, minimalistic):
             f"put {file} into {keras_home() / 'models'}/ (set KERAS_HOME), or use weights: null")
 
 
-def _keras_weights_file(info, include_top):
-    """The ImageNet file of a backbone whose name Keras keeps in a constant or a default (see above)."""
-    if info.name in _KERAS_WEIGHT_URLS:
-        module, with_top, without_top = _KERAS_WEIGHT_URLS[info.name]
-        constant = with_top if include_top else without_top
-        where = f"{module}.{constant}"
-    else:
-        module = _KERAS_NAMED_WEIGHTS[info.name]
-        where = f"the default name of {module}.{info.constructor}"
-    try:
-        if info.name in _KERAS_WEIGHT_URLS:
-            return _keras_strings(module)[constant].rsplit("/", 1)[-1]
-        return _keras_default(module, info.constructor, "name") + (".h5" if include_top else "_notop.h5")
-    except (LookupError, ValueError, OSError, SyntaxError) as error:
-        raise BackboneError(f"cannot read the name of {info.name}'s ImageNet file from Keras "
-                            f"{_keras_version()} ({where} in keras/src/applications): use a Keras version "
-                            "transferkit supports, or weights: null") from error
-
-
-@functools.lru_cache(maxsize=None)
-def _keras_application(module):
-    """keras/src/applications/<module>.py, parsed: found and read without importing Keras."""
-    spec = importlib.util.find_spec("keras")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder, "src", "applications", f"{module}.py")
-        if path.is_file():
-            return ast.parse(path.read_bytes(), str(path))
-    raise FileNotFoundError(f"keras/src/applications/{module}.py")
-
-
-@functools.lru_cache(maxsize=None)
-def _keras_strings(module):
-    """A Keras application module's string constants, e.g. vgg16's WEIGHTS_PATH (those it can work out)."""
-    values = {}
-    for node in _keras_application(module).body:
-        if isinstance(node, ast.Assign) and [type(target) for target in node.targets] == [ast.Name]:
-            with contextlib.suppress(ValueError):
-                values[node.targets[0].id] = _string_value(node.value, values)
-    return values
-
-
-def _keras_default(module, function, parameter):
-    """The default of a string parameter of a Keras application function, e.g. EfficientNetB0's name."""
-    for node in _keras_application(module).body:
-        if isinstance(node, ast.FunctionDef) and node.name == function:
-            arguments = node.args
-            positional = [*arguments.posonlyargs, *arguments.args]
-            defaults = dict(zip(positional[len(positional) - len(arguments.defaults):], arguments.defaults))
-            defaults.update(zip(arguments.kwonlyargs, arguments.kw_defaults))
-            default = next((value for argument, value in defaults.items() if argument.arg == parameter), None)
-            if default is None:
-                raise KeyError(f"{function}({parameter}=...)")
-            return _string_value(default, {})
-    raise KeyError(function)
-
-
-def _string_value(node, names):
-    """The value of a string expression of literals, `names`, f-strings of those, and +."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return node.value
-    if isinstance(node, ast.Name) and node.id in names:
-        return names[node.id]
-    if isinstance(node, ast.JoinedStr):
-        return "".join(_string_value(part, names) for part in node.values)
-    if isinstance(node, ast.FormattedValue) and node.conversion == -1 and node.format_spec is None:
-        return _string_value(node.value, names)
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return _string_value(node.left, names) + _string_value(node.right, names)
-    raise ValueError(f"not a string Keras' file names are made of: {ast.dump(node)}")
-
-
-def _keras_version():
-    try:
-        return importlib.metadata.version("keras")
-    except importlib.metadata.PackageNotFoundError:
-        return "(not installed)"
-
-
 def _download_possible(timeout: float = 2.0) -> bool:
     """Whether Keras' weight host answers within `timeout` s (DNS included); True behind a proxy."""
     if urllib.request.getproxies().get("https"):
@@ -704,15 +604,3 @@ def backbone_of(model):
     # The last match is the deepest variant (an EfficientNet-B3 also has B0's stage-end names).
     matches = [info for info in BACKBONES.values() if set(info.cut_points) <= names]
     return matches[-1] if matches else None
-
-
-def _with_weights_file(info):
-    """The entry with `weights_file` as Keras names it; unchanged ("") where Keras' sources cannot be read
-    (then `weights_filename` says why, when a file is needed)."""
-    try:
-        return dataclasses.replace(info, weights_file=weights_filename(info.name))
-    except BackboneError:
-        return info
-
-
-BACKBONES = {name: _with_weights_file(info) for name, info in BACKBONES.items()}
