@@ -202,7 +202,7 @@ def _feature_model(name, weights, image_size, alpha, layers, pooling):
     return cut(body, names, pooling), tuple((n, int(body.get_layer(n).output.shape[-1])) for n in names)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)  # as many as _feature_model keeps: a wrapper holds its model
 def _flip_averaged(model):
     """`model` averaged over each image and its mirror image, built once per model: the extract
     strategy's test-time augmentation (`transferkit.surgery.average_over_flips`)."""
