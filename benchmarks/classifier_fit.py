@@ -21,15 +21,16 @@ from common import SHARED
 def real_features(data: str):
     """The train split's pooled MobileNetV2 features (224 px, no flip averaging), cached in the feature store."""
     from transferkit.recipe import load_recipe
-    from transferkit.strategies import preflight, recipe_splits
-    from transferkit.strategies.extract import _cached_features, feature_extractor
+    from transferkit.recipe import recipe_splits
+    from transferkit.strategies import preflight
+    from transferkit.strategies.extract import cached_features, feature_extractor
 
     recipe = load_recipe({"name": "bench", "data": {"train": data, "val": 0.2, "image_size": 224},
                           "backbone": {"name": "mobilenet_v2", "alpha": 1.0}, "strategy": "extract",
                           "extract": {"tta": False}, "output": "/tmp/transferkit-bench-run"})
     image_size = preflight(recipe)
     train = recipe_splits(recipe).train
-    return _cached_features(recipe, feature_extractor(recipe, image_size), image_size, {"train": train}, True)["train"]
+    return cached_features(recipe, feature_extractor(recipe, image_size), image_size, {"train": train}, True)["train"]
 
 
 def synthetic_features(n: int = 3453, dim: int = 1280, classes: int = 5):

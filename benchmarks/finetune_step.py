@@ -29,7 +29,7 @@ def main():
     from transferkit.data import load_images
     from transferkit.heads import attach_head
     from transferkit.recipe import HeadSpec, load_recipe
-    from transferkit.strategies import recipe_splits
+    from transferkit.recipe import recipe_splits
     from transferkit.strategies.finetune import finetune
 
     chosen = pick_images(args.data, args.images + args.images // 8)

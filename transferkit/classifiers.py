@@ -238,3 +238,42 @@ def predict_proba(model, features: np.ndarray) -> np.ndarray:
     scores = scores - scores.max(axis=1, keepdims=True)
     exp = np.exp(scores)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fold_linear_classifier(estimator, name: str = "this classifier"):
+    """A fitted `[StandardScaler ->] LogisticRegression | LinearSVC` as one softmax-ready linear map.
+
+    Args:
+        estimator: the fitted classifier, a `Pipeline` (maybe inside `GridSearchCV`) or a bare
+            linear model.
+        name: what to call the classifier in the error message.
+
+    Returns:
+        `(kernel [d, C], bias [C], classes [C])`, float64: `softmax(x @ kernel + bias)` equals
+        `transferkit.classifiers.predict_proba(estimator, x)`; `classes` are the label of each output.
+
+    Raises:
+        TransferkitError: not a linear classifier, or a step other than `StandardScaler` before it.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    estimator = getattr(estimator, "best_estimator_", estimator)
+    steps = [step for _, step in getattr(estimator, "steps", [(None, estimator)]) if step not in (None, "passthrough")]
+    *scalers, linear = steps
+    if not isinstance(linear, (LogisticRegression, LinearSVC)):
+        raise TransferkitError(f"export needs a linear classifier (logistic_regression or linear_svm); this run "
+                               f"uses {name}: use `transferkit predict` instead")
+    weights, bias = linear.coef_.astype(np.float64), linear.intercept_.astype(np.float64)
+    for scaler in reversed(scalers):  # fold from the classifier inwards
+        if not isinstance(scaler, StandardScaler):
+            raise TransferkitError(f"export can fold StandardScaler only, not {type(scaler).__name__}: "
+                                   "use `transferkit predict` instead")
+        scale = scaler.scale_ if scaler.scale_ is not None else np.ones(weights.shape[1])
+        mean = scaler.mean_ if scaler.with_mean else np.zeros(weights.shape[1])
+        weights, bias = weights / scale, bias - weights @ (mean / scale)
+    if len(weights) == 1:  # binary score z: LogisticRegression gives softmax([0, z]), LinearSVC softmax([-z, z])
+        sign = 0.0 if isinstance(linear, LogisticRegression) else -1.0
+        weights, bias = np.concatenate([sign * weights, weights]), np.concatenate([sign * bias, bias])
+    return weights.T, bias, linear.classes_

@@ -97,7 +97,7 @@ def validate(recipe, overrides):
       transferkit validate recipes/digits.yaml --set data.batch_size=16
     """
     from transferkit.recipe import load_recipe
-    from transferkit.strategies import recipe_splits
+    from transferkit.recipe import recipe_splits
 
     checked = _checked(load_recipe(recipe, overrides=overrides), recipe)
     with _naming(recipe):

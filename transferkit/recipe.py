@@ -657,6 +657,17 @@ def _to_plain(value):
     return value
 
 
+def recipe_splits(recipe: Recipe, screen: bool = True):
+    """The recipe's train/val/test images, split with ``data.split_seed`` (default: the recipe's seed).
+    ``screen=False`` only lists the folders (see :func:`transferkit.data.load_splits`)."""
+    from transferkit.data import load_splits
+
+    data = recipe.data
+    return load_splits(data.train, data.val, data.test,
+                       seed=recipe.seed if data.split_seed is None else data.split_seed,
+                       follow_links=data.follow_links, screen=screen)
+
+
 def import_object(path: str, key: str, expected: str, *, arguments: int | None = None):
     """The callable named by a recipe's import path ``package.module:name`` (or dotted).
 

@@ -136,7 +136,7 @@ class Run:
         from transferkit.data import scan_folder
         from transferkit.evaluate import write_report
         from transferkit.outputs import folder_lock
-        from transferkit.strategies import recipe_splits
+        from transferkit.recipe import recipe_splits
 
         run_folder = Path(self.folder or self.recipe.output)
         if data is not None:

@@ -26,7 +26,8 @@ from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run import Run, predict_in_batches
-from transferkit.strategies import preflight, recipe_splits
+from transferkit.recipe import recipe_splits
+from transferkit.strategies import preflight
 
 log = logging.getLogger("transferkit")
 
@@ -67,7 +68,7 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
     splits = recipe_splits(recipe)
     extractor = feature_extractor(recipe, image_size)
     sets = _named_sets(splits)
-    features = _cached_features(recipe, extractor, image_size, sets, progress)
+    features = cached_features(recipe, extractor, image_size, sets, progress)
     extracted = time.perf_counter()
 
     train_x, train_y = features["train"]
@@ -117,7 +118,7 @@ def cache_features(recipe: Recipe, progress: bool = True) -> None:
     """Compute a recipe's features into the feature store, so that its ``extract`` starts from them."""
     log_to_stderr_unless_configured()
     image_size = preflight(recipe)
-    _cached_features(recipe, feature_extractor(recipe, image_size), image_size,
+    cached_features(recipe, feature_extractor(recipe, image_size), image_size,
                      _named_sets(recipe_splits(recipe)), progress)
 
 
@@ -126,7 +127,7 @@ def _named_sets(splits) -> dict[str, ImageSet]:
             (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images is not None}
 
 
-def _cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str, ImageSet],
+def cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str, ImageSet],
                      progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Features and labels per split, read from (or computed into) the shared HDF5 feature store.
 

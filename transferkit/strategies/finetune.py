@@ -51,7 +51,8 @@ from transferkit.pipelines import (MODEL, fitting_batch_size, make_dataset, rese
                                    steps_per_epoch)
 from transferkit.recipe import OptimizerSpec, Recipe, load_recipe
 from transferkit.run import Run
-from transferkit.strategies import check_recipe, preflight, recipe_splits
+from transferkit.recipe import recipe_splits
+from transferkit.strategies import check_recipe, preflight
 
 log = logging.getLogger("transferkit")
 
@@ -276,11 +277,10 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
     """LP-FT: set ``head_logits`` to a logistic regression fitted on cached pooled features."""
     import keras
 
-    from transferkit.classifiers import build_classifier, fit_cached
-    from transferkit.export import fold_linear_classifier
+    from transferkit.classifiers import build_classifier, fit_cached, fold_linear_classifier
     from transferkit.io import transferkit_home
     from transferkit.recipe import ExtractSpec
-    from transferkit.strategies.extract import _cached_features
+    from transferkit.strategies.extract import cached_features
     from transferkit.surgery import HEAD_POOL
 
     names = [layer.name for layer in model.layers]
@@ -291,7 +291,7 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
     probe = dataclasses.replace(recipe, extract=ExtractSpec(layer="top", pooling=recipe.head.pooling,
                                                             tta=False, power_norm=False))
     extractor = keras.Model(model.input, model.get_layer(HEAD_POOL).output)
-    features = _cached_features(probe, extractor, image_size, {"train": splits.train}, progress)
+    features = cached_features(probe, extractor, image_size, {"train": splits.train}, progress)
     x, y = features["train"]
     classifier = build_classifier(probe.extract.classifier, seed=recipe.seed,
                                   n_samples_per_class=int(np.bincount(y).min()))
