@@ -4,7 +4,7 @@ Runs `transferkit.finetune` on the same images three times, `data.augment_on: pi
 no augmentation at all, and prints training images/s (the mean of epochs 2.., as the first compiles)
 and what the augmentation costs in each place. Decoded images are cached, so decoding is not timed
 after the first epoch. `augment_on: auto` picks the place from the device (see
-`transferkit.accelerator.augment_placement`); the last line says which it picks here.
+`transferkit.training.accelerator.augment_placement`); the last line says which it picks here.
 
     KERAS_HOME=../shared/keras_home python benchmarks/augment_placement.py --images 512
     KERAS_HOME=../shared/keras_home python benchmarks/augment_placement.py --train head
@@ -32,7 +32,7 @@ def main():
     import keras
     import numpy as np
 
-    from transferkit.accelerator import augment_placement, gpu_available
+    from transferkit.training.accelerator import augment_placement, gpu_available
     from transferkit.recipe import load_recipe
     from transferkit.strategies.finetune import finetune
 

@@ -1,6 +1,6 @@
 """Classifier fit time: the cross-validated grid search on pooled features, per joblib backend.
 
-Prints the seconds of `transferkit.classifiers.build_classifier(...).fit` (logistic_regression with
+Prints the seconds of `transferkit.features.classifiers.build_classifier(...).fit` (logistic_regression with
 its default 7-value C grid, 5 folds) under joblib's process pool (loky, scikit-learn's default) and
 under transferkit's thread pool (`fit_classifier`), on MobileNetV2 pooled features of flowers5
 (train split of val: 0.2, 3453 x 1280; extracted once into the feature store) or, with --synthetic,
@@ -51,7 +51,7 @@ def main():
 
     import joblib
 
-    from transferkit.classifiers import build_classifier, fit_classifier
+    from transferkit.features.classifiers import build_classifier, fit_classifier
     from transferkit.recipe import ClassifierSpec
 
     x, y = synthetic_features() if args.synthetic else real_features(args.data)

@@ -2,7 +2,7 @@
 
 transferkit: `transferkit.finetune` on a folder of JPEGs (decode in the input pipeline, one-hot
 labels, checkpoint and monitor files every epoch). Hand-written: the same classifier
-(`transferkit.heads.attach_head`, whole body trainable) compiled with the same optimizer and loss,
+(`transferkit.models.heads.attach_head`, whole body trainable) compiled with the same optimizer and loss,
 `model.fit` on pre-decoded in-memory arrays. Both validate on the same images every epoch. The first
 epoch (compilation) is left out; images/s is training images over the mean epoch time of the rest.
 
@@ -25,9 +25,9 @@ def main():
     import keras
     import numpy as np
 
-    from transferkit.backbones import create_backbone
-    from transferkit.data import load_images
-    from transferkit.heads import attach_head
+    from transferkit.models.backbones import create_backbone
+    from transferkit.data.folders import load_images
+    from transferkit.models.heads import attach_head
     from transferkit.recipe import HeadSpec, load_recipe
     from transferkit.recipe import recipe_splits
     from transferkit.strategies.finetune import finetune

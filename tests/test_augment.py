@@ -1,9 +1,9 @@
-"""transferkit.augment: recipe specs to Keras augmentation layers."""
+"""transferkit.data.augment: recipe specs to Keras augmentation layers."""
 
 import numpy as np
 import pytest
 
-from transferkit.augment import (AUGMENTATIONS, BatchMixer, VALUE_RANGE, build_augmentation, check_augmentation,
+from transferkit.data.augment import (AUGMENTATIONS, BatchMixer, VALUE_RANGE, build_augmentation, check_augmentation,
                                  parse_augment_spec)
 from transferkit.errors import RecipeError, TransferkitError
 

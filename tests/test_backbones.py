@@ -14,11 +14,11 @@ import pytest
 from keras.src.utils import file_utils
 from PIL import Image
 
-from transferkit import backbones
-from transferkit.backbones import (BACKBONES, create_backbone, get_backbone_info, keras_home,
+from transferkit.models import backbones
+from transferkit.models.backbones import (BACKBONES, create_backbone, get_backbone_info, keras_home,
                                    list_backbones, resolve_layer, weights_filename)
 from transferkit.errors import BackboneError
-from transferkit.layers import Preprocess
+from transferkit.models.layers import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = list(BACKBONES)
@@ -178,7 +178,7 @@ def test_missing_imagenet_file_fails_within_5s_of_process_start(tmp_path):
     if backbones._download_possible():
         pytest.skip("online: Keras would download the weights instead of failing")
     env = {**os.environ, "KERAS_HOME": str(tmp_path)}
-    code = "from transferkit.backbones import create_backbone; create_backbone('mobilenet_v2')"
+    code = "from transferkit.models.backbones import create_backbone; create_backbone('mobilenet_v2')"
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
     elapsed = time.monotonic() - started

@@ -6,9 +6,9 @@ import time
 import numpy as np
 
 from test_cli import assert_one_line_error, transferkit
-from transferkit.cache import cache_entries, clear_cache
-from transferkit.classifiers import build_classifier, fit_cached
-from transferkit.features import FeatureStore
+from transferkit.features.cache import cache_entries, clear_cache
+from transferkit.features.classifiers import build_classifier, fit_cached
+from transferkit.features.store import FeatureStore
 from transferkit.recipe import ClassifierSpec
 
 DAY = 86400

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferkit.classifiers import build_classifier, check_classifier, fit_cached, predict_proba
+from transferkit.features.classifiers import build_classifier, check_classifier, fit_cached, predict_proba
 from transferkit.errors import RecipeError
 from transferkit.recipe import ClassifierSpec
 
@@ -116,7 +116,7 @@ def test_check_classifier_returns_what_build_uses():
 FIT_FOREVER = """
 import sys
 import numpy as np
-from transferkit.classifiers import build_classifier, fit_classifier
+from transferkit.features.classifiers import build_classifier, fit_classifier
 from transferkit.recipe import ClassifierSpec
 rng = np.random.default_rng(0)
 x, y = rng.normal(size=(3000, 300)), np.arange(3000) % 5

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from transferkit.compare import compare, paired_difference, run_measures
+from transferkit.reports.compare import compare, paired_difference, run_measures
 from transferkit.recipe import load_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends]

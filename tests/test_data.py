@@ -1,4 +1,4 @@
-"""transferkit.data on the real datasets in ../shared/datasets and on images made here."""
+"""transferkit.data.folders on the real datasets in ../shared/datasets and on images made here."""
 
 import os
 import shutil
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from transferkit import data
-from transferkit.data import (ImageSet, load_image, load_images, load_splits, resolve_source, scan_folder,
+from transferkit.data import folders as data
+from transferkit.data.folders import (ImageSet, load_image, load_images, load_splits, resolve_source, scan_folder,
                               stratified_split)
 from transferkit.errors import DataError
 
@@ -303,7 +303,7 @@ def test_one_resize_for_files_uint8_and_float_pixels(datasets):
     assert data.resize_all(batch[:0], 96).shape == (0, 96, 96, 3)
 
 def test_importing_data_and_augment_loads_no_tensorflow_or_keras():
-    code = ("import sys, transferkit.data, transferkit.augment; "
+    code = ("import sys, transferkit.data.folders, transferkit.data.augment; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

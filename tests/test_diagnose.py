@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from transferkit.diagnose import (ACCURACY_GAP, GOOD, OVER, TOO_SHORT, UNDER, UNSTABLE, VERDICTS, Diagnosis,
+from transferkit.training.diagnose import (ACCURACY_GAP, GOOD, OVER, TOO_SHORT, UNDER, UNSTABLE, VERDICTS, Diagnosis,
                                   diagnose)
 
 NAN = math.nan
@@ -224,13 +224,13 @@ def test_bad_input_is_rejected():
 
 
 def test_importing_does_not_pull_in_keras():
-    code = "import sys, transferkit.diagnose; print('keras' in sys.modules or 'tensorflow' in sys.modules)"
+    code = "import sys, transferkit.training.diagnose; print('keras' in sys.modules or 'tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
 
 
 def test_an_exploding_loss_is_divergence_and_asks_for_a_lower_learning_rate():
-    from transferkit.diagnose import DIVERGED
+    from transferkit.training.diagnose import DIVERGED
 
     # learning rate 1e6: the loss went from 2.1 to 2.4e8 (the regulariser of weights blowing up)
     history = {"loss": [2.1, 3.5e7, 2.4e8], "val_loss": [1.0, 5e6, 3e8], "accuracy": [0.5, 0.5, 0.5],

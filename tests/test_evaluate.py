@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from transferkit.evaluate import evaluate_predictions, format_metrics, plot_history, write_report
+from transferkit.reports.evaluate import evaluate_predictions, format_metrics, plot_history, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ["ant", "bee", "cat"]

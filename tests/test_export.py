@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from transferkit.data import load_images
+from transferkit.data.folders import load_images
 from transferkit.errors import TransferkitError
 from transferkit.export import export_model, load_exported_model
 from transferkit.recipe import load_recipe
@@ -86,7 +86,7 @@ def test_exported_model_predicts_like_the_run(runs, name):
 def test_plain_keras_loads_it_and_the_classes_sit_beside_it(runs, tmp_path):
     import keras
 
-    import transferkit.layers  # noqa: F401  (registers Preprocess)
+    import transferkit.models.layers  # noqa: F401  (registers Preprocess)
 
     run, _ = runs("logreg_binary")
     path = export_model(run, tmp_path / "cats.keras")

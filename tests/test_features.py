@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from transferkit.features import FeatureStore, cache_key  # noqa: E402
+from transferkit.features.store import FeatureStore, cache_key  # noqa: E402
 
 DIM, CHUNK, N_IMAGES = 6, 4, 40  # 10 chunks
 N_CHUNKS = N_IMAGES // CHUNK
@@ -147,7 +147,7 @@ def test_cache_key_folds_in_a_weights_file(tmp_path, paths):
 
 def test_cache_key_is_the_same_in_another_process(datasets):
     files = sorted(str(p) for p in (datasets / "cats_dogs" / "cat").glob("*.jpg"))[:20]
-    code = ("import json, sys; from transferkit.features import cache_key; "
+    code = ("import json, sys; from transferkit.features.store import cache_key; "
             "print(cache_key(backbone='mobilenet_v2', layers=['top'], files=json.loads(sys.argv[1])))")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(files)], cwd=REPO,
                             capture_output=True, text=True, check=True)

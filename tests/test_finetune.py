@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
-from transferkit.backbones import create_backbone
+from transferkit.models.backbones import create_backbone
 from transferkit.errors import DeviceMemoryError
 from transferkit.recipe import DenseSpec, load_recipe
 from transferkit.run import Run
 from transferkit.strategies.extract import extract
 from transferkit.strategies.finetune import TrainingError, finetune
-from transferkit.surgery import body_layers
+from transferkit.models.surgery import body_layers
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends]
 
@@ -56,7 +56,7 @@ def changed_layers(model, pretrained):
 def test_finetune_writes_the_run_folder_and_reloads(first_run, small_cats_dogs):
     import keras
 
-    from transferkit.accelerator import gpu_available
+    from transferkit.training.accelerator import gpu_available
 
     folder = first_run.folder
     for name in ["run.json", "recipe.yaml", "model/model.keras", "history.json", "history.csv", "curves.png",
@@ -279,8 +279,8 @@ def test_out_of_memory_says_which_batch_size_to_try(small_cats_dogs, home, tmp_p
 def test_augmentation_in_the_model_acts_in_training_only(small_cats_dogs, home, tmp_path):
     import keras
 
-    from transferkit.augment import build_augmentation
-    from transferkit.accelerator import augment_placement, gpu_available
+    from transferkit.data.augment import build_augmentation
+    from transferkit.training.accelerator import augment_placement, gpu_available
     from transferkit.strategies.finetune import with_augmentation
 
     recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=1)
@@ -299,7 +299,7 @@ def test_augmentation_in_the_model_acts_in_training_only(small_cats_dogs, home, 
 
 
 def test_on_a_gpu_auto_picks_bfloat16_and_augmentation_in_the_model(small_cats_dogs, home, tmp_path, monkeypatch):
-    from transferkit import accelerator
+    from transferkit.training import accelerator
 
     monkeypatch.setattr(accelerator, "gpu_available", lambda: True)  # what the GPU defaults hang on
     recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0)

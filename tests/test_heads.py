@@ -4,11 +4,11 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.backbones import create_backbone, get_backbone_info
+from transferkit.models.backbones import create_backbone, get_backbone_info
 from transferkit.errors import BackboneError, RecipeError
-from transferkit.heads import attach_head, build_head, check_head, head_layers, resolve_head
+from transferkit.models.heads import attach_head, build_head, check_head, head_layers, resolve_head
 from transferkit.recipe import DenseSpec, HeadSpec, UnfreezeSpec
-from transferkit.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
+from transferkit.models.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
 
 SIZE = 96
 CLASSES = 3

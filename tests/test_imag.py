@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from transferkit.errors import RecipeError
-from transferkit.imag import episode_plan, label_mapping
+from transferkit.training.imag import episode_plan, label_mapping
 from transferkit.recipe import load_recipe
 from transferkit.run import Run
 from transferkit.strategies import finetune as engine

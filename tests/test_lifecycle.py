@@ -183,7 +183,7 @@ def test_disk_full_errors_become_one_line(tmp_path):
 
 def test_a_feature_store_that_does_not_fit_fails_before_writing(tmp_path, monkeypatch):
     import transferkit.io as tkio
-    from transferkit.features import FeatureStore
+    from transferkit.features.store import FeatureStore
 
     store = FeatureStore(tmp_path / "store.h5")
     embed = lambda paths: np.ones((len(paths), 64), np.float32)  # noqa: E731
@@ -331,7 +331,7 @@ def test_a_full_disk_at_each_write_keeps_every_earlier_checkpoint(tiny, home, tm
 
 EXTRACT_KILLED = textwrap.dedent("""
     import os, signal, sys
-    import transferkit.classifiers, transferkit.evaluate, transferkit.outputs, transferkit.run
+    import transferkit.features.classifiers, transferkit.reports.evaluate, transferkit.outputs, transferkit.run
     from transferkit.recipe import load_recipe
     from transferkit.strategies import extract, finetune
 
@@ -351,9 +351,9 @@ EXTRACT_KILLED = textwrap.dedent("""
     if moment == "extracting":
         extract._Embedder.forward = kill
     elif moment == "classifier fit":
-        transferkit.classifiers.fit_cached = kill
+        transferkit.features.classifiers.fit_cached = kill
     elif moment == "reports":
-        later(transferkit.evaluate, "_write_csv")
+        later(transferkit.reports.evaluate, "_write_csv")
     elif moment == "run.json":
         transferkit.run.atomic_write_json = kill
     elif moment == "moving into place":

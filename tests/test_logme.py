@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from transferkit.logme import logme
+from transferkit.features.logme import logme
 
 
 def reference_logme(f, labels):

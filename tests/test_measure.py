@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from transferkit.data import scan_folder
-from transferkit.measure import Measurement, measure, plot_depth, rank_backbones
+from transferkit.data.folders import scan_folder
+from transferkit.features.measure import Measurement, measure, plot_depth, rank_backbones
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_backbone_ranking_skips_backbones_without_weights(textures):
 
 
 def test_given_answers_override_the_measurement(monkeypatch, datasets):
-    from transferkit import measure as measure_module
+    from transferkit.features import measure as measure_module
     from transferkit.recommend import recommend
 
     monkeypatch.setattr(measure_module, "measure", lambda *a, **k: pytest.fail("measured although told"))

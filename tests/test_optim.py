@@ -1,4 +1,4 @@
-"""transferkit.optim: optimizers by name, layer-wise learning rates, learning-rate schedules."""
+"""transferkit.training.optim: optimizers by name, layer-wise learning rates, learning-rate schedules."""
 
 import importlib.util
 import math
@@ -15,7 +15,7 @@ import pytest
 from keras import ops
 
 from transferkit.errors import RecipeError
-from transferkit.optim import (EpochSchedule, build_optimizer, build_schedule, check_optimizer, check_schedule,
+from transferkit.training.optim import (EpochSchedule, build_optimizer, build_schedule, check_optimizer, check_schedule,
                                layer_decay_multipliers, learning_rate_at)
 from transferkit.recipe import OptimizerSpec, ScheduleSpec
 

@@ -17,10 +17,10 @@ import skops.io
 import yaml
 
 from test_cli import assert_one_line_error, transferkit
-from transferkit.classifiers import build_classifier, fit_cached, predict_proba
-from transferkit.data import load_images
+from transferkit.features.classifiers import build_classifier, fit_cached, predict_proba
+from transferkit.data.folders import load_images
 from transferkit.errors import TransferkitError
-from transferkit.persistence import load_classifier, save_classifier, saved_classifier
+from transferkit.features.persistence import load_classifier, save_classifier, saved_classifier
 from transferkit.recipe import ClassifierSpec, load_recipe
 from transferkit.run import Run
 

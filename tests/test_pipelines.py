@@ -1,4 +1,4 @@
-"""transferkit.pipelines: tf.data and PyDataset batches from real images, shuffling, augmentation, caching."""
+"""transferkit.data.pipelines: tf.data and PyDataset batches from real images, shuffling, augmentation, caching."""
 
 import functools
 import time
@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from transferkit import data, pipelines
-from transferkit.data import load_images, scan_folder
-from transferkit.pipelines import make_dataset
+from transferkit.data import folders as data, pipelines
+from transferkit.data.folders import load_images, scan_folder
+from transferkit.data.pipelines import make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_shuffle_is_seeded_and_redrawn_each_epoch(pets, pipeline):
 
 @pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
 def test_augmentation_runs_on_batches(pets, pipeline):
-    from transferkit.augment import build_augmentation
+    from transferkit.data.augment import build_augmentation
 
     augment = build_augmentation([{"random_flip": "horizontal"}], seed=0)
     ((x, y),) = _batches(make_dataset(pets, 32, 20, augment=augment, pipeline=pipeline))
@@ -75,7 +75,7 @@ def test_augmentation_runs_on_batches(pets, pipeline):
 def test_batches_train_a_keras_model(pets, pipeline):
     import keras
 
-    from transferkit.augment import build_augmentation
+    from transferkit.data.augment import build_augmentation
 
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
                               keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, activation="softmax")])
@@ -90,7 +90,7 @@ def test_batches_train_a_keras_model(pets, pipeline):
 
 @pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
 def test_one_hot_labels_and_batch_mixing(pets, pipeline):
-    from transferkit.augment import BatchMixer
+    from transferkit.data.augment import BatchMixer
 
     ((x, y),) = _batches(make_dataset(pets, 32, 20, num_classes=2, pipeline=pipeline))
     assert y.dtype == np.float32 and np.array_equal(y.argmax(axis=1), pets.labels) and np.all(y.sum(axis=1) == 1)
@@ -164,7 +164,7 @@ def test_a_bounded_cache_keeps_some_images_and_decodes_the_rest_each_epoch(pets,
 
 
 def test_cache_limit_keeps_as_many_images_as_fit():
-    from transferkit.pipelines import cache_limit
+    from transferkit.data.pipelines import cache_limit
 
     assert cache_limit("auto", 1000, 224) == 1000
     assert 0 < cache_limit("auto", 10**9, 224) < 10**9  # a bound: as many as fit, not all or nothing
@@ -176,7 +176,7 @@ def test_cache_limit_keeps_as_many_images_as_fit():
 def test_training_epochs_depend_on_the_seed_and_the_epoch_alone(pets, pipeline):
     """What a resumed run relies on: epochs 1-2 of a dataset that starts at epoch 1 are those of one
     that starts at epoch 0, order, augmentation and mixing draws included."""
-    from transferkit.augment import BatchMixer, build_augmentation
+    from transferkit.data.augment import BatchMixer, build_augmentation
 
     def epochs(first, seed=7):
         augment = build_augmentation(["random_flip", {"random_rotation": 0.2}], seed=seed)

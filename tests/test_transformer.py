@@ -9,11 +9,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 
-from transferkit.backbones import create_backbone
-from transferkit.data import load_images
+from transferkit.models.backbones import create_backbone
+from transferkit.data.folders import load_images
 from transferkit.errors import BackboneError
-from transferkit.surgery import cut
-from transferkit.transformer import FeatureExtractor, clear_model_cache
+from transferkit.models.surgery import cut
+from transferkit.features.transformer import FeatureExtractor, clear_model_cache
 
 SETTINGS = {"backbone": "mobilenet", "alpha": 0.25, "image_size": 96}
 

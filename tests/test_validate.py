@@ -216,7 +216,7 @@ def test_shipped_recipes_pass_the_whole_check(path):
 
 
 def test_compare_checks_every_mode_before_the_first_run(tmp_path):
-    from transferkit.compare import compare
+    from transferkit.reports.compare import compare
 
     recipe = load_recipe(write(tmp_path, "strategy: finetune\nimag: {head: {layers: [{dense: 4, activation: nope}]}}\n"))
     with pytest.raises(RecipeError, match=r"imag\.head\.layers\[0\]\.activation"):

@@ -17,11 +17,11 @@ from transferkit.recipe import Recipe, load_recipe  # noqa: E402
 from transferkit.recommend import Recommendation, recommend  # noqa: E402
 
 _LAZY = {  # imported on first use: these pull in Keras / TensorFlow
-    "create_backbone": "transferkit.backbones", "list_backbones": "transferkit.backbones",
-    "load_splits": "transferkit.data", "make_dataset": "transferkit.pipelines", "scan_folder": "transferkit.data",
+    "create_backbone": "transferkit.models.backbones", "list_backbones": "transferkit.models.backbones",
+    "load_splits": "transferkit.data.folders", "make_dataset": "transferkit.data.pipelines", "scan_folder": "transferkit.data.folders",
     "extract": "transferkit.strategies.extract", "finetune": "transferkit.strategies.finetune",
-    "attach_head": "transferkit.heads", "compare": "transferkit.compare", "unfreeze": "transferkit.surgery", "Run": "transferkit.run", "cut": "transferkit.surgery",
-    "FeatureExtractor": "transferkit.transformer", "export_model": "transferkit.export",
+    "attach_head": "transferkit.models.heads", "compare": "transferkit.reports.compare", "unfreeze": "transferkit.models.surgery", "Run": "transferkit.run", "cut": "transferkit.models.surgery",
+    "FeatureExtractor": "transferkit.features.transformer", "export_model": "transferkit.export",
 }
 
 

@@ -53,7 +53,7 @@ def backbones(name, as_json):
       transferkit backbones
       transferkit backbones mobilenet_v2
     """
-    from transferkit.backbones import get_backbone_info, list_backbones
+    from transferkit.models.backbones import get_backbone_info, list_backbones
 
     infos = [get_backbone_info(name)] if name else list_backbones()
     if as_json:
@@ -214,7 +214,7 @@ def compare(recipe, modes, seeds, output, overrides):
     Example:
       transferkit compare recipes/digits8_imag.yaml --modes normal,imag --seeds 3
     """
-    from transferkit.compare import compare as run_compare, to_markdown
+    from transferkit.reports.compare import compare as run_compare, to_markdown
     from transferkit.recipe import load_recipe
 
     recipe = _checked(load_recipe(recipe, overrides=overrides), recipe)
@@ -277,7 +277,7 @@ def cache(clear, older_than):
       transferkit cache
       transferkit cache --clear --older-than 30
     """
-    from transferkit.cache import KINDS, cache_entries, clear_cache
+    from transferkit.features.cache import KINDS, cache_entries, clear_cache
     from transferkit.io import transferkit_home
 
     if older_than is not None and not clear:
@@ -318,7 +318,7 @@ def evaluate(run_folder, data, trusted):
       transferkit evaluate runs/flowers
       transferkit evaluate runs/flowers --data more_flowers/
     """
-    from transferkit.evaluate import format_metrics
+    from transferkit.reports.evaluate import format_metrics
     from transferkit.run import Run
 
     start_keras_quietly()
@@ -398,7 +398,7 @@ def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, 
     ranking = _rank(data, candidates) if candidates else None
     plot = plot or (str(Path(write_to).with_suffix(".depth.png")) if write_to and rec.measurement else None)
     if plot and rec.measurement:
-        from transferkit.measure import Measurement, plot_depth
+        from transferkit.features.measure import Measurement, plot_depth
         plot_depth(Measurement(**rec.measurement), plot)
     if write_to:  # what it writes runs: checked like any recipe (but for the weights file, which may come later)
         _checked(load_recipe(recipe, base_dir=Path(write_to).resolve().parent), weights=False)
@@ -435,8 +435,8 @@ def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, 
 
 
 def _rank(data, candidates: str) -> list[dict]:
-    from transferkit.data import resolve_source, scan_folder
-    from transferkit.measure import rank_backbones
+    from transferkit.data.folders import resolve_source, scan_folder
+    from transferkit.features.measure import rank_backbones
 
     if data is None:
         raise click.UsageError("--backbones ranks backbones on your images: give --data too")

@@ -37,7 +37,7 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
     extractor and linear classifier folded together.
 
     The model takes raw RGB pixels (float32 `[N, S, S, 3]`, 0..255) and outputs the class
-    probabilities of `transferkit.classifiers.predict_proba`, through a `Dense` layer named
+    probabilities of `transferkit.features.classifiers.predict_proba`, through a `Dense` layer named
     "classifier" and a softmax.
 
     Args:
@@ -56,7 +56,7 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
     """
     import keras
 
-    from transferkit.classifiers import fold_linear_classifier
+    from transferkit.features.classifiers import fold_linear_classifier
     from transferkit.run import Run
 
     if format not in FORMATS:
@@ -120,7 +120,7 @@ def load_exported_model(path: str | Path):
     """
     import keras
 
-    import transferkit.layers  # noqa: F401  (registers Preprocess for deserialisation)
+    import transferkit.models.layers  # noqa: F401  (registers Preprocess for deserialisation)
 
     path = Path(path)
     return keras.saving.load_model(path, safe_mode=True), json.loads(_classes_path(path).read_text())["class_names"]

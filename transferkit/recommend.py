@@ -23,7 +23,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transferkit.backbones import get_backbone_info
+from transferkit.models.backbones import get_backbone_info
 from transferkit.errors import TransferkitError
 
 LARGE_IMAGES_PER_CLASS = 1000
@@ -40,7 +40,7 @@ class Recommendation:
     rationale: list[str]
     settings: dict            # recipe sections: extract or head/warmup/finetune
     evidence: dict = field(default_factory=dict)   # what was given or measured
-    measurement: dict | None = None                # transferkit.measure.Measurement.to_dict(), when measured
+    measurement: dict | None = None                # transferkit.features.measure.Measurement.to_dict(), when measured
     backbone: str = "mobilenet_v2"                 # the backbone whose layer names the settings use
     alpha: float | None = None
 
@@ -77,7 +77,7 @@ def size_from_count(images_per_class: float) -> str:
 
 def count_images(data: str | Path) -> dict:
     """Images per class of a class-per-folder dataset (files counted, not decoded)."""
-    from transferkit.data import resolve_source, scan_folder
+    from transferkit.data.folders import resolve_source, scan_folder
 
     counts = list(scan_folder(resolve_source(data), screen=False).class_counts().values())
     return {"classes": len(counts), "images": sum(counts), "min_per_class": min(counts),
@@ -94,7 +94,7 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
         size: ``"small"``, ``"large"``, or a number of images per class. ``None`` counts the
             images in ``data``.
         similar: whether the images look like ImageNet's photos (``True``/``"yes"``,
-            ``False``/``"no"``). ``None`` with ``data`` measures it (`transferkit.measure`), and the
+            ``False``/``"no"``). ``None`` with ``data`` measures it (`transferkit.features.measure`), and the
             measured best layer becomes the extract layer.
         data: a class-per-folder dataset, used to count images when ``size`` is not given.
         backbone: the registry name whose layer names (cut point, where fine-tuning starts) the
@@ -119,9 +119,9 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
     size = _parse_size(size, evidence)
     measurement = None
     if similar is None and data is not None:
-        from transferkit.data import resolve_source, scan_folder
+        from transferkit.data.folders import resolve_source, scan_folder
         from transferkit.logs import log_to_stderr_unless_configured
-        from transferkit.measure import measure
+        from transferkit.features.measure import measure
 
         if progress:
             log_to_stderr_unless_configured()

@@ -17,7 +17,7 @@ A run is written into ``<name>.partial`` and replaces ``<name>`` whole when it i
 
 A run folder is data, safe to open from anyone: it holds no pickle. Keras models load with
 ``safe_mode=True``; the classifier is arrays (linear ones, ``.npz``) or a ``skops`` file opened only
-when it holds trusted types (see :mod:`transferkit.persistence`). ``recipe.yaml`` is read as data: its
+when it holds trusted types (see :mod:`transferkit.features.persistence`). ``recipe.yaml`` is read as data: its
 import paths (``head.custom``, ``schedule.function``, a classifier path) are not imported by
 :meth:`Run.load`, ``predict``, ``evaluate`` or ``export``.
 
@@ -53,7 +53,7 @@ def _load_keras_model(path: Path, **options):
     """A run's ``.keras`` model, loaded in safe mode; missing, damaged or unsafe (a Lambda layer): one line."""
     import keras
 
-    import transferkit.layers  # noqa: F401  (registers transferkit's layers for deserialisation)
+    import transferkit.models.layers  # noqa: F401  (registers transferkit's layers for deserialisation)
 
     if not path.is_file():
         raise TransferkitError(f"{path} is missing: train the run again")
@@ -76,7 +76,7 @@ class Run:
         feature_extractor: keras model, raw images -> features (extract strategy).
         classifier: scikit-learn estimator on those features (extract strategy).
         model: keras model, raw images -> class probabilities (fine-tuning strategies).
-        metrics: ``{"val": {...}, "test": {...}}`` from :func:`transferkit.evaluate.evaluate_predictions`.
+        metrics: ``{"val": {...}, "test": {...}}`` from :func:`transferkit.reports.evaluate.evaluate_predictions`.
         history: per-epoch curves (fine-tuning); empty for extract.
         info: timings and anything else worth keeping.
     """
@@ -97,8 +97,8 @@ class Run:
 
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
         """Class probabilities ``[N, classes]`` for image paths or a uint8/float array ``[N, S, S, 3]``."""
-        from transferkit.classifiers import predict_proba
-        from transferkit.data import load_images
+        from transferkit.features.classifiers import predict_proba
+        from transferkit.data.folders import load_images
 
         if not isinstance(images, np.ndarray):
             images = load_images(list(map(str, images)), self.image_size)
@@ -113,7 +113,7 @@ class Run:
             ``(rows, skipped)``: per image ``{"path", "class", "probability", "top": [[class, p], ...]}``,
             and the ``(path, reason)`` pairs that could not be read (also listed in one warning).
         """
-        from transferkit.data import find_images
+        from transferkit.data.folders import find_images
 
         paths, skipped = find_images(inputs)
         if not paths:
@@ -131,10 +131,10 @@ class Run:
         Reports go to ``<run>/evaluations/<data folder name>/`` (or the run folder itself for its own split).
 
         Returns:
-            The metrics of :func:`transferkit.evaluate.evaluate_predictions`.
+            The metrics of :func:`transferkit.reports.evaluate.evaluate_predictions`.
         """
-        from transferkit.data import scan_folder
-        from transferkit.evaluate import write_report
+        from transferkit.data.folders import scan_folder
+        from transferkit.reports.evaluate import write_report
         from transferkit.outputs import folder_lock
         from transferkit.recipe import recipe_splits
 
@@ -162,7 +162,7 @@ class Run:
         """
         import keras
 
-        from transferkit.persistence import save_classifier
+        from transferkit.features.persistence import save_classifier
 
         folder = Path(folder or self.recipe.output)
         (folder / "model").mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ class Run:
             TransferkitError: not a run folder, a classifier pickled by an older transferkit, or one
                 holding types that are not trusted.
         """
-        from transferkit.persistence import load_classifier, saved_classifier
+        from transferkit.features.persistence import load_classifier, saved_classifier
 
         folder = Path(folder)
         if not (folder / "run.json").is_file():

@@ -10,7 +10,7 @@ recipe's strategy uses.
 
 from __future__ import annotations
 
-from transferkit.backbones import check_layer, check_weights, get_backbone_info
+from transferkit.models.backbones import check_layer, check_weights, get_backbone_info
 from transferkit.errors import RecipeError
 from transferkit.recipe import Recipe, did_you_mean
 
@@ -61,7 +61,7 @@ def preflight(recipe: Recipe) -> int:
 
 
 def _check_extract(recipe: Recipe) -> None:
-    from transferkit.classifiers import check_classifier
+    from transferkit.features.classifiers import check_classifier
 
     layers = recipe.extract.layer
     for i, layer in enumerate([layers] if isinstance(layers, str) else layers):
@@ -70,9 +70,9 @@ def _check_extract(recipe: Recipe) -> None:
 
 
 def _check_finetune(recipe: Recipe, layers: bool = True) -> None:
-    from transferkit.augment import check_augmentation
-    from transferkit.heads import check_head
-    from transferkit.optim import check_optimizer, check_schedule
+    from transferkit.data.augment import check_augmentation
+    from transferkit.models.heads import check_head
+    from transferkit.training.optim import check_optimizer, check_schedule
 
     warmup, finetune = recipe.warmup, recipe.finetune
     check_head(recipe.head, "head")
@@ -105,8 +105,8 @@ def _check_unfreeze(recipe: Recipe) -> None:
     elif mode == "top_blocks":
         info = get_backbone_info(recipe.backbone.name)
         if value >= len(info.cut_points):  # fewer always fit: every cut point but the last ends a block
-            from transferkit.backbones import layer_names
-            from transferkit.surgery import check_top_blocks
+            from transferkit.models.backbones import layer_names
+            from transferkit.models.surgery import check_top_blocks
 
             spec = recipe.backbone
             check_top_blocks(value, layer_names(spec.name, spec.alpha, **spec.options), info)

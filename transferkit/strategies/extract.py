@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.accelerator import out_of_memory
-from transferkit.data import ImageSet, load_images
+from transferkit.training.accelerator import out_of_memory
+from transferkit.data.folders import ImageSet, load_images
 from transferkit.errors import DeviceMemoryError
-from transferkit.features import FeatureStore, cache_key
+from transferkit.features.store import FeatureStore, cache_key
 from transferkit.io import disk_full_is_one_line, transferkit_home
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
@@ -62,8 +62,8 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
 
 def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, started: float) -> Run:
     """Features, the classifier fit and the reports (written to ``folder``); the Run, unsaved."""
-    from transferkit.classifiers import build_classifier, fit_cached, predict_proba
-    from transferkit.evaluate import format_metrics, write_report
+    from transferkit.features.classifiers import build_classifier, fit_cached, predict_proba
+    from transferkit.reports.evaluate import format_metrics, write_report
 
     splits = recipe_splits(recipe)
     extractor = feature_extractor(recipe, image_size)
@@ -100,8 +100,8 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
 
 def feature_extractor(recipe: Recipe, image_size: int):
     """The recipe's backbone cut at ``extract.layer``, pooled, with flip averaging and power norm as set."""
-    from transferkit.backbones import create_backbone
-    from transferkit.surgery import average_over_flips, cut, power_normalize
+    from transferkit.models.backbones import create_backbone
+    from transferkit.models.surgery import average_over_flips, cut, power_normalize
 
     spec = recipe.backbone
     body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
@@ -153,7 +153,7 @@ def cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str, 
 def _feature_config(recipe: Recipe, image_size: int) -> dict:
     """Everything the features depend on; equal settings give equal values (alpha: null is the
     registry's default width, 1.0)."""
-    from transferkit.backbones import get_backbone_info
+    from transferkit.models.backbones import get_backbone_info
 
     spec = recipe.backbone
     alpha = float(spec.alpha) if spec.alpha is not None else 1.0 if get_backbone_info(spec.name).alphas else None
@@ -163,7 +163,7 @@ def _feature_config(recipe: Recipe, image_size: int) -> dict:
 
 
 class _Embedder:
-    """``paths -> features`` in two stages (see `transferkit.features.Embed`): decode with Pillow,
+    """``paths -> features`` in two stages (see `transferkit.features.store.Embed`): decode with Pillow,
     then run the extractor batch by batch."""
 
     def __init__(self, extractor, image_size: int, batch_size: int):

@@ -1,7 +1,7 @@
 """Fine-tuning by network surgery: a new head on the frozen body, warm it up, unfreeze, train on.
 
 Training runs as a list of phases (``warmup``, then ``finetune``; with ``strategy: imag`` the
-fine-tuning epochs alternate ``finetune`` and ``imag`` episodes, see :mod:`transferkit.imag`), each
+fine-tuning epochs alternate ``finetune`` and ``imag`` episodes, see :mod:`transferkit.training.imag`), each
 with its own trainable layers, optimizer and epoch range in one shared epoch count.
 
 The run is written into ``<output>.partial`` beside the output folder, which is replaced in one
@@ -41,13 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.accelerator import augment_placement, distribution, dtype_policy, out_of_memory, resolve_precision
-from transferkit.augment import build_augmentation
+from transferkit.training.accelerator import augment_placement, distribution, dtype_policy, out_of_memory, resolve_precision
+from transferkit.data.augment import build_augmentation
 from transferkit.errors import DeviceMemoryError, RecipeError, TransferkitError
 from transferkit.io import atomic_path, atomic_write_json, atomic_write_text, disk_full_is_one_line, require_space
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
-from transferkit.pipelines import (MODEL, fitting_batch_size, make_dataset, reseed, reseed_backend, seed_states,
+from transferkit.data.pipelines import (MODEL, fitting_batch_size, make_dataset, reseed, reseed_backend, seed_states,
                                    steps_per_epoch)
 from transferkit.recipe import OptimizerSpec, Recipe, load_recipe
 from transferkit.run import Run
@@ -73,7 +73,7 @@ class Phase:
 
 def plan_phases(recipe: Recipe) -> list[Phase]:
     """The phases a recipe asks for, with their epoch ranges; empty phases are left out."""
-    from transferkit.imag import episode_plan
+    from transferkit.training.imag import episode_plan
 
     warmup = 0 if recipe.warmup.linear_probe else recipe.warmup.epochs
     phases = [Phase("warmup", 0, warmup, recipe.warmup.optimizer)] if warmup else []
@@ -96,7 +96,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     Args:
         recipe: a :class:`Recipe` or the path of a recipe file.
         head: a custom head ``head(features, num_classes) -> probabilities`` (or an import path),
-            used instead of ``recipe.head``; see :mod:`transferkit.heads`.
+            used instead of ``recipe.head``; see :mod:`transferkit.models.heads`.
         backbone: a Keras model of your own (raw 0..255 pixels in) used instead of
             ``recipe.backbone``, or a function returning one; its output (a feature map or
             vector) gets the head. Unless ``finetune.unfreeze`` says otherwise all of it trains.
@@ -146,8 +146,8 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     """Train (or go on training) in ``folder``, write the reports there and return the unsaved Run."""
     import keras
 
-    from transferkit.diagnose import diagnose
-    from transferkit.evaluate import format_metrics, write_report
+    from transferkit.training.diagnose import diagnose
+    from transferkit.reports.evaluate import format_metrics, write_report
 
     checkpoints = Checkpoints.of(folder)
     splits = recipe_splits(recipe)
@@ -224,8 +224,8 @@ def unfinished_run(output: str | Path) -> dict | None:
 
 def build_model(recipe: Recipe, num_classes: int, image_size: int, head=None, backbone=None):
     """The backbone (the recipe's, or a given model) cut at its top, with the recipe's or a custom head."""
-    from transferkit.backbones import create_backbone
-    from transferkit.heads import attach_head
+    from transferkit.models.backbones import create_backbone
+    from transferkit.models.heads import attach_head
 
     spec = recipe.backbone
     body = backbone or create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha,
@@ -245,8 +245,8 @@ def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_
                    augment=None, first: int = 0):
     """The phase's epochs from ``first`` on: shuffled one-hot batches, augmented by ``augment``;
     MixUp/CutMix after warm-up; imagined labels in imag episodes. Each epoch's draws depend on the
-    recipe's seed and the epoch alone (see :func:`transferkit.pipelines.make_dataset`)."""
-    from transferkit.augment import BatchMixer
+    recipe's seed and the epoch alone (see :func:`transferkit.data.pipelines.make_dataset`)."""
+    from transferkit.data.augment import BatchMixer
 
     if phase.name == "imag":
         images = imagined(images, recipe, phase.episode)
@@ -265,7 +265,7 @@ def episode_seed(seed: int, episode: int) -> int:
 
 def imagined(images, recipe: Recipe, episode: int):
     """``images`` with the imagined labels of imag episode ``episode`` (its own seeded permutation)."""
-    from transferkit.imag import label_mapping
+    from transferkit.training.imag import label_mapping
 
     mapping = label_mapping(recipe.imag.mapping, images.class_names, seed=episode_seed(recipe.seed, episode))
     log.info("imag episode %d: %s", episode, ", ".join(f"{images.class_names[i]}->{images.class_names[j]}"
@@ -277,11 +277,11 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
     """LP-FT: set ``head_logits`` to a logistic regression fitted on cached pooled features."""
     import keras
 
-    from transferkit.classifiers import build_classifier, fit_cached, fold_linear_classifier
+    from transferkit.features.classifiers import build_classifier, fit_cached, fold_linear_classifier
     from transferkit.io import transferkit_home
     from transferkit.recipe import ExtractSpec
     from transferkit.strategies.extract import cached_features
-    from transferkit.surgery import HEAD_POOL
+    from transferkit.models.surgery import HEAD_POOL
 
     names = [layer.name for layer in model.layers]
     if "head_logits" not in names or names[names.index(HEAD_POOL) + 1:] not in (
@@ -468,7 +468,7 @@ class _Trainer:
             self._optimizer(phase, steps)
 
     def run_phase(self, phase: Phase, train, steps: int, verbose: int) -> None:
-        from transferkit.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
+        from transferkit.models.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
 
         resuming = self.epoch > phase.first
         if phase.name == "warmup" or (phase.name == "imag" and self.recipe.imag.train == "head"):
@@ -530,8 +530,8 @@ class _Trainer:
         """
         import keras
 
-        from transferkit.heads import build_head
-        from transferkit.surgery import HEAD_POOL
+        from transferkit.models.heads import build_head
+        from transferkit.models.surgery import HEAD_POOL
 
         spec = self.recipe.imag.head or self.recipe.head
         keras.utils.set_random_seed(episode_seed(self.recipe.seed, phase.episode))
@@ -613,7 +613,7 @@ class _Trainer:
         reseed_backend(self.recipe.seed, self.epoch, batch)
 
     def _optimizer(self, phase: Phase, steps_per_epoch: int):
-        from transferkit.optim import build_optimizer, build_schedule, layer_decay_multipliers
+        from transferkit.training.optim import build_optimizer, build_schedule, layer_decay_multipliers
 
         try:
             if phase.name == "warmup":
@@ -636,7 +636,7 @@ class _Trainer:
                 "seconds": round(self.seconds, 2)}
 
     def _write_monitor(self) -> None:
-        from transferkit.evaluate import plot_history
+        from transferkit.reports.evaluate import plot_history
 
         atomic_write_json(self.folder / "history.json", {**self.history, "phase": self.phases})
         keys = sorted(self.history)
@@ -656,15 +656,15 @@ def _section(phase: Phase) -> str:
 
 
 def get_head_weights(model) -> list[np.ndarray]:
-    """The weights of every head layer (`transferkit.heads.head_layers`), as one flat list of copies."""
-    from transferkit.heads import head_layers
+    """The weights of every head layer (`transferkit.models.heads.head_layers`), as one flat list of copies."""
+    from transferkit.models.heads import head_layers
 
     return [np.array(weight) for layer in head_layers(model) for weight in layer.get_weights()]
 
 
 def set_head_weights(model, weights: list[np.ndarray]) -> None:
     """Puts weights from `get_head_weights` back, exactly."""
-    from transferkit.heads import head_layers
+    from transferkit.models.heads import head_layers
 
     start = 0
     for layer in head_layers(model):

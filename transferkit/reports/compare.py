@@ -167,7 +167,7 @@ def to_markdown(summary: dict) -> str:
 def plot_comparison(curves: dict[str, list[dict]], path) -> None:
     """Mean validation top-1 and loss per epoch for each mode, with a ±1 std band over seeds;
     imag epochs are shaded grey."""
-    from transferkit.evaluate import new_figure, save_png
+    from transferkit.reports.evaluate import new_figure, save_png
 
     fig = new_figure(figsize=(11, 4))
     for ax, (key, label) in zip(fig.subplots(1, 2), (("val_accuracy", "val top-1"), ("val_loss", "val loss"))):

@@ -1,7 +1,7 @@
 """Keras layers that transferkit puts into its models.
 
 This module imports Keras at import time, so only import it where Keras is needed anyway
-(`transferkit.backbones.create_backbone` does). Import it before
+(`transferkit.models.backbones.create_backbone` does). Import it before
 `keras.saving.load_model(...)` on a saved transferkit model so that `Preprocess` is registered.
 """
 

@@ -3,7 +3,7 @@
 Example:
     >>> body = create_backbone("mobilenet_v2")
     >>> features = cut(body, ["block_12_add", "top"])   # images -> concatenated pooled features
-    >>> model = attach_head(body, 5, HeadSpec())          # transferkit.heads
+    >>> model = attach_head(body, 5, HeadSpec())          # transferkit.models.heads
     >>> unfreeze(model, UnfreezeSpec(top_blocks=2))       # ['block_16_expand', ..., 'Conv_1']
 """
 
@@ -13,9 +13,9 @@ import math
 
 import keras
 
-from transferkit.backbones import BackboneInfo, backbone_of, resolve_layer
+from transferkit.models.backbones import BackboneInfo, backbone_of, resolve_layer
 from transferkit.errors import BackboneError, RecipeError
-from transferkit.layers import HorizontalFlip, SignedSqrt
+from transferkit.models.layers import HorizontalFlip, SignedSqrt
 from transferkit.recipe import UnfreezeSpec
 
 POOLING = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
@@ -25,7 +25,7 @@ def cut(model: keras.Model, layers: str | list[str] = "top", pooling: str = "avg
     """A model from the backbone's input to the globally pooled output(s) of ``layers``.
 
     Args:
-        model: a backbone from :func:`transferkit.backbones.create_backbone`.
+        model: a backbone from :func:`transferkit.models.backbones.create_backbone`.
         layers: ``"top"`` (the last feature map), a layer name, or a list whose pooled outputs
             are concatenated in the order given.
         pooling: ``"avg"`` or ``"max"``.
@@ -56,10 +56,10 @@ def power_normalize(model: keras.Model) -> keras.Model:
 
 
 # --------------------------------------------------------------------------------------------
-# Freezing and unfreezing a classifier from `transferkit.heads.attach_head`
+# Freezing and unfreezing a classifier from `transferkit.models.heads.attach_head`
 # --------------------------------------------------------------------------------------------
 
-#: The pooling layer that `transferkit.heads.attach_head` puts after the cut: the first head layer.
+#: The pooling layer that `transferkit.models.heads.attach_head` puts after the cut: the first head layer.
 HEAD_POOL = "head_pool"
 
 
@@ -71,7 +71,7 @@ def body_layers(model: keras.Model) -> list[keras.layers.Layer]:
     pooling layer (the input layer included), whatever the head's own layers are called.
 
     Args:
-        model: a classifier from `transferkit.heads.attach_head`, or a bare backbone (all body).
+        model: a classifier from `transferkit.models.heads.attach_head`, or a bare backbone (all body).
 
     Returns:
         The body's layers, in ``model.layers`` order.
@@ -127,7 +127,7 @@ def unfreeze(model: keras.Model, spec: UnfreezeSpec, info: BackboneInfo | None =
     keeps them in inference mode (moving statistics untouched), unless ``spec.train_batchnorm``.
 
     Args:
-        model: a classifier from `transferkit.heads.attach_head` (or a bare backbone).
+        model: a classifier from `transferkit.models.heads.attach_head` (or a bare backbone).
         spec: the recipe's ``finetune.unfreeze``.
         info: the backbone's registry entry; None looks it up from the model's layers. Needed
             for ``top_blocks`` and for the default ``from``.

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
 
 PROB_FLOOR = 1e-7  # probabilities are clipped here before the log, so one sure mistake stays finite
 MISTAKE_FIELDS = ["path", "true", "predicted", "prob_predicted", "prob_true", "loss"]

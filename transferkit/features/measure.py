@@ -5,7 +5,7 @@ is run once with every cut point as an output (globally average-pooled). Three s
 
 * **depth sweep**: cross-validated accuracy of a linear probe (signed square root, standardise,
   logistic regression, stratified k-fold) at each cut point;
-* **LogME** (`transferkit.logme`) at each cut point;
+* **LogME** (`transferkit.features.logme`) at each cut point;
 * **ImageNet confidence**: mean max-probability and normalised entropy of an ImageNet classifier
   on the images (the backbone's own top when its weights are cached, else the first backbone
   with a cached top).
@@ -74,15 +74,15 @@ def measure(images, backbone: str = "mobilenet_v2", alpha: float | None = None, 
     """Measure similarity to ImageNet and the best cut point on a subsample of ``images``.
 
     Args:
-        images: an `transferkit.data.ImageSet`.
+        images: an `transferkit.data.folders.ImageSet`.
         backbone, alpha, image_size: the backbone to measure (its default size when None).
         seed: seeds the subsample and the folds.
         subsample: images to measure, in all (at least `MIN_PER_CLASS` per class).
         confidence: also measure the ImageNet classifier's confidence.
     """
-    from transferkit.backbones import create_backbone, get_backbone_info
-    from transferkit.data import load_images
-    from transferkit.logme import logme
+    from transferkit.models.backbones import create_backbone, get_backbone_info
+    from transferkit.data.folders import load_images
+    from transferkit.features.logme import logme
 
     started = time.perf_counter()
     info = get_backbone_info(backbone)
@@ -124,7 +124,7 @@ def rank_backbones(images, candidates, seed: int = 0, subsample: int = SUBSAMPLE
         and ``probe`` (both at the best layer), ``rank_logme``, ``rank_probe``, ``seconds``; or,
         for a candidate without cached weights, ``skipped`` with the reason.
     """
-    from transferkit.backbones import check_weights
+    from transferkit.models.backbones import check_weights
     from transferkit.errors import BackboneError
     from transferkit.logs import log_to_stderr_unless_configured
 
@@ -148,7 +148,7 @@ def rank_backbones(images, candidates, seed: int = 0, subsample: int = SUBSAMPLE
 
 def plot_depth(measurement: Measurement, path) -> None:
     """Probe accuracy (with the fold spread) and LogME against depth, the best layer marked."""
-    from transferkit.evaluate import new_figure, save_png
+    from transferkit.reports.evaluate import new_figure, save_png
 
     m = measurement
     depth = np.arange(1, len(m.layers) + 1)
@@ -206,8 +206,8 @@ def _probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, flo
 
 def _imagenet_confidence(pixels: np.ndarray, backbone: str, alpha) -> tuple[dict | None, list[str]]:
     """Mean max-probability and normalised entropy of an ImageNet classifier on the images."""
-    from transferkit.backbones import check_weights, create_backbone
-    from transferkit.data import resize_all
+    from transferkit.models.backbones import check_weights, create_backbone
+    from transferkit.data.folders import resize_all
     from transferkit.errors import BackboneError
 
     for name, candidate_alpha in [(backbone, alpha), *TOP_FALLBACKS]:

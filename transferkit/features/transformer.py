@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from transferkit.backbones import check_weights, get_backbone_info
+from transferkit.models.backbones import check_weights, get_backbone_info
 from transferkit.logs import log_to_stderr_unless_configured
 
 log = logging.getLogger("transferkit")
@@ -49,7 +49,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         pooling: "avg" or "max".
         batch_size: images per forward pass.
         tta: average the features of each image and its horizontal flip (as the extract strategy does,
-            with `transferkit.surgery.average_over_flips`).
+            with `transferkit.models.surgery.average_over_flips`).
         verbose: log a line per 256 images transformed (to stderr, unless logging is configured).
 
     Attributes:
@@ -142,7 +142,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _check_params(self) -> int:
         """Validates every parameter, without building anything; returns the input size."""
-        from transferkit.surgery import POOLING
+        from transferkit.models.surgery import POOLING
 
         info = get_backbone_info(self.backbone)
         layers = [self.layer] if isinstance(self.layer, str) else self.layer
@@ -165,7 +165,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _pixels(self, images) -> np.ndarray:
         """float32 `[n, S, S, 3]` from a slice of paths or of pixels."""
-        from transferkit.data import load_images, resize_all
+        from transferkit.data.folders import load_images, resize_all
 
         if isinstance(images, list):
             return load_images(images, self.image_size_).astype(np.float32)
@@ -185,7 +185,7 @@ def clear_model_cache() -> None:
 
 @functools.lru_cache(maxsize=2)
 def _backbone(name, weights, image_size, alpha):
-    from transferkit.backbones import create_backbone
+    from transferkit.models.backbones import create_backbone
 
     weights = weights[0] if isinstance(weights, tuple) else weights
     return create_backbone(name, weights=weights, image_size=image_size, alpha=alpha)
@@ -194,8 +194,8 @@ def _backbone(name, weights, image_size, alpha):
 @functools.lru_cache(maxsize=8)
 def _feature_model(name, weights, image_size, alpha, layers, pooling):
     """The cut model and `((resolved layer, width), ...)`; `weights` may be `(path, mtime)`."""
-    from transferkit.backbones import resolve_layer
-    from transferkit.surgery import cut
+    from transferkit.models.backbones import resolve_layer
+    from transferkit.models.surgery import cut
 
     body = (_backbone.__wrapped__ if weights is None else _backbone)(name, weights, image_size, alpha)
     names = [resolve_layer(body, layer) for layer in layers]
@@ -205,8 +205,8 @@ def _feature_model(name, weights, image_size, alpha, layers, pooling):
 @functools.lru_cache(maxsize=2)  # as many as _feature_model keeps: a wrapper holds its model
 def _flip_averaged(model):
     """`model` averaged over each image and its mirror image, built once per model: the extract
-    strategy's test-time augmentation (`transferkit.surgery.average_over_flips`)."""
-    from transferkit.surgery import average_over_flips
+    strategy's test-time augmentation (`transferkit.models.surgery.average_over_flips`)."""
+    from transferkit.models.surgery import average_over_flips
 
     return average_over_flips(model)
 

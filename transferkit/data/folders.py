@@ -2,7 +2,7 @@
 
 Discovery (:func:`scan_folder`), bad-file screening, stratified splits (:func:`load_splits`),
 built-in datasets (:func:`resolve_source`), Pillow decoding (:func:`load_image`) and resizing
-(:func:`resize`). Images leave this module as uint8 RGB; :mod:`transferkit.pipelines` batches them
+(:func:`resize`). Images leave this module as uint8 RGB; :mod:`transferkit.data.pipelines` batches them
 for Keras, and the backbone model does its own preprocessing.
 
 Problems with a file (unreadable, truncated, not an image, not a regular file, a link that is not
@@ -619,7 +619,7 @@ def resize(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
     """Resize to a ``size`` x ``size`` square with Pillow's bilinear filter (aspect ratio not kept).
 
     The one resize of transferkit: files (:func:`load_image`), pixel arrays given to
-    :class:`~transferkit.transformer.FeatureExtractor` and :mod:`transferkit.measure` all go through it.
+    :class:`~transferkit.features.transformer.FeatureExtractor` and :mod:`transferkit.features.measure` all go through it.
 
     Args:
         image: a Pillow image, or pixels ``[height, width, channels]``: uint8 (resized as a Pillow

@@ -1,4 +1,4 @@
-"""Input pipelines: an :class:`~transferkit.data.ImageSet` in, batches of float32 RGB pixels (0..255) out.
+"""Input pipelines: an :class:`~transferkit.data.folders.ImageSet` in, batches of float32 RGB pixels (0..255) out.
 
 Two pipelines give the same batches: ``tf.data`` under Keras' TensorFlow backend, and a
 ``keras.utils.PyDataset`` (Pillow in a thread pool) everywhere else, so JAX and PyTorch machines
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from transferkit.data import ImageSet, load_image
+from transferkit.data.folders import ImageSet, load_image
 
 log = logging.getLogger("transferkit")
 
@@ -44,14 +44,14 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         batch_size: images per batch (the last batch of an epoch may be smaller).
         shuffle: draw a new order every epoch (seeded).
         augment: a Keras layer applied to each batch in training mode (see
-            :func:`transferkit.augment.build_augmentation`), or None.
+            :func:`transferkit.data.augment.build_augmentation`), or None.
         seed: random state of the shuffle, augmentation and mixing.
         pipeline: ``"tf"`` (``tf.data``), ``"pydataset"`` (``keras.utils.PyDataset``, no TensorFlow
             needed) or ``"auto"``: ``"tf"`` under Keras' TensorFlow backend when TF is installed.
         num_classes: give it for one-hot float32 labels ``[B, num_classes]`` instead.
         mix: ``mix(seed=...) -> mixer`` where a mixer maps ``(pixels, one_hot) -> (pixels, one_hot)`` in
             NumPy after ``augment``, e.g. ``functools.partial(BatchMixer, 0.2)`` (see
-            :class:`transferkit.augment.BatchMixer`); needs ``num_classes``.
+            :class:`transferkit.data.augment.BatchMixer`); needs ``num_classes``.
         cache: keep decoded images (uint8) in memory from the first epoch on: True (all), False
             (none), a number of images (at most that many), or "auto" (as many as fit in
             :data:`CACHE_FRACTION` of the physical memory). The images beyond the bound are

@@ -3,7 +3,7 @@
 A classifier is one flat functional model: the backbone's own layers up to the cut, a pooling
 layer named ``head_pool``, then the head, ending in a float32 softmax layer named
 ``probabilities``. Everything from ``head_pool`` on is the head (`head_layers`); everything before
-it is the body (`transferkit.surgery.body_layers`).
+it is the body (`transferkit.models.surgery.body_layers`).
 
 A custom head is any function ``head(features, num_classes) -> probabilities`` taking the pooled
 ``[batch, features]`` tensor and returning class probabilities (end it in a softmax):
@@ -20,10 +20,10 @@ from typing import Callable
 
 import keras
 
-from transferkit.backbones import backbone_of, resolve_layer
+from transferkit.models.backbones import backbone_of, resolve_layer
 from transferkit.errors import RecipeError
 from transferkit.recipe import HeadSpec, check_arguments, import_object
-from transferkit.surgery import HEAD_POOL, POOLING, body_layers
+from transferkit.models.surgery import HEAD_POOL, POOLING, body_layers
 
 HeadFunction = Callable[[keras.KerasTensor, int], keras.KerasTensor]
 
@@ -117,7 +117,7 @@ def attach_head(body: keras.Model, num_classes: int, spec: HeadSpec,
     head. Freezing by layer name therefore works on it directly.
 
     Args:
-        body: a backbone from `transferkit.backbones.create_backbone` (raw 0..255 pixels in), or
+        body: a backbone from `transferkit.models.backbones.create_backbone` (raw 0..255 pixels in), or
             any Keras model of your own: with ``layer="top"`` its output is the cut (a feature
             map is pooled, a feature vector used as it is).
         num_classes: number of classes.

@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 
 from transferkit import __version__
-from transferkit.cache import touch
+from transferkit.features.cache import touch
 from transferkit.errors import ResourceError, TransferkitError
 from transferkit.io import atomic_path, disk_full_is_one_line, format_bytes, require_space
 

@@ -2,7 +2,7 @@
 
 One table, `BACKBONES`, describes every supported network (timm-registry style). `create_backbone`
 builds one as a flat functional Keras model that takes raw RGB pixels (0..255): its first layer
-after the input is a `transferkit.layers.Preprocess` layer named "preprocess", then come the
+after the input is a `transferkit.models.layers.Preprocess` layer named "preprocess", then come the
 keras.applications layers under their usual names (`model.get_layer("block_13_expand")` works).
 
 Nothing here imports Keras at module level: listing backbones and checking for weight files is
@@ -318,7 +318,7 @@ def create_backbone(name: str, weights: str | os.PathLike | None = "imagenet",
 
     import keras
 
-    from transferkit.layers import Preprocess
+    from transferkit.models.layers import Preprocess
 
     if keras.config.image_data_format() != "channels_last":
         raise BackboneError("transferkit builds channels_last models: set image_data_format to "

@@ -182,7 +182,7 @@ def fit_cached(model, features: np.ndarray, labels: np.ndarray, cache_dir) -> tu
 
     The cache key is a digest of the features, labels, the unfitted estimator (all its
     parameters, seeds included) and the scikit-learn version, so anything that could change the
-    fit refits. Fits are stored without pickle (:mod:`transferkit.persistence`, named
+    fit refits. Fits are stored without pickle (:mod:`transferkit.features.persistence`, named
     ``<32 hex digits>.npz`` or ``.skops``); an entry that cannot be opened safely (damaged, of an
     older format, holding untrusted types) is refitted and replaced, never loaded.
 
@@ -193,8 +193,8 @@ def fit_cached(model, features: np.ndarray, labels: np.ndarray, cache_dir) -> tu
     import joblib
     import sklearn
 
-    from transferkit.cache import touch
-    from transferkit.persistence import load_classifier, save_classifier, saved_classifier
+    from transferkit.features.cache import touch
+    from transferkit.features.persistence import load_classifier, save_classifier, saved_classifier
 
     key = joblib.hash([np.ascontiguousarray(features), np.ascontiguousarray(labels), model, sklearn.__version__])
     stem = Path(cache_dir) / key
@@ -250,7 +250,7 @@ def fold_linear_classifier(estimator, name: str = "this classifier"):
 
     Returns:
         `(kernel [d, C], bias [C], classes [C])`, float64: `softmax(x @ kernel + bias)` equals
-        `transferkit.classifiers.predict_proba(estimator, x)`; `classes` are the label of each output.
+        `transferkit.features.classifiers.predict_proba(estimator, x)`; `classes` are the label of each output.
 
     Raises:
         TransferkitError: not a linear classifier, or a step other than `StandardScaler` before it.

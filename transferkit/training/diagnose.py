@@ -1,6 +1,6 @@
 """Read a run's training curves: under-fitting, over-fitting or a good fit, why, and what to change.
 
-Only the per-epoch history goes in (the Keras-style dict that :func:`transferkit.evaluate.plot_history`
+Only the per-epoch history goes in (the Keras-style dict that :func:`transferkit.reports.evaluate.plot_history`
 draws), so this module is plain numpy: no Keras, no TensorFlow.
 
 The rules, tried in this order on the judged epochs (see :func:`diagnose` for which those are):

@@ -1,0 +1,1 @@
+"""Models: the backbone registry and weights, cutting and pooling, new heads, custom layers."""

@@ -1,0 +1,1 @@
+"""Training: optimisers and schedules, mixed precision and devices, imag episodes, curve diagnosis."""
