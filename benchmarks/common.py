@@ -20,7 +20,8 @@ def training_arguments(description: str) -> argparse.ArgumentParser:
 
 def pick_images(folder: str, count: int):
     """A stratified, seeded pick of ``count`` images from a class-per-folder ``folder`` (all if fewer)."""
-    from transferkit.data.folders import scan_folder, stratified_split
+    from transferkit.data.folders import scan_folder
+    from transferkit.data.splits import stratified_split
 
     images = scan_folder(folder, screen=False)
     return stratified_split(images, count, seed=0)[1] if count < len(images) else images

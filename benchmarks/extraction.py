@@ -1,7 +1,7 @@
 """Feature extraction speed: transferkit end to end against its two parts, in one run.
 
 Prints images/s for
-  decode   Pillow decode + resize of the JPEGs to uint8 (transferkit.data.folders.load_images, a thread pool),
+  decode   Pillow decode + resize of the JPEGs to uint8 (transferkit.data.decode.load_images, a thread pool),
   forward  the cut backbone on pre-decoded float32 batches (compiled predict_on_batch in a loop),
   predict  Keras' predict on the whole pre-decoded array (its data adapter included),
   e2e      transferkit's extraction into a fresh feature store: building the model, decoding,
@@ -33,7 +33,7 @@ def main():
     import keras
 
     from transferkit.models.backbones import create_backbone
-    from transferkit.data.folders import load_images
+    from transferkit.data.decode import load_images
     from transferkit.recipe import load_recipe
     from transferkit.strategies.extract import cache_features
     from transferkit.models.surgery import cut

@@ -26,7 +26,7 @@ def main():
     import numpy as np
 
     from transferkit.models.backbones import create_backbone
-    from transferkit.data.folders import load_images
+    from transferkit.data.decode import load_images
     from transferkit.models.heads import attach_head
     from transferkit.recipe import HeadSpec, load_recipe
     from transferkit.recipe import recipe_splits

@@ -127,7 +127,7 @@ class JpegFolder:
         import numpy as np
         import torch
 
-        from transferkit.data.folders import load_image
+        from transferkit.data.decode import load_image
 
         pixels = load_image(self.paths[index], self.size)  # the decode transferkit uses: RGB, resized
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), int(self.labels[index])

@@ -1,4 +1,4 @@
-"""transferkit.data.folders on the real datasets in ../shared/datasets and on images made here."""
+"""transferkit.data (sources, folders, splits, decode) on the datasets in ../shared/datasets and on images made here."""
 
 import os
 import shutil
@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
-from transferkit.data import folders as data
-from transferkit.data.folders import (ImageSet, load_image, load_images, load_splits, resolve_source, scan_folder,
-                              stratified_split)
+from transferkit.data import decode as data, sources
+from transferkit.data.decode import load_image, load_images
+from transferkit.data.folders import scan_folder
+from transferkit.data.sources import ImageSet, resolve_source
+from transferkit.data.splits import load_splits, stratified_split
 from transferkit.errors import DataError
 
 
@@ -196,7 +198,7 @@ def test_builtin_digits_is_written_once(tmp_path, monkeypatch, datasets):
     assert np.array_equal(load_images(digits.paths[:50], 8), load_images(shared.paths[:50], 8))
     assert [p.name for p in (tmp_path / "builtin").iterdir()] == ["digits"]  # no temporary folder left
 
-    monkeypatch.setitem(data.BUILTINS, "digits", lambda folder: pytest.fail("the cached copy was not reused"))
+    monkeypatch.setitem(sources.BUILTINS, "digits", lambda folder: pytest.fail("the cached copy was not reused"))
     assert resolve_source("builtin:digits") == folder
     with pytest.raises(DataError, match="unknown built-in dataset 'builtin:mnist': available are builtin:digits"):
         resolve_source("builtin:mnist")
@@ -303,7 +305,8 @@ def test_one_resize_for_files_uint8_and_float_pixels(datasets):
     assert data.resize_all(batch[:0], 96).shape == (0, 96, 96, 3)
 
 def test_importing_data_and_augment_loads_no_tensorflow_or_keras():
-    code = ("import sys, transferkit.data.folders, transferkit.data.augment; "
+    code = ("import sys, transferkit.data.sources, transferkit.data.folders, transferkit.data.splits, "
+            "transferkit.data.decode, transferkit.data.augment; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

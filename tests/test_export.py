@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from transferkit.data.folders import load_images
+from transferkit.data.decode import load_images
 from transferkit.errors import TransferkitError
 from transferkit.export import export_model, load_exported_model
 from transferkit.recipe import load_recipe

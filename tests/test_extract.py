@@ -151,7 +151,7 @@ def test_export_command_writes_a_model_that_agrees_with_the_run(first_run, small
     assert result.returncode == 0, result.stderr
     model, class_names = load_exported_model(first_run.folder / "model" / "model.keras")
     paths = sorted(str(p) for p in (small_cats_dogs / "cat").iterdir())[:6]
-    from transferkit.data.folders import load_images
+    from transferkit.data.decode import load_images
     exported = model.predict(load_images(paths, 128).astype("float32"), verbose=0)
     assert class_names == ["cat", "dog"]
     np.testing.assert_allclose(exported, first_run.predict(paths), atol=1e-4)

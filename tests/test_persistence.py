@@ -18,7 +18,7 @@ import yaml
 
 from test_cli import assert_one_line_error, transferkit
 from transferkit.features.classifiers import build_classifier, fit_cached, predict_proba
-from transferkit.data.folders import load_images
+from transferkit.data.decode import load_images
 from transferkit.errors import TransferkitError
 from transferkit.features.persistence import load_classifier, save_classifier, saved_classifier
 from transferkit.recipe import ClassifierSpec, load_recipe

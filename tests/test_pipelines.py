@@ -6,8 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from transferkit.data import folders as data, pipelines
-from transferkit.data.folders import load_images, scan_folder
+from transferkit.data import decode as data, pipelines
+from transferkit.data.decode import load_images
+from transferkit.data.folders import scan_folder
 from transferkit.data.pipelines import make_dataset
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferkit.data.folders import find_images, load_image, load_splits, scan_folder
+from transferkit.data.decode import load_image
+from transferkit.data.folders import find_images, scan_folder
+from transferkit.data.splits import load_splits
 from transferkit.errors import DataError
 
 
@@ -170,7 +172,8 @@ def test_each_skipped_file_is_reported_once(pets):
 
 _SPECIAL_FILES_SCAN = """
 import json, os, socket, sys, time, warnings
-from transferkit.data.folders import find_images, load_image, scan_folder
+from transferkit.data.decode import load_image
+from transferkit.data.folders import find_images, scan_folder
 from transferkit.errors import DataError
 
 root = sys.argv[1]

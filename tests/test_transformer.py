@@ -10,7 +10,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 
 from transferkit.models.backbones import create_backbone
-from transferkit.data.folders import load_images
+from transferkit.data.decode import load_images
 from transferkit.errors import BackboneError
 from transferkit.models.surgery import cut
 from transferkit.features.transformer import FeatureExtractor, clear_model_cache

@@ -18,7 +18,7 @@ from transferkit.recommend import Recommendation, recommend  # noqa: E402
 
 _LAZY = {  # imported on first use: these pull in Keras / TensorFlow
     "create_backbone": "transferkit.models.backbones", "list_backbones": "transferkit.models.backbones",
-    "load_splits": "transferkit.data.folders", "make_dataset": "transferkit.data.pipelines", "scan_folder": "transferkit.data.folders",
+    "load_splits": "transferkit.data.splits", "make_dataset": "transferkit.data.pipelines", "scan_folder": "transferkit.data.folders",
     "extract": "transferkit.strategies.extract", "finetune": "transferkit.strategies.finetune",
     "attach_head": "transferkit.models.heads", "compare": "transferkit.reports.compare", "unfreeze": "transferkit.models.surgery", "Run": "transferkit.run", "cut": "transferkit.models.surgery",
     "FeatureExtractor": "transferkit.features.transformer", "export_model": "transferkit.export",

@@ -659,8 +659,8 @@ def _to_plain(value):
 
 def recipe_splits(recipe: Recipe, screen: bool = True):
     """The recipe's train/val/test images, split with ``data.split_seed`` (default: the recipe's seed).
-    ``screen=False`` only lists the folders (see :func:`transferkit.data.folders.load_splits`)."""
-    from transferkit.data.folders import load_splits
+    ``screen=False`` only lists the folders (see :func:`transferkit.data.splits.load_splits`)."""
+    from transferkit.data.splits import load_splits
 
     data = recipe.data
     return load_splits(data.train, data.val, data.test,

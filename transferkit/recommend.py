@@ -77,7 +77,8 @@ def size_from_count(images_per_class: float) -> str:
 
 def count_images(data: str | Path) -> dict:
     """Images per class of a class-per-folder dataset (files counted, not decoded)."""
-    from transferkit.data.folders import resolve_source, scan_folder
+    from transferkit.data.folders import scan_folder
+    from transferkit.data.sources import resolve_source
 
     counts = list(scan_folder(resolve_source(data), screen=False).class_counts().values())
     return {"classes": len(counts), "images": sum(counts), "min_per_class": min(counts),
@@ -119,7 +120,8 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
     size = _parse_size(size, evidence)
     measurement = None
     if similar is None and data is not None:
-        from transferkit.data.folders import resolve_source, scan_folder
+        from transferkit.data.folders import scan_folder
+        from transferkit.data.sources import resolve_source
         from transferkit.logs import log_to_stderr_unless_configured
         from transferkit.features.measure import measure
 

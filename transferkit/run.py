@@ -98,7 +98,7 @@ class Run:
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
         """Class probabilities ``[N, classes]`` for image paths or a uint8/float array ``[N, S, S, 3]``."""
         from transferkit.features.classifiers import predict_proba
-        from transferkit.data.folders import load_images
+        from transferkit.data.decode import load_images
 
         if not isinstance(images, np.ndarray):
             images = load_images(list(map(str, images)), self.image_size)

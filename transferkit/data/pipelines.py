@@ -1,4 +1,4 @@
-"""Input pipelines: an :class:`~transferkit.data.folders.ImageSet` in, batches of float32 RGB pixels (0..255) out.
+"""Input pipelines: an :class:`~transferkit.data.sources.ImageSet` in, batches of float32 RGB pixels (0..255) out.
 
 Two pipelines give the same batches: ``tf.data`` under Keras' TensorFlow backend, and a
 ``keras.utils.PyDataset`` (Pillow in a thread pool) everywhere else, so JAX and PyTorch machines
@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from transferkit.data.folders import ImageSet, load_image
+from transferkit.data.decode import load_image
+from transferkit.data.sources import ImageSet
 
 log = logging.getLogger("transferkit")
 

@@ -74,14 +74,14 @@ def measure(images, backbone: str = "mobilenet_v2", alpha: float | None = None, 
     """Measure similarity to ImageNet and the best cut point on a subsample of ``images``.
 
     Args:
-        images: an `transferkit.data.folders.ImageSet`.
+        images: an `transferkit.data.sources.ImageSet`.
         backbone, alpha, image_size: the backbone to measure (its default size when None).
         seed: seeds the subsample and the folds.
         subsample: images to measure, in all (at least `MIN_PER_CLASS` per class).
         confidence: also measure the ImageNet classifier's confidence.
     """
     from transferkit.models.backbones import create_backbone, get_backbone_info
-    from transferkit.data.folders import load_images
+    from transferkit.data.decode import load_images
     from transferkit.features.logme import logme
 
     started = time.perf_counter()
@@ -207,7 +207,7 @@ def _probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, flo
 def _imagenet_confidence(pixels: np.ndarray, backbone: str, alpha) -> tuple[dict | None, list[str]]:
     """Mean max-probability and normalised entropy of an ImageNet classifier on the images."""
     from transferkit.models.backbones import check_weights, create_backbone
-    from transferkit.data.folders import resize_all
+    from transferkit.data.decode import resize_all
     from transferkit.errors import BackboneError
 
     for name, candidate_alpha in [(backbone, alpha), *TOP_FALLBACKS]:

@@ -165,7 +165,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _pixels(self, images) -> np.ndarray:
         """float32 `[n, S, S, 3]` from a slice of paths or of pixels."""
-        from transferkit.data.folders import load_images, resize_all
+        from transferkit.data.decode import load_images, resize_all
 
         if isinstance(images, list):
             return load_images(images, self.image_size_).astype(np.float32)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.training.accelerator import out_of_memory
-from transferkit.data.folders import ImageSet, load_images
+from transferkit.data.decode import load_images
+from transferkit.data.sources import ImageSet
 from transferkit.errors import DeviceMemoryError
 from transferkit.features.store import FeatureStore, cache_key
 from transferkit.io import disk_full_is_one_line, transferkit_home
