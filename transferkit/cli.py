@@ -435,7 +435,8 @@ def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, 
 
 
 def _rank(data, candidates: str) -> list[dict]:
-    from transferkit.data.folders import resolve_source, scan_folder
+    from transferkit.data.folders import scan_folder
+    from transferkit.data.sources import resolve_source
     from transferkit.features.measure import rank_backbones
 
     if data is None:
