@@ -14,9 +14,10 @@ import pytest
 from keras.src.utils import file_utils
 from PIL import Image
 
-from transferkit.models import backbones
-from transferkit.models.backbones import (BACKBONES, create_backbone, get_backbone_info, keras_home,
-                                   list_backbones, resolve_layer, weights_filename)
+from transferkit.models import backbones, weights
+from transferkit.models.backbones import create_backbone, resolve_layer
+from transferkit.models.registry import BACKBONES, get_backbone_info, list_backbones
+from transferkit.models.weights import keras_home, weights_filename
 from transferkit.errors import BackboneError
 from transferkit.models.layers import Preprocess
 
@@ -46,7 +47,7 @@ def requested_file(monkeypatch):
 @pytest.fixture
 def offline(monkeypatch):
     """No download is possible, whatever the machine's network."""
-    monkeypatch.setattr(backbones, "_download_possible", lambda timeout=2.0: False)
+    monkeypatch.setattr(weights, "_download_possible", lambda timeout=2.0: False)
 
 
 def image_batch(datasets, size):
@@ -140,7 +141,7 @@ def test_cached_imagenet_weights_match_keras_at_224_and_are_reused_at_160(
     info = get_backbone_info(name)
     with monkeypatch.context() as patch:  # ours must not even ask Keras for a file
         patch.setattr(file_utils, "get_file", lambda *a, **k: pytest.fail("asked Keras to fetch weights"))
-        patch.setattr(backbones, "_download_possible", lambda timeout=2.0: pytest.fail("probed the network"))
+        patch.setattr(weights, "_download_possible", lambda timeout=2.0: pytest.fail("probed the network"))
         ours_224 = create_backbone(name, alpha=alpha)
         with caplog.at_level(logging.INFO, logger="transferkit"):
             ours_160 = create_backbone(name, alpha=alpha, image_size=160)
@@ -175,7 +176,7 @@ def test_missing_imagenet_file_names_the_file_and_where_to_put_it(monkeypatch, o
 
 
 def test_missing_imagenet_file_fails_within_5s_of_process_start(tmp_path):
-    if backbones._download_possible():
+    if weights._download_possible():
         pytest.skip("online: Keras would download the weights instead of failing")
     env = {**os.environ, "KERAS_HOME": str(tmp_path)}
     code = "from transferkit.models.backbones import create_backbone; create_backbone('mobilenet_v2')"
@@ -193,7 +194,7 @@ def test_efficientnet_imagenet_weights_are_left_to_keras(monkeypatch, tmp_path):
     for name in ("efficientnet_b0", "resnet50"):
         (tmp_path / "models" / weights_filename(name)).touch()
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    plan = backbones._plan_weights
+    plan = weights._plan_weights
     efficientnet = get_backbone_info("efficientnet_b0")
     assert plan(efficientnet, "imagenet", None, 224, False, False) == (None, "imagenet")
     resnet_file = tmp_path / "models" / weights_filename("resnet50")
@@ -203,7 +204,7 @@ def test_efficientnet_imagenet_weights_are_left_to_keras(monkeypatch, tmp_path):
 @pytest.mark.filterwarnings("ignore:`input_shape` is undefined:UserWarning")
 def test_failed_download_becomes_the_same_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(backbones, "_download_possible", lambda timeout=2.0: True)
+    monkeypatch.setattr(weights, "_download_possible", lambda timeout=2.0: True)
 
     def no_network(*args, **kwargs):
         raise Exception("URL fetch failure: [Errno -2] Name or service not known")

@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.models.backbones import create_backbone, get_backbone_info
+from transferkit.models.backbones import create_backbone
+from transferkit.models.registry import get_backbone_info
 from transferkit.errors import BackboneError, RecipeError
 from transferkit.models.heads import attach_head, build_head, check_head, head_layers, resolve_head
 from transferkit.recipe import DenseSpec, HeadSpec, UnfreezeSpec

@@ -1,6 +1,6 @@
 import pytest
 
-from transferkit.models.backbones import get_backbone_info
+from transferkit.models.registry import get_backbone_info
 from transferkit.errors import TransferkitError
 from transferkit.recipe import load_recipe
 from transferkit.recommend import LARGE_IMAGES_PER_CLASS, recommend

@@ -17,7 +17,7 @@ from transferkit.recipe import Recipe, load_recipe  # noqa: E402
 from transferkit.recommend import Recommendation, recommend  # noqa: E402
 
 _LAZY = {  # imported on first use: these pull in Keras / TensorFlow
-    "create_backbone": "transferkit.models.backbones", "list_backbones": "transferkit.models.backbones",
+    "create_backbone": "transferkit.models.backbones", "list_backbones": "transferkit.models.registry",
     "load_splits": "transferkit.data.splits", "make_dataset": "transferkit.data.pipelines", "scan_folder": "transferkit.data.folders",
     "extract": "transferkit.strategies.extract", "finetune": "transferkit.strategies.finetune",
     "attach_head": "transferkit.models.heads", "compare": "transferkit.reports.compare", "unfreeze": "transferkit.models.surgery", "Run": "transferkit.run", "cut": "transferkit.models.surgery",

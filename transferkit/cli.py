@@ -53,7 +53,7 @@ def backbones(name, as_json):
       transferkit backbones
       transferkit backbones mobilenet_v2
     """
-    from transferkit.models.backbones import get_backbone_info, list_backbones
+    from transferkit.models.registry import get_backbone_info, list_backbones
 
     infos = [get_backbone_info(name)] if name else list_backbones()
     if as_json:

@@ -23,7 +23,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transferkit.models.backbones import get_backbone_info
+from transferkit.models.registry import get_backbone_info
 from transferkit.errors import TransferkitError
 
 LARGE_IMAGES_PER_CLASS = 1000

@@ -80,7 +80,8 @@ def measure(images, backbone: str = "mobilenet_v2", alpha: float | None = None, 
         subsample: images to measure, in all (at least `MIN_PER_CLASS` per class).
         confidence: also measure the ImageNet classifier's confidence.
     """
-    from transferkit.models.backbones import create_backbone, get_backbone_info
+    from transferkit.models.backbones import create_backbone
+    from transferkit.models.registry import get_backbone_info
     from transferkit.data.decode import load_images
     from transferkit.features.logme import logme
 
@@ -124,7 +125,7 @@ def rank_backbones(images, candidates, seed: int = 0, subsample: int = SUBSAMPLE
         and ``probe`` (both at the best layer), ``rank_logme``, ``rank_probe``, ``seconds``; or,
         for a candidate without cached weights, ``skipped`` with the reason.
     """
-    from transferkit.models.backbones import check_weights
+    from transferkit.models.weights import check_weights
     from transferkit.errors import BackboneError
     from transferkit.logs import log_to_stderr_unless_configured
 
@@ -206,7 +207,8 @@ def _probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, flo
 
 def _imagenet_confidence(pixels: np.ndarray, backbone: str, alpha) -> tuple[dict | None, list[str]]:
     """Mean max-probability and normalised entropy of an ImageNet classifier on the images."""
-    from transferkit.models.backbones import check_weights, create_backbone
+    from transferkit.models.backbones import create_backbone
+    from transferkit.models.weights import check_weights
     from transferkit.data.decode import resize_all
     from transferkit.errors import BackboneError
 

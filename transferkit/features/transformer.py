@@ -29,7 +29,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from transferkit.models.backbones import check_weights, get_backbone_info
+from transferkit.models.registry import get_backbone_info
+from transferkit.models.weights import check_weights
 from transferkit.logs import log_to_stderr_unless_configured
 
 log = logging.getLogger("transferkit")

@@ -13,7 +13,8 @@ import math
 
 import keras
 
-from transferkit.models.backbones import BackboneInfo, backbone_of, resolve_layer
+from transferkit.models.backbones import backbone_of, resolve_layer
+from transferkit.models.registry import BackboneInfo
 from transferkit.errors import BackboneError, RecipeError
 from transferkit.models.layers import HorizontalFlip, SignedSqrt
 from transferkit.recipe import UnfreezeSpec

@@ -10,7 +10,9 @@ recipe's strategy uses.
 
 from __future__ import annotations
 
-from transferkit.models.backbones import check_layer, check_weights, get_backbone_info
+from transferkit.models.backbones import check_layer
+from transferkit.models.registry import get_backbone_info
+from transferkit.models.weights import check_weights
 from transferkit.errors import RecipeError
 from transferkit.recipe import Recipe, did_you_mean
 

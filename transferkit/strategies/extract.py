@@ -154,7 +154,7 @@ def cached_features(recipe: Recipe, extractor, image_size: int, sets: dict[str, 
 def _feature_config(recipe: Recipe, image_size: int) -> dict:
     """Everything the features depend on; equal settings give equal values (alpha: null is the
     registry's default width, 1.0)."""
-    from transferkit.models.backbones import get_backbone_info
+    from transferkit.models.registry import get_backbone_info
 
     spec = recipe.backbone
     alpha = float(spec.alpha) if spec.alpha is not None else 1.0 if get_backbone_info(spec.name).alphas else None
