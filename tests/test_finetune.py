@@ -17,7 +17,8 @@ from transferkit.errors import DeviceMemoryError
 from transferkit.recipe import DenseSpec, load_recipe
 from transferkit.run import Run
 from transferkit.strategies.extract import extract
-from transferkit.strategies.finetune import TrainingError, finetune
+from transferkit.strategies.finetune import finetune
+from transferkit.training.trainer import TrainingError
 from transferkit.models.surgery import body_layers
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends]
@@ -281,7 +282,7 @@ def test_augmentation_in_the_model_acts_in_training_only(small_cats_dogs, home, 
 
     from transferkit.data.augment import build_augmentation
     from transferkit.training.accelerator import augment_placement, gpu_available
-    from transferkit.strategies.finetune import with_augmentation
+    from transferkit.training.trainer import with_augmentation
 
     recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=1)
     recipe.data.augment, recipe.data.augment_on = ["random_flip", {"random_rotation": 0.2}], "model"

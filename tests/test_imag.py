@@ -8,7 +8,8 @@ from transferkit.training.imag import episode_plan, label_mapping
 from transferkit.recipe import load_recipe
 from transferkit.run import Run
 from transferkit.strategies import finetune as engine
-from transferkit.strategies.finetune import finetune, get_head_weights
+from transferkit.strategies.finetune import finetune
+from transferkit.training.trainer import Trainer, get_head_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends]
 
@@ -74,21 +75,21 @@ def spy(monkeypatch):
     record = {"normal_at_start": [], "imag_at_start": [], "normal_intact": [], "imag_after_epoch": [],
               "imag_labels": []}
 
-    imag_model = engine._Trainer._imag_model
+    imag_model = Trainer._imag_model
     def spied_imag_model(self, phase, resuming):
         model = imag_model(self, phase, resuming)
         record["normal_at_start"].append(get_head_weights(self.model))
         record["imag_at_start"].append(get_head_weights(model))
         return model
-    monkeypatch.setattr(engine._Trainer, "_imag_model", spied_imag_model)
+    monkeypatch.setattr(Trainer, "_imag_model", spied_imag_model)
 
-    end_epoch = engine._Trainer.end_epoch
+    end_epoch = Trainer.end_epoch
     def spied_end(self, phase, logs, seconds):
         end_epoch(self, phase, logs, seconds)
         if phase.name == "imag":
             record["normal_intact"].append(same(get_head_weights(self.model), record["normal_at_start"][-1]))
             record["imag_after_epoch"].append(get_head_weights(self.trained))
-    monkeypatch.setattr(engine._Trainer, "end_epoch", spied_end)
+    monkeypatch.setattr(Trainer, "end_epoch", spied_end)
 
     imagined = engine.imagined
     def spied_imagined(images, recipe, episode):
@@ -126,16 +127,16 @@ def test_the_recipe_can_name_another_head_for_imag_episodes(small_cats_dogs, hom
 
 def test_resume_inside_an_imag_episode_reloads_both_heads(small_cats_dogs, home, tmp_path, spy, monkeypatch):
     recipe = imag_recipe(small_cats_dogs, tmp_path, epochs=5, normal=2, imag=2, warmup=0)
-    end_epoch = engine._Trainer.end_epoch  # the spy's
+    end_epoch = Trainer.end_epoch  # the spy's
 
     def crash_after_first_imag_epoch(self, phase, logs, seconds):
         end_epoch(self, phase, logs, seconds)
         if phase.name == "imag" and self.epoch == phase.first + 1:
             raise KeyboardInterrupt  # as if killed right after the checkpoint
-    monkeypatch.setattr(engine._Trainer, "end_epoch", crash_after_first_imag_epoch)
+    monkeypatch.setattr(Trainer, "end_epoch", crash_after_first_imag_epoch)
     with pytest.raises(KeyboardInterrupt):
         finetune(recipe, progress=False)
-    monkeypatch.setattr(engine._Trainer, "end_epoch", end_epoch)
+    monkeypatch.setattr(Trainer, "end_epoch", end_epoch)
     run = finetune(recipe, resume=True, progress=False)
     assert run.history["phase"] == ["finetune", "finetune", "imag", "imag", "finetune"]
     assert same(spy["imag_at_start"][1], spy["imag_after_epoch"][0])  # the imag head as checkpointed

@@ -250,7 +250,7 @@ def tiny_recipe(data, output, strategy="finetune", **finetune_keys):
 
 def interrupt_after_epoch(monkeypatch, epoch, error=KeyboardInterrupt):
     """Stop a run right after epoch ``epoch`` is checkpointed, as a kill or Ctrl-C would."""
-    from transferkit.strategies.finetune import Checkpoints
+    from transferkit.training.checkpoints import Checkpoints
 
     save = Checkpoints.save
 
@@ -289,13 +289,14 @@ def test_a_full_disk_at_each_write_keeps_every_earlier_checkpoint(tiny, home, tm
 
     import transferkit.io as tkio
     import transferkit.strategies.finetune as engine
+    import transferkit.training.checkpoints as checkpoints
 
     enospc = OSError(errno.ENOSPC, "No space left on device")
     sites = {  # what fails, when epoch 2 of 2 is written
         "space check": lambda patch: patch.setattr(tkio.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(
             2**30, 2**30 - 2**20, 2**20)),
-        "checkpoint arrays": lambda patch: patch.setattr(engine.np, "savez", lambda *a, **k: (_ for _ in ()).throw(enospc)),
-        "state.json": lambda patch: patch.setattr(engine, "atomic_write_json",
+        "checkpoint arrays": lambda patch: patch.setattr(checkpoints.np, "savez", lambda *a, **k: (_ for _ in ()).throw(enospc)),
+        "state.json": lambda patch: patch.setattr(checkpoints, "atomic_write_json",
                                                   lambda *a, **k: (_ for _ in ()).throw(enospc)),
         "run folder": lambda patch: patch.setattr(keras.Model, "save", lambda *a, **k: (_ for _ in ()).throw(enospc)),
     }
@@ -306,13 +307,13 @@ def test_a_full_disk_at_each_write_keeps_every_earlier_checkpoint(tiny, home, tm
     recipe.warmup.epochs = 2
     for site, inject in sites.items():
         with monkeypatch.context() as patch:
-            after_first = engine.Checkpoints.save
+            after_first = checkpoints.Checkpoints.save
 
             def save(self, model, optimizer, epoch, *args, **kwargs):
                 if epoch == 2:
                     inject(patch)
                 after_first(self, model, optimizer, epoch, *args, **kwargs)
-            patch.setattr(engine.Checkpoints, "save", save)
+            patch.setattr(checkpoints.Checkpoints, "save", save)
             with pytest.raises(ResourceError) as failure:
                 engine.finetune(recipe, progress=False, resume=True)
         message = str(failure.value)
@@ -324,7 +325,7 @@ def test_a_full_disk_at_each_write_keeps_every_earlier_checkpoint(tiny, home, tm
             [f"epoch-{state['epoch']}.weights.npz", f"epoch-{state['epoch']}.optimizer.npz", "state.json"]), site
         assert snapshot(output) == previous, site
         if site != "run folder":
-            engine.Checkpoints.of(Path(f"{output}.partial")).clear()  # the next site starts from epoch 1 again
+            checkpoints.Checkpoints.of(Path(f"{output}.partial")).clear()  # the next site starts from epoch 1 again
     run = engine.finetune(recipe, progress=False, resume=True)
     assert run.history["phase"] == ["warmup", "warmup"] and (output / "run.json").is_file()
 
@@ -334,6 +335,7 @@ EXTRACT_KILLED = textwrap.dedent("""
     import transferkit.features.classifiers, transferkit.reports.evaluate, transferkit.outputs, transferkit.run
     from transferkit.recipe import load_recipe
     from transferkit.strategies import extract, finetune
+    from transferkit.training import checkpoints
 
     def kill(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -359,7 +361,7 @@ EXTRACT_KILLED = textwrap.dedent("""
     elif moment == "moving into place":
         transferkit.outputs._exchange = kill  # the output folder exists: the swap starts with the exchange
     elif moment == "fine-tuning":
-        later(finetune.Checkpoints, "save")
+        later(checkpoints.Checkpoints, "save")
     if recipe.strategy == "extract":
         extract.extract(recipe, progress=False)
     else:

@@ -1,0 +1,289 @@
+"""The fine-tuning loop: phases of Keras ``fit`` over one shared epoch count.
+
+A :class:`Trainer` runs the :class:`Phase` list it is given (warm-up, fine-tuning, imag episodes;
+planned by :mod:`transferkit.strategies.finetune`), each with its own trainable layers, optimizer and
+epoch range, and at the end of every epoch records the history, updates early stopping, checkpoints
+(:mod:`transferkit.training.checkpoints`) and rewrites the monitor files
+(:mod:`transferkit.training.callbacks`). Every random draw of an epoch is reseeded from the recipe's
+seed and the epoch (and batch) alone, so that a resumed run ends with the weights an uninterrupted
+run ends with.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.data.pipelines import MODEL, reseed, reseed_backend, seed_states
+from transferkit.errors import DeviceMemoryError, RecipeError, TransferkitError
+from transferkit.recipe import OptimizerSpec, Recipe
+from transferkit.training.accelerator import dtype_policy, out_of_memory
+from transferkit.training.callbacks import EarlyStopping, monitor_class, write_history
+from transferkit.training.checkpoints import Checkpoints
+
+log = logging.getLogger("transferkit")
+
+
+class TrainingError(TransferkitError):
+    """Training cannot go on (the loss diverged, an unfinished run is in the way)."""
+
+
+@dataclass
+class Phase:
+    """A stretch of training with one trainable set and one optimizer."""
+    name: str       # "warmup", "finetune" or "imag"
+    first: int      # epochs done before it starts
+    last: int       # epochs done when it ends
+    optimizer: OptimizerSpec
+    episode: int = 0  # imag episodes: 1, 2, ... (seeds the fresh head and the label permutation)
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The seed of imag episode ``episode``'s label permutation and fresh head (any recipe seed fits)."""
+    return (seed * 1000 + episode) % 2**32
+
+
+def with_augmentation(model, augment):
+    """``model`` behind ``augment``: the layers act in training only, ``model`` keeps its weights."""
+    import keras
+
+    inputs = keras.Input(model.input.shape[1:], name="pixels")
+    return keras.Model(inputs, model(augment(inputs)), name=f"{model.name}_augmented")
+
+
+def get_head_weights(model) -> list[np.ndarray]:
+    """The weights of every head layer (`transferkit.models.heads.head_layers`), as one flat list of copies."""
+    from transferkit.models.heads import head_layers
+
+    return [np.array(weight) for layer in head_layers(model) for weight in layer.get_weights()]
+
+
+def set_head_weights(model, weights: list[np.ndarray]) -> None:
+    """Puts weights from `get_head_weights` back, exactly."""
+    from transferkit.models.heads import head_layers
+
+    start = 0
+    for layer in head_layers(model):
+        count = len(layer.get_weights())
+        layer.set_weights(weights[start:start + count])
+        start += count
+
+
+def _section(phase: Phase) -> str:
+    """The recipe section that configures a phase."""
+    return "warmup" if phase.name == "warmup" else "finetune"
+
+
+class Trainer:
+    """Runs the phases and keeps the shared epoch count, history, early stopping and checkpoints."""
+
+    def __init__(self, recipe: Recipe, model, checkpoints: Checkpoints, folder: Path, phases: list[Phase], val,
+                 state, head=None, precision: str = "float32", augment=None):
+        state = state or {}
+        self.recipe, self.model, self.checkpoints, self.folder, self.val = recipe, model, checkpoints, folder, val
+        self.head, self.precision, self.augment = head, precision, augment  # augment: in-model augmentation
+        self.phases_planned, self.total = phases, phases[-1].last if phases else 0
+        # the fine-tuning schedule runs over all finetune and imag episodes together
+        self.budget_first = next((phase.first for phase in phases if phase.name != "warmup"), 0)
+        self.trained = model  # the model being trained: ``model``, or in an imag episode the imag model
+        self.optimizer = None  # the current phase's
+        self.jit_compile = False
+        self.epoch = state.get("epoch", 0)
+        self.history: dict[str, list] = state.get("history", {})
+        self.phases: list[str] = state.get("phases", [])
+        self.stopping = EarlyStopping(recipe.finetune.early_stopping, state.get("early_stopping", {}))
+        self.parameters: dict = state.get("parameters", {})
+        self.seconds: float = state.get("seconds", 0.0)
+        self.num_classes = model.output.shape[-1]
+
+    @property
+    def early_stopping(self) -> dict:
+        """Early stopping's state (checkpointed): ``best``, ``best_epoch``, ``wait``, ``stopped``."""
+        return self.stopping.state
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopping.stopped
+
+    def check_optimizers(self, steps: int) -> None:
+        """Build every phase's optimizer and schedule once, so that a bad setting fails before
+        the first epoch rather than after the warm-up."""
+        for phase in {phase.name: phase for phase in self.phases_planned}.values():
+            self._optimizer(phase, steps)
+
+    def run_phase(self, phase: Phase, train, steps: int, verbose: int) -> None:
+        fitted = self._prepare(phase, steps)
+        monitor = monitor_class()(self, phase)
+        try:
+            fitted.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
+                       initial_epoch=self.epoch, steps_per_epoch=steps, callbacks=[monitor], verbose=verbose,
+                       shuffle=False)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
+            if not out_of_memory(error):
+                raise
+            batch = self.recipe.data.batch_size
+            again = f", then --resume (epoch {self.epoch} is saved)" if self.epoch else ""
+            raise DeviceMemoryError(f"out of memory at data.batch_size {batch} ({phase.name}, "
+                                    f"{self.recipe.data.image_size or 'default'} px): lower it, e.g. --set "
+                                    f"data.batch_size={max(batch // 2, 1)}, or use precision: "
+                                    f"mixed_bfloat16{again}") from None
+        if monitor.diverged:
+            again = f"continue after epoch {self.epoch} with --resume" if self.epoch else "run it again"
+            raise TrainingError(
+                f"the loss became {monitor.diverged_loss} in epoch {self.epoch + 1} ({phase.name}): lower "
+                f"{_section(phase)}.optimizer.learning_rate (now {phase.optimizer.learning_rate}), add warm-up "
+                f"epochs or use precision: float32, then {again}")
+
+    def _prepare(self, phase: Phase, steps: int):
+        """Sets the phase's trainable layers, model and compiled optimizer (resuming: its checkpointed
+        state); returns the model to fit (behind the in-model augmentation, if any)."""
+        from transferkit.models.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
+
+        resuming = self.epoch > phase.first
+        if phase.name == "warmup" or (phase.name == "imag" and self.recipe.imag.train == "head"):
+            set_trainable(self.model, [layer.name for layer in self.model.layers])
+            freeze(body_layers(self.model))
+        else:
+            unfreeze(self.model, self.recipe.finetune.unfreeze)
+        self.trained = self._imag_model(phase, resuming) if phase.name == "imag" else self.model
+        fitted = self.trained if self.augment is None else with_augmentation(self.trained, self.augment)
+        counts = count_parameters(self.trained)
+        self.parameters[phase.name] = counts
+        log.info("%s: epochs %d-%d, %s trainable of %s parameters", phase.name, phase.first + 1, phase.last,
+                 f"{counts['trainable']:,}", f"{counts['total']:,}")
+        optimizer = self.optimizer = self._optimizer(phase, steps)
+        self._compile(fitted, phase, optimizer)
+        if phase.name == "imag":  # the normal model only validates, in end_epoch
+            self._compile(self.model, phase, "sgd")
+        if resuming:
+            self._restore_optimizer(optimizer)
+        elif phase.name != "warmup":  # carry on along the schedule after earlier episodes
+            optimizer.iterations.assign((phase.first - self.budget_first) * steps)
+        return fitted
+
+    def _restore_optimizer(self, optimizer) -> None:
+        """Builds ``optimizer`` and loads the variables checkpointed with the current epoch."""
+        optimizer.build(self.trained.trainable_variables)
+        values = self.checkpoints.load_optimizer(self.epoch)
+        if len(values) != len(optimizer.variables):
+            raise TrainingError(f"the checkpoint's optimizer state ({len(values)} variables) does not fit this "
+                                f"recipe's optimizer ({len(optimizer.variables)}): the recipe changed since the "
+                                "run stopped; put it back, or start over with --restart")
+        for variable, value in zip(optimizer.variables, values):
+            variable.assign(value)
+
+    def _compile(self, model, phase: Phase, optimizer) -> None:
+        import keras
+
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        if self.num_classes > 5:
+            metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
+        model.compile(optimizer=optimizer, metrics=metrics, jit_compile=self.recipe.jit_compile,
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=self._label_smoothing(phase)))
+        self.jit_compile = bool(model.jit_compile)  # "auto" resolved: XLA on a GPU and under JAX
+
+    def _imag_model(self, phase: Phase, resuming: bool):
+        """The body with a fresh head (seeded per episode); resuming, the head's checkpointed weights.
+
+        The head is ``imag.head``'s, else one like the normal head (the recipe's ``head``, or the
+        custom head function called again). The normal head is not part of this model, so it stays
+        exactly as it is while the imag episode trains the shared body.
+        """
+        import keras
+
+        from transferkit.models.heads import build_head
+        from transferkit.models.surgery import HEAD_POOL
+
+        spec = self.recipe.imag.head or self.recipe.head
+        keras.utils.set_random_seed(episode_seed(self.recipe.seed, phase.episode))
+        with dtype_policy(self.precision):
+            outputs = build_head(self.model.get_layer(HEAD_POOL).output, self.num_classes, spec,
+                                 None if self.recipe.imag.head else self.head)
+        model = keras.Model(self.model.input, outputs, name=f"{self.model.name}_imag")
+        if resuming:
+            set_head_weights(model, self.checkpoints.load_imag_head(self.epoch))
+        return model
+
+    def finish(self) -> None:
+        """Restores the best epoch's weights when early stopping asks for it."""
+        spec = self.recipe.finetune.early_stopping
+        best = self.checkpoints.best
+        saved = best.is_file() or best.with_name("best.weights.h5").is_file()  # .h5: an earlier transferkit's
+        if spec is not None and spec.restore_best_weights and saved and self.early_stopping.get("best_epoch") != self.epoch:
+            self.checkpoints.load_weights(self.model)
+            log.info("restored the weights of epoch %d (best %s %.4f)", self.early_stopping["best_epoch"],
+                     spec.monitor, self.early_stopping["best"])
+
+    def end_epoch(self, phase: Phase, logs: dict, seconds: float) -> None:
+        """Records an epoch, updates early stopping, checkpoints and rewrites the monitor files."""
+        import keras
+
+        self.epoch += 1
+        logs = {key: float(value) for key, value in logs.items()}
+        if phase.name == "imag":  # train metrics on the imagined labels, val with the normal head
+            normal = self.model.evaluate(self.val, verbose=0, return_dict=True)
+            logs = {f"imag_{key}": value for key, value in logs.items()}
+            logs |= {f"val_{key}": float(value) for key, value in normal.items()}
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+        logs["seconds"] = round(seconds, 3)
+        for key in set(self.history) | set(logs):
+            self.history.setdefault(key, [None] * len(self.phases)).append(logs.get(key))
+        self.phases.append(phase.name)
+        self.seconds += seconds
+        if phase.name == "finetune" and self._early_stop(logs):
+            self.model.stop_training = True
+        inside_imag = phase.name == "imag" and self.epoch < phase.last
+        self.checkpoints.save(self.model, self.optimizer, self.epoch, self._state(phase),
+                              imag_head=get_head_weights(self.trained) if inside_imag else None)
+        write_history(self.folder, self.history, self.phases, title=f"{self.recipe.name}: training")
+        shown = "  ".join(f"{key} {logs[key]:.4f}" for key in
+                          ("loss", "accuracy", "imag_loss", "imag_accuracy", "val_loss", "val_accuracy")
+                          if key in logs)
+        log.info("epoch %d/%d [%s]  %s  lr %.2e  (%.0fs)", self.epoch, self.total, phase.name, shown,
+                 logs["learning_rate"], seconds)
+
+    def _early_stop(self, logs: dict) -> bool:
+        """Early stopping's verdict on the epoch just recorded; keeps the best epoch's weights."""
+        if self.stopping.spec is None:
+            return False
+        if self.stopping.improved(logs, self.epoch):
+            self.checkpoints.save_best(self.model)
+            return False
+        return self.stopped
+
+    def begin_epoch(self, fitted, epoch: int) -> None:
+        """Seed the random layers (dropout, augmentation in the model) from the recipe's seed and
+        ``epoch`` (0-based), so that a resumed run draws what an uninterrupted one draws."""
+        reseed(seed_states(fitted), self.recipe.seed, MODEL, epoch)
+
+    def begin_batch(self, batch: int) -> None:
+        """Seed the backend's global generator from the recipe's seed, the epoch (``self.epoch``, the
+        epochs finished) and ``batch``: what draws from it (PyTorch's dropout without a seed) does not
+        depend on what drew before, such as a data loader started here only because the run resumed."""
+        reseed_backend(self.recipe.seed, self.epoch, batch)
+
+    def _optimizer(self, phase: Phase, steps_per_epoch: int):
+        from transferkit.training.optim import build_optimizer, build_schedule, layer_decay_multipliers
+
+        try:
+            if phase.name == "warmup":
+                return build_optimizer(phase.optimizer)
+            spec = self.recipe.finetune
+            schedule = build_schedule(spec.schedule, phase.optimizer.learning_rate, spec.epochs, steps_per_epoch)
+            multipliers = layer_decay_multipliers(self.trained, spec.layer_decay) if spec.layer_decay else None
+            return build_optimizer(phase.optimizer, schedule, layer_multipliers=multipliers)
+        except RecipeError as error:
+            message = str(error)
+            raise RecipeError(message if message.startswith(("finetune.", "warmup.")) else
+                              f"{_section(phase)}.{message}") from None
+
+    def _label_smoothing(self, phase: Phase) -> float:
+        return self.recipe.finetune.label_smoothing if phase.name != "warmup" else 0.0
+
+    def _state(self, phase: Phase) -> dict:
+        return {"total_epochs": self.total, "phase": phase.name, "history": self.history, "phases": self.phases,
+                "early_stopping": self.early_stopping, "parameters": self.parameters,
+                "seconds": round(self.seconds, 2)}
