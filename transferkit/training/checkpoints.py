@@ -83,12 +83,16 @@ class Checkpoints:
         require_space(self.folder, sum(a.nbytes for a in weights), "the best epoch's weights", then=RESUME_HINT)
         save_arrays(self.best, weights)
 
+    def has_weights(self, epoch: int | None = None) -> bool:
+        """Whether the weights of ``epoch`` (None: the best epoch) are saved, in either format."""
+        path = self.best if epoch is None else self.weights(epoch)
+        return path.is_file() or _earlier_format(path).is_file()
+
     def load_weights(self, model, epoch: int | None = None) -> None:
         """Put the weights of ``epoch`` (None: the best epoch) into ``model``."""
         path = self.best if epoch is None else self.weights(epoch)
-        earlier = path.with_name(path.name.replace(".weights.npz", ".weights.h5"))
-        if not path.is_file() and earlier.is_file():  # written by an earlier transferkit
-            model.load_weights(earlier)
+        if not path.is_file() and _earlier_format(path).is_file():  # written by an earlier transferkit
+            model.load_weights(_earlier_format(path))
             return
         model.set_weights(load_arrays(path))
 
@@ -102,6 +106,11 @@ class Checkpoints:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _earlier_format(path: Path) -> Path:
+    """Where an earlier transferkit kept the weights that ``path`` holds (Keras' ``.weights.h5``)."""
+    return path.with_name(path.name.replace(".weights.npz", ".weights.h5"))
 
 
 def save_arrays(path: Path, arrays: list) -> None:

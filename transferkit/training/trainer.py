@@ -210,8 +210,7 @@ class Trainer:
     def finish(self) -> None:
         """Restores the best epoch's weights when early stopping asks for it."""
         spec = self.recipe.finetune.early_stopping
-        best = self.checkpoints.best
-        saved = best.is_file() or best.with_name("best.weights.h5").is_file()  # .h5: an earlier transferkit's
+        saved = self.checkpoints.has_weights()  # the best epoch's
         if spec is not None and spec.restore_best_weights and saved and self.early_stopping.get("best_epoch") != self.epoch:
             self.checkpoints.load_weights(self.model)
             log.info("restored the weights of epoch %d (best %s %.4f)", self.early_stopping["best_epoch"],
