@@ -6,6 +6,8 @@ that line and exits with code 2 (:class:`ResourceError`, a problem of the machin
 exit code 1); anything else is a bug and keeps its traceback.
 """
 
+import contextlib
+
 
 class TransferkitError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
@@ -20,7 +22,32 @@ class ResourceError(TransferkitError):
 
 
 class RecipeError(TransferkitError):
-    """A recipe key is unknown, has the wrong type or is out of range."""
+    """A recipe key (or a building block's argument) is unknown, has the wrong type or is out of range.
+
+    ``key`` is the argument or key the problem is about, relative to where it was raised: a building
+    block says ``RecipeError("expected a number > 0", key="fraction")`` and the strategy that called
+    it with a recipe section adds the section's path with :meth:`under`, so the user reads
+    ``finetune.unfreeze.fraction: expected a number > 0``.
+    """
+
+    def __init__(self, problem: str, key: str | None = None):
+        self.problem, self.key = problem, key
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def under(section: str):
+        """Re-raise a :class:`RecipeError` raised inside with ``section`` in front of its key.
+
+        >>> with RecipeError.under("finetune.unfreeze"):
+        ...     unfreeze(model, fraction=spec.fraction)   # "fraction: ..." -> "finetune.unfreeze.fraction: ..."
+        """
+        try:
+            yield
+        except RecipeError as error:
+            key = f"{section}.{error.key}" if error.key and not error.key.startswith("[") else \
+                f"{section}{error.key or ''}"
+            raise RecipeError(error.problem, key=key) from None
 
 
 class DataError(TransferkitError):
