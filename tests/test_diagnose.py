@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from transferkit.training.diagnose import (ACCURACY_GAP, GOOD, OVER, TOO_SHORT, UNDER, UNSTABLE, VERDICTS, Diagnosis,
-                                  diagnose)
+from transferkit.training.curves import ACCURACY_GAP, GOOD, OVER, TOO_SHORT, UNDER, UNSTABLE, VERDICTS
+from transferkit.training.diagnose import Diagnosis, diagnose
 
 NAN = math.nan
 
@@ -230,7 +230,7 @@ def test_importing_does_not_pull_in_keras():
 
 
 def test_an_exploding_loss_is_divergence_and_asks_for_a_lower_learning_rate():
-    from transferkit.training.diagnose import DIVERGED
+    from transferkit.training.curves import DIVERGED
 
     # learning rate 1e6: the loss went from 2.1 to 2.4e8 (the regulariser of weights blowing up)
     history = {"loss": [2.1, 3.5e7, 2.4e8], "val_loss": [1.0, 5e6, 3e8], "accuracy": [0.5, 0.5, 0.5],
