@@ -16,22 +16,17 @@ leaves it unmarked, so it is recomputed; a kill while creating metadata can leav
 cannot read, which is moved aside as ``<name>.corrupt-<timestamp>`` and rebuilt. Completeness is
 read from the key, ``complete`` and ``done``, never from the file's existence.
 
-A full disk is an error of one line, before anything is written: HDF5 cannot recover from a failed
-write (the next flush, or the interpreter's exit, crashes the process), so the free space is
-checked before a split is created and the features' whole extent is then reserved on disk
-(``posix_fallocate``), so that writing a chunk never runs out of space.
+A full disk is an error of one line, before anything is written: the space is checked and then
+reserved on disk (see :mod:`transferkit.features.disk` for why HDF5 needs it).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import math
 import os
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -42,8 +37,10 @@ import numpy as np
 
 from transferkit import __version__
 from transferkit.features.cache import touch
-from transferkit.errors import ResourceError, TransferkitError
-from transferkit.io import atomic_path, disk_full_is_one_line, format_bytes, require_space
+from transferkit.errors import TransferkitError
+from transferkit.features.disk import MORE_SPACE, create_features, preallocated, reserve, split_bytes
+from transferkit.features.progress import ExtractionProgress
+from transferkit.io import atomic_path, disk_full_is_one_line, require_space
 
 logger = logging.getLogger("transferkit")
 
@@ -143,8 +140,8 @@ class FeatureStore:
                              f"paths and labels of shape {labels.shape}")
         features = self._complete(split, paths, labels, key)  # read-only: a full disk does not matter
         if features is None:
-            with disk_full_is_one_line(self.path.parent, then=_MORE_SPACE):
-                require_space(self.path.parent, 0, "the feature store", then=_MORE_SPACE)
+            with disk_full_is_one_line(self.path.parent, then=MORE_SPACE):
+                require_space(self.path.parent, 0, "the feature store", then=MORE_SPACE)
                 with self._open_for_writing() as file:
                     group = self._prepare_group(file, split, paths, labels, key, attrs or {}, chunk_size, dim)
                     self._fill(file, group, paths, embed, progress)
@@ -230,8 +227,8 @@ class FeatureStore:
             logger.info("features for %r in %s out of date: %s; recomputing", split, self.path,
                         reason)
             del file[split]
-        require_space(self.path.parent, _split_bytes(paths, dim or 0),
-                      f"the features of {len(paths)} images ({split})", then=_MORE_SPACE)
+        require_space(self.path.parent, split_bytes(paths, dim or 0),
+                      f"the features of {len(paths)} images ({split})", then=MORE_SPACE)
         group = file.create_group(split)
         group.attrs.update({name: _attr_value(value) for name, value in attrs.items()})
         group.attrs.update({"key": key, "complete": False, "chunk_size": chunk_size})
@@ -239,7 +236,7 @@ class FeatureStore:
         group.create_dataset("paths", data=paths, dtype=h5py.string_dtype())
         # zeros written explicitly: space freed by a deleted group is reused without a fill
         group.create_dataset("done", data=np.zeros(math.ceil(len(paths) / chunk_size), np.uint8),
-                             dcpl=_preallocated())
+                             dcpl=preallocated())
         file.flush()
         return group
 
@@ -251,15 +248,15 @@ class FeatureStore:
         todo = np.flatnonzero(done[()] == 0)
         chunks = [(i * chunk_size, min((i + 1) * chunk_size, len(paths))) for i in todo]
         remaining = sum(stop - start for start, stop in chunks)
-        report = _Progress(group.name.lstrip("/"), len(paths), len(paths) - remaining,
-                           progress and remaining > 0)
+        report = ExtractionProgress(group.name.lstrip("/"), len(paths), len(paths) - remaining,
+                                    progress and remaining > 0)
         if "features" in group and len(todo):
-            _reserve(self.path)
+            reserve(self.path)
         for index, (start, stop), features in zip(todo, chunks, _chunk_features(embed, paths, chunks)):
             features = np.asarray(features, dtype=np.float32)
             if "features" not in group:
-                _create_features(group, len(paths), features, chunk_size)
-                _reserve(self.path)
+                create_features(group, len(paths), features, chunk_size)
+                reserve(self.path)
             expected = (stop - start, group["features"].shape[1])
             if features.shape != expected:
                 raise ValueError(f"embed returned shape {features.shape} for {expected[0]} "
@@ -291,52 +288,6 @@ def _chunk_features(embed: Embed, paths: list[str], chunks: list[tuple[int, int]
             yield embed.forward(inputs)
 
 
-def _preallocated():
-    """Dataset creation properties that allocate all storage (and the chunk index) up front."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    return dcpl
-
-
-def _create_features(group: h5py.Group, n: int, first_chunk: np.ndarray, chunk_size: int) -> None:
-    if first_chunk.ndim != 2:
-        raise ValueError(f"embed must return a 2-D array [n, D], got shape {first_chunk.shape}")
-    dim = first_chunk.shape[1]
-    require_space(Path(group.file.filename).parent, n * dim * 4, f"the features of {n} images "
-                  f"({group.name.lstrip('/')})", then=_MORE_SPACE)
-    group.create_dataset("features", shape=(n, dim), dtype=np.float32,
-                         chunks=(min(chunk_size, n), dim), dcpl=_preallocated(), fill_time="never")
-    group.file.flush()
-
-
-_MORE_SPACE = ", or set TRANSFERKIT_HOME to a folder on a disk with more room"
-
-
-def _split_bytes(paths: list[str], dim: int) -> int:
-    """What a split takes on disk: features, labels and paths (with HDF5's per-string overhead)."""
-    return len(paths) * (dim * 4 + 8 + 16) + sum(len(path.encode()) for path in paths)
-
-
-def _reserve(path: Path) -> None:
-    """Give the file's unwritten (sparse) extent real blocks, so that writing features into it can
-    never fail for lack of space; ``OSError(ENOSPC)`` here, while HDF5 has nothing unwritten."""
-    allocate = getattr(os, "posix_fallocate", None)
-    if allocate is None:  # macOS, Windows: the space check alone
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        allocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            missing = os.fstat(fd).st_size - os.fstat(fd).st_blocks * 512
-            raise ResourceError(f"not enough space for the features in {path.parent}: about {format_bytes(missing)} "
-                                f"more are needed; free some space{_MORE_SPACE}") from None
-        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _read(group: h5py.Group) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return group["features"][()], group["labels"][()], list(group["paths"].asstr()[()])
 
@@ -364,30 +315,3 @@ def _attr_value(value):
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
-
-
-class _Progress:
-    """'extracting train: 1024/3453 images (30%), 85 img/s, eta 28s' on stderr.
-
-    Rewritten in place on a terminal, otherwise one line per 10%.
-    """
-
-    def __init__(self, split: str, total: int, done: int, enabled: bool):
-        self.split, self.total, self.done, self.enabled = split, total, done, enabled
-        self.start_done, self.start_time = done, time.monotonic()
-        self.tty = sys.stderr.isatty()
-        self.last_tenth = done * 10 // total
-
-    def advance(self, images: int) -> None:
-        self.done += images
-        tenth = self.done * 10 // self.total
-        if not self.enabled or not (self.tty or tenth > self.last_tenth):
-            return
-        self.last_tenth = tenth
-        rate = (self.done - self.start_done) / max(time.monotonic() - self.start_time, 1e-6)
-        line = (f"extracting {self.split}: {self.done}/{self.total} images "
-                f"({self.done / self.total:.0%}), {rate:.0f} img/s, "
-                f"eta {(self.total - self.done) / rate:.0f}s")
-        end = "\n" if not self.tty or self.done == self.total else ""
-        sys.stderr.write(("\r" if self.tty else "") + line + end)
-        sys.stderr.flush()
