@@ -7,8 +7,9 @@ One of two formats, by what the classifier is:
   metadata as JSON text in the same file. It is read with ``allow_pickle=False`` and rebuilt from
   these three classes only, so it predicts exactly as before saving.
 - ``<stem>.skops``: any other estimator, through ``skops.io``. It is opened only when every type the
-  file names is one of :func:`trusted_types` (transferkit's own classifiers and what they hold) or
-  one the caller trusts by name.
+  file names is one of :func:`~transferkit.features.skops_format.trusted_types` (transferkit's own
+  classifiers and what they hold) or one the caller trusts by name (see
+  :mod:`transferkit.features.skops_format`).
 
 A fitted ``GridSearchCV`` is saved as its best estimator; ``best_params_`` and ``best_score_``
 travel along as metadata. Anything else is refused with a one-line :class:`TransferkitError`.
@@ -22,25 +23,19 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import re
-import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from transferkit.errors import TransferkitError
+from transferkit.features.skops_format import load_skops, skops_bytes
 from transferkit.io import atomic_path
-
-log = logging.getLogger("transferkit")
 
 FORMAT = "transferkit.classifier"
 VERSION = 1
 SUFFIXES = (".npz", ".skops")  # the formats, in the order they are looked for
-# the kinds of skops node a classifier needs: containers, JSON values, arrays, estimators, trees
-_SKOPS_LOADERS = frozenset({"DictNode", "ListNode", "TupleNode", "JsonNode", "TypeNode", "NdArrayNode",
-                            "ObjectNode", "TreeNode"})
 _FITTED_NAME = re.compile(r"[a-z][a-z0-9_]*_")  # scikit-learn's learned attributes: coef_, classes_...
 
 
@@ -72,21 +67,7 @@ def save_classifier(estimator, stem: str | Path, *, only_trusted: bool = False) 
         with atomic_path(path) as tmp, open(tmp, "wb") as file:  # a file object: savez would add .npz to a name
             np.savez(file, metadata=np.array(json.dumps(metadata)), **arrays)
     else:
-        import skops.io
-
-        try:
-            data = skops.io.dumps({"estimator": best, "metadata": json.dumps(metadata)})
-        except Exception as error:  # noqa: BLE001 - whatever skops cannot write, in one line
-            raise TransferkitError(f"cannot save a {type(best).__name__} without pickle "
-                                   f"({type(error).__name__}: {error}): use one of transferkit's classifiers "
-                                   f"(logistic_regression, linear_svm, knn, random_forest)") from None
-        untrusted = _untrusted(_skops_types(data)[0], ())
-        if untrusted and only_trusted:
-            raise TransferkitError(f"{path}: not written: it would hold types transferkit does not open "
-                                   f"({', '.join(untrusted)})")
-        if untrusted:
-            log.warning("%s holds types transferkit does not open by default (%s): loading it needs "
-                        "trusted=%r", path, ", ".join(untrusted), untrusted)
+        data = skops_bytes(best, json.dumps(metadata), path, only_trusted=only_trusted)
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
     for other in (*SUFFIXES, ".joblib"):
@@ -107,7 +88,8 @@ def load_classifier(path: str | Path, trusted: Iterable[str] = ()) -> tuple[obje
     Args:
         path: the ``.npz`` or ``.skops`` file.
         trusted: type names (``module.Class``, as the error lists them) to open besides
-            :func:`trusted_types`, for a ``.skops`` file whose source you trust.
+            :func:`~transferkit.features.skops_format.trusted_types`, for a ``.skops`` file whose
+            source you trust.
 
     Returns:
         ``(fitted estimator, search summary)``: the summary is ``{"best_params": ..., "best_score": ...}``
@@ -122,7 +104,8 @@ def load_classifier(path: str | Path, trusted: Iterable[str] = ()) -> tuple[obje
         if path.suffix == ".npz":
             estimator, metadata = _load_linear(path)
         elif path.suffix == ".skops":
-            estimator, metadata = _load_skops(path, tuple(trusted))
+            estimator, metadata_text = load_skops(path, tuple(trusted))
+            metadata = _metadata(metadata_text, path)
         else:
             raise TransferkitError(f"{path}: not a classifier file (.npz or .skops)")
     except TransferkitError:
@@ -133,29 +116,6 @@ def load_classifier(path: str | Path, trusted: Iterable[str] = ()) -> tuple[obje
                                f"fit it again with `transferkit extract`") from None
     search = metadata.get("search")
     return estimator, (search if isinstance(search, dict) and {"best_params", "best_score"} <= search.keys() else {})
-
-
-@functools.cache
-def trusted_types() -> frozenset[str]:
-    """The types a ``.skops`` classifier may hold: transferkit's classifiers, their parts, numbers and containers."""
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import _dist_metrics
-    from sklearn.neighbors import BallTree, KDTree, KNeighborsClassifier
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
-    from sklearn.tree import DecisionTreeClassifier
-    from sklearn.tree._tree import Tree
-
-    distances = [getattr(_dist_metrics, f"{name}Distance64") for name in ("Euclidean", "Manhattan", "Chebyshev",
-                                                                          "Minkowski")]
-    types = [Pipeline, StandardScaler, LogisticRegression, LinearSVC, KNeighborsClassifier, KDTree, BallTree,
-             *distances, RandomForestClassifier, DecisionTreeClassifier, Tree,
-             bool, int, float, str, list, tuple, dict, type(None), np.ndarray,
-             np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-             np.float16, np.float32, np.float64]
-    return frozenset(f"{t.__module__}.{t.__qualname__}" for t in types)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,94 +229,6 @@ def _metadata(text: str, path: Path) -> dict:
         raise TransferkitError(f"{path}: not a {FORMAT} file of version {VERSION}: "
                                f"fit it again with `transferkit extract`")
     return metadata
-
-
-# --------------------------------------------------------------------------------------------
-# Other estimators through skops
-# --------------------------------------------------------------------------------------------
-
-def _load_skops(path: Path, trusted: tuple[str, ...]):
-    import skops.io
-
-    data = path.read_bytes()
-    types, loaders = _skops_types(data)
-    if loaders - _SKOPS_LOADERS:
-        raise TransferkitError(f"{path}: holds objects transferkit does not open (skops "
-                               f"{', '.join(sorted(loaders - _SKOPS_LOADERS))}): "
-                               f"fit it again with `transferkit extract`")
-    untrusted = _untrusted(types, trusted)
-    if untrusted:
-        raise TransferkitError(
-            f"{path}: holds types transferkit does not open ({', '.join(untrusted[:5])}"
-            f"{', ...' if len(untrusted) > 5 else ''}); it opens only its own classifiers (logistic_regression, "
-            f"linear_svm, knn, random_forest): if you trust where this file came from, open it with "
-            f"{' '.join('--trust ' + name for name in untrusted)} (Python: trusted={untrusted!r})")
-    saved = skops.io.loads(data, trusted=sorted(trusted_types() | set(trusted)))
-    if not isinstance(saved, dict) or "estimator" not in saved or not isinstance(saved.get("metadata"), str):
-        raise TransferkitError(f"{path}: not a transferkit classifier file: fit it again with `transferkit extract`")
-    broken = _broken_tree(saved["estimator"])
-    if broken:
-        raise TransferkitError(f"{path}: {broken}, which would make predicting read outside its arrays: "
-                               f"fit it again with `transferkit extract`")
-    return saved["estimator"], _metadata(saved["metadata"], path)
-
-
-def _broken_tree(estimator, n_features: int | None = None) -> str | None:
-    """What is wrong with the index arrays of the decision trees or neighbour trees in ``estimator``
-    (compiled code follows them unchecked), or None when they are consistent."""
-    from sklearn.neighbors import BallTree, KDTree
-    from sklearn.tree._tree import Tree
-
-    n_features = getattr(estimator, "n_features_in_", n_features)
-    if isinstance(estimator, Tree):
-        n, left, right = estimator.node_count, estimator.children_left, estimator.children_right
-        inner, ids = left != -1, np.arange(n)
-        features = estimator.feature[inner]
-        if not (n >= 1 and len(left) == len(right) == len(estimator.feature) == len(estimator.value) == n
-                and np.array_equal(inner, right != -1)
-                and np.all((left[inner] > ids[inner]) & (right[inner] > ids[inner]))
-                and np.all((left[inner] < n) & (right[inner] < n))
-                and np.all((features >= 0) & (features < min(estimator.n_features, n_features or np.inf)))):
-            return "a decision tree's nodes point outside the tree"
-        return None
-    if isinstance(estimator, (KDTree, BallTree)):
-        state = estimator.__getstate__()  # data, idx_array, node_data, node_bounds, leaf_size, n_levels, n_nodes, ...
-        data, idx_array, node_data, node_bounds, n_nodes = state[0], state[1], state[2], state[3], state[6]
-        inner = np.flatnonzero(node_data["is_leaf"] == 0)
-        if not (data.ndim == 2 and len(idx_array) == len(data) and np.all((idx_array >= 0) & (idx_array < len(data)))
-                and len(node_data) == n_nodes == node_bounds.shape[1] and node_bounds.shape[2] == data.shape[1]
-                and np.all((node_data["idx_start"] >= 0) & (node_data["idx_start"] <= node_data["idx_end"])
-                           & (node_data["idx_end"] <= len(data)))
-                and np.all(2 * inner + 2 < n_nodes)):
-            return "a neighbour tree's index points outside its data"
-        return None
-    parts = [step for _, step in getattr(estimator, "steps", [])] + list(getattr(estimator, "estimators_", []))
-    parts += [getattr(estimator, name) for name in ("tree_", "_tree") if getattr(estimator, name, None) is not None]
-    return next((found for found in (_broken_tree(part, n_features) for part in parts) if found), None)
-
-
-def _skops_types(data: bytes) -> tuple[set[str], set[str]]:
-    """Every ``module.Class`` a skops file names and every kind of node (loader) it uses, read from
-    its schema: nothing is constructed."""
-    import io
-
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        schema = json.loads(archive.read("schema.json"))
-    types, loaders, pending = set(), set(), [schema]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            if {"__class__", "__module__", "__loader__"} & node.keys():
-                types.add(f"{node.get('__module__')}.{node.get('__class__')}")
-                loaders.add(str(node.get("__loader__")))
-            pending.extend(node.values())
-        elif isinstance(node, list):
-            pending.extend(node)
-    return types, loaders
-
-
-def _untrusted(names: set[str], trusted: Iterable[str]) -> list[str]:
-    return sorted(names - trusted_types() - set(trusted))
 
 
 def _best_estimator(estimator):
