@@ -1,0 +1,83 @@
+"""Loading a recipe: a YAML file (or a mapping) and overrides in, a checked :class:`Recipe` out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transferkit.data.augment import AUGMENTATIONS
+from transferkit.errors import RecipeError
+from transferkit.recipe.messages import did_you_mean, kind_of
+from transferkit.recipe.reading import apply_overrides, parse_yaml, read_recipe_text
+from transferkit.recipe.schema import Recipe
+from transferkit.recipe.validation import build_spec
+
+
+def load_recipe(source: str | Path | dict, *, overrides: list[str] = (), base_dir=None) -> Recipe:
+    """Read, validate and complete a recipe.
+
+    Everything that can be checked without importing Keras is checked here: keys, types, ranges
+    and upper bounds (every number finite), the YAML itself (UTF-8, at most
+    :data:`~transferkit.recipe.schema.MAX_YAML_VALUES` values once aliases are expanded), one
+    unfreeze mode, augmentation names. `transferkit.strategies.check_recipe` checks the rest (layer
+    names against the backbone, import paths, optimizer and classifier names) before any slow work.
+
+    Args:
+        source: a YAML file, or an already parsed mapping.
+        overrides: ``key.path=value`` strings applied on top (values parsed as YAML),
+            e.g. ``["finetune.epochs=2", "data.batch_size=16"]``. An override that sets one
+            unfreeze mode (``finetune.unfreeze.all=true``) replaces the recipe's other mode.
+        base_dir: folder that relative paths resolve against; default: the recipe's folder
+            (the current folder for a mapping).
+
+    Returns:
+        A :class:`Recipe` with every default filled in and every path absolute.
+
+    Raises:
+        RecipeError: one line naming the key, the value and what is expected.
+    """
+    where = "recipe"
+    if isinstance(source, dict):
+        raw, name = source, None
+    else:
+        path = Path(source)
+        where = str(path)
+        raw = parse_yaml(read_recipe_text(path), where)
+        name, base_dir = path.stem, base_dir or path.parent
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping of keys (data:, backbone:, ...), got {kind_of(raw)}")
+    raw = apply_overrides(dict(raw), overrides)
+    try:
+        recipe = build_spec(Recipe, raw, "", Path(base_dir or Path.cwd()).resolve())
+        _check_consistency(recipe)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    if recipe.name is None:
+        recipe.name = name or "run"
+    if recipe.output is None:
+        recipe.output = str(Path.cwd().resolve() / "runs" / recipe.name)
+    return recipe
+
+
+def _check_consistency(recipe: Recipe) -> None:
+    """Rules that involve more than one key: one unfreeze mode, known augmentation names."""
+    recipe.finetune.unfreeze.mode()
+    for i, spec in enumerate(recipe.data.augment):
+        name = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else spec
+        if not isinstance(name, str):
+            raise RecipeError(f"expected a name or {{name: arguments}}, e.g. random_flip or {{random_rotation: 0.1}}, "
+                              f"got {spec!r}", key=f"data.augment[{i}]")
+        if name not in AUGMENTATIONS:
+            raise RecipeError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}",
+                              key=f"data.augment[{i}]")
+
+
+def recipe_splits(recipe: Recipe, screen: bool = True):
+    """The recipe's train/val/test images, split with ``data.split_seed`` (default: the recipe's seed).
+    ``screen=False`` only lists the folders (see :func:`transferkit.data.splits.load_splits`)."""
+    from transferkit.data.splits import load_splits
+
+    data = recipe.data
+    return load_splits(data.train, data.val, data.test,
+                       seed=recipe.seed if data.split_seed is None else data.split_seed,
+                       follow_links=data.follow_links, screen=screen)
