@@ -252,75 +252,90 @@ def _tf_augment(augment, seed: int, keyed: bool):
     return augmented
 
 
+class _Batches:
+    """Batches decoded with Pillow in a thread pool; a new seeded order every epoch: the
+    ``keras.utils.PyDataset`` pipeline (see :func:`_image_batches_class`), without Keras.
+
+    While batch ``i`` is used, a background thread decodes batches ``i + 1 .. i + PREFETCH``.
+    Only decoding runs ahead: augmentation and mixing run in order on the caller's thread,
+    so their random draws are the same from run to run.
+    """
+
+    def __init__(self, source: _Source, *, shuffle, augment, num_classes, mix, epochs):
+        super().__init__()
+        self.source, self.shuffle, self.augment, self.num_classes, self.epochs = \
+            source, shuffle, augment, num_classes, epochs
+        self._mix, self._mixer = mix, (mix(seed=source.seed) if mix is not None and epochs is None else None)
+        self._states = seed_states(augment) if augment is not None and epochs is not None else []
+        self._rng = np.random.default_rng(source.seed)
+        self._order = np.arange(len(source))
+        self._orders: dict = {}  # epoch -> its order (the current and the next)
+        self._ahead: dict = {}  # batch index -> Future of its uint8 pixels
+        self._loader = None
+        self.on_epoch_end()
+
+    def __len__(self):
+        return self.source.per_epoch * (len(self.epochs) if self.epochs is not None else 1)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range: there are {len(self)}")
+        pixels = self._decoded(index).astype(np.float32)
+        epoch, batch, indices = self._plan(index)
+        if self.augment is not None:
+            pixels = self._augmented(pixels, epoch, batch)
+        labels = self.source.labels[indices]
+        if self.num_classes is not None:
+            labels = np.eye(self.num_classes, dtype=np.float32)[labels]
+        if self._mix is not None:
+            mixer = self._mixer or self._mix(seed=self.source.mix_seed(epoch, batch))
+            pixels, labels = mixer(pixels, labels)
+        return pixels, labels
+
+    def _decoded(self, index) -> np.ndarray:
+        """The uint8 pixels of batch ``index``, once the batches after it are decoding in the background."""
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="transferkit-prefetch")
+        for ahead in range(index, min(index + PREFETCH + 1, len(self))):
+            if ahead not in self._ahead:
+                self._ahead[ahead] = self._loader.submit(self.source.pixels, self._plan(ahead)[2])
+        for stale in [i for i in self._ahead if i < index]:  # skipped by a caller that jumped ahead
+            self._ahead.pop(stale).cancel()
+        return self._ahead.pop(index).result()
+
+    def _augmented(self, pixels: np.ndarray, epoch: int, batch: int) -> np.ndarray:
+        """``augment`` in training mode; keyed, its generator states first set from ``(seed, epoch, batch)``."""
+        import keras
+
+        if self._states:
+            reseed(self._states, self.source.seed, AUGMENT, epoch, batch)
+        return keras.ops.convert_to_numpy(self.augment(pixels, training=True))
+
+    def _plan(self, index):
+        """``(epoch, batch in the epoch, image indices)`` of batch ``index``."""
+        size, per_epoch = self.source.batch_size, self.source.per_epoch
+        if self.epochs is None:
+            return -1, index, self._order[index * size:(index + 1) * size]
+        epoch, batch = self.epochs[index // per_epoch], index % per_epoch
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e > epoch - 2}
+            self._orders[epoch] = epoch_order(len(self.source), self.source.seed, epoch)
+        return epoch, batch, self._orders[epoch][batch * size:(batch + 1) * size]
+
+    def on_epoch_end(self):
+        if self.shuffle and self.epochs is None:
+            for future in self._ahead.values():  # decoded in the old order
+                future.cancel()
+            self._ahead.clear()
+            self._order = self._rng.permutation(len(self.source))
+
+
 @functools.cache
 def _image_batches_class():
-    """The PyDataset subclass, defined on first use so that this module imports without Keras."""
+    """The PyDataset pipeline's class, defined on first use so that this module imports without Keras."""
     import keras
 
-    class ImageBatches(keras.utils.PyDataset):
-        """Batches decoded with Pillow in a thread pool; a new seeded order every epoch.
-
-        While batch ``i`` is used, a background thread decodes batches ``i + 1 .. i + PREFETCH``.
-        Only decoding runs ahead: augmentation and mixing run in order on the caller's thread,
-        so their random draws are the same from run to run.
-        """
-
-        def __init__(self, source: _Source, *, shuffle, augment, num_classes, mix, epochs):
-            super().__init__()
-            self.source, self.shuffle, self.augment, self.num_classes, self.epochs = \
-                source, shuffle, augment, num_classes, epochs
-            self._mix, self._mixer = mix, (mix(seed=source.seed) if mix is not None and epochs is None else None)
-            self._states = seed_states(augment) if augment is not None and epochs is not None else []
-            self._rng = np.random.default_rng(source.seed)
-            self._order = np.arange(len(source))
-            self._orders: dict = {}  # epoch -> its order (the current and the next)
-            self._ahead: dict = {}  # batch index -> Future of its uint8 pixels
-            self._loader = None
-            self.on_epoch_end()
-
-        def __len__(self):
-            return self.source.per_epoch * (len(self.epochs) if self.epochs is not None else 1)
-
-        def __getitem__(self, index):
-            if not 0 <= index < len(self):
-                raise IndexError(f"batch {index} out of range: there are {len(self)}")
-            if self._loader is None:
-                self._loader = ThreadPoolExecutor(1, thread_name_prefix="transferkit-prefetch")
-            for ahead in range(index, min(index + PREFETCH + 1, len(self))):
-                if ahead not in self._ahead:
-                    self._ahead[ahead] = self._loader.submit(self.source.pixels, self._plan(ahead)[2])
-            for stale in [i for i in self._ahead if i < index]:  # skipped by a caller that jumped ahead
-                self._ahead.pop(stale).cancel()
-            pixels = self._ahead.pop(index).result().astype(np.float32)
-            epoch, batch, indices = self._plan(index)
-            if self.augment is not None:
-                if self._states:
-                    reseed(self._states, self.source.seed, AUGMENT, epoch, batch)
-                pixels = keras.ops.convert_to_numpy(self.augment(pixels, training=True))
-            labels = self.source.labels[indices]
-            if self.num_classes is not None:
-                labels = np.eye(self.num_classes, dtype=np.float32)[labels]
-            if self._mix is not None:
-                mixer = self._mixer or self._mix(seed=self.source.mix_seed(epoch, batch))
-                pixels, labels = mixer(pixels, labels)
-            return pixels, labels
-
-        def _plan(self, index):
-            """``(epoch, batch in the epoch, image indices)`` of batch ``index``."""
-            size, per_epoch = self.source.batch_size, self.source.per_epoch
-            if self.epochs is None:
-                return -1, index, self._order[index * size:(index + 1) * size]
-            epoch, batch = self.epochs[index // per_epoch], index % per_epoch
-            if epoch not in self._orders:
-                self._orders = {e: o for e, o in self._orders.items() if e > epoch - 2}
-                self._orders[epoch] = epoch_order(len(self.source), self.source.seed, epoch)
-            return epoch, batch, self._orders[epoch][batch * size:(batch + 1) * size]
-
-        def on_epoch_end(self):
-            if self.shuffle and self.epochs is None:
-                for future in self._ahead.values():  # decoded in the old order
-                    future.cancel()
-                self._ahead.clear()
-                self._order = self._rng.permutation(len(self.source))
+    class ImageBatches(_Batches, keras.utils.PyDataset):
+        """The batches of :class:`_Batches` as a ``keras.utils.PyDataset``."""
 
     return ImageBatches
