@@ -11,6 +11,9 @@ A dataset is *large* from ``LARGE_IMAGES_PER_CLASS`` images per class on (median
 below that, fine-tuning millions of weights tends to over-fit where a linear classifier on
 frozen features does not.
 
+What `transferkit recommend` prints and writes is here too: :func:`format_recommendation`,
+:func:`write_recipe` (a runnable recipe headed by the rationale) and :func:`rank_backbones_on`.
+
 Example:
     >>> rec = recommend(size="small", similar=True)
     >>> rec.strategy, rec.settings["extract"]["layer"]
@@ -23,8 +26,12 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transferkit.models.registry import get_backbone_info
+import yaml
+
 from transferkit.errors import TransferkitError
+from transferkit.io import atomic_write_text
+from transferkit.models.registry import get_backbone_info
+from transferkit.recipe import BUILTIN_PREFIX
 
 LARGE_IMAGES_PER_CLASS = 1000
 PLACEHOLDER_DATA = "path/to/images"
@@ -182,6 +189,55 @@ def _parse_similar(similar) -> bool:
     if similar is None:
         raise TransferkitError("say whether the images look like ImageNet's photos: --similar yes|no")
     raise TransferkitError(f"similar: expected yes or no, got {similar!r}")
+
+
+def format_recommendation(rec: Recommendation, ranking: list[dict] | None = None) -> str:
+    """The recommendation as `transferkit recommend` prints it: the cell, the evidence, why, the settings
+    and, when given, the backbones' ranking (:func:`rank_backbones_on`)."""
+    lines = [f"{rec.size} dataset, {'similar to' if rec.similar else 'different from'} ImageNet "
+             f"-> {rec.strategy}: {rec.summary}"]
+    lines += [f"  {key}: {value}" for key, value in rec.evidence.items()]
+    lines += ["why:", *(f"  - {line}" for line in rec.rationale)]
+    lines += ["settings:", "  " + yaml.safe_dump(rec.settings, sort_keys=False).rstrip().replace("\n", "\n  ")]
+    if ranking:
+        lines.append("backbones (by LogME; probe accuracy at each one's best layer):")
+        for row in ranking:
+            name = row["backbone"] + (f":{row['alpha']}" if row["alpha"] else "")
+            lines.append(f"  {name}: skipped ({row['skipped']})" if "skipped" in row else
+                         f"  {row['rank_logme']}. {name}: LogME {row['logme']:.3f}, probe {row['probe']:.3f} "
+                         f"(rank {row['rank_probe']}) at {row['best_layer']}, {row['seconds']:.0f}s")
+    return "\n".join(lines)
+
+
+def rank_backbones_on(data: str | Path, backbones: list[tuple[str, float | None]]) -> list[dict]:
+    """Rank ``(name, alpha)`` backbones on a class-per-folder dataset by LogME and by the linear probe
+    (:func:`transferkit.features.measure.rank_backbones`)."""
+    from transferkit.data.folders import scan_folder
+    from transferkit.data.sources import resolve_source
+    from transferkit.features.measure import rank_backbones
+
+    return rank_backbones(scan_folder(resolve_source(data), screen=False), backbones)
+
+
+def recipe_data_path(data: str | None) -> str | None:
+    """``data`` as a written recipe holds it: an absolute folder, a ``builtin:`` source as it is."""
+    return None if data is None or data.startswith(BUILTIN_PREFIX) else str(Path(data).resolve())
+
+
+def write_recipe(path: str | Path, recipe: dict, rec: Recommendation, placeholder: bool) -> None:
+    """Write ``recipe`` (from :meth:`Recommendation.recipe`) as YAML headed by the recommendation's
+    summary and rationale; ``placeholder``: mark the data.train placeholder to fill in."""
+    header = [f"# transferkit recipe: {rec.summary}", *(f"# - {line}" for line in rec.rationale)]
+    text = "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
+    if placeholder:  # a YAML comment keeps the placeholder visible and the file loadable
+        text = text.replace(f"train: {PLACEHOLDER_DATA}\n",
+                            f"train: {PLACEHOLDER_DATA}  # FILL IN: one sub-folder per class\n")
+    atomic_write_text(path, text)
+
+
+def command_for(strategy: str) -> str:
+    """The `transferkit` command that runs a recipe of ``strategy``."""
+    return "extract" if strategy == "extract" else "finetune"
 
 
 def _linear_probe(layer: str) -> dict:

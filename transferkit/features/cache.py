@@ -13,6 +13,7 @@ alone. Materialised built-in datasets (``builtin/``) are not a cache.
 
 Example:
     >>> [(entry.kind, entry.size) for entry in cache_entries()]
+    >>> print(format_cache(cache_entries()))
     >>> removed = clear_cache(older_than_days=30)
 """
 
@@ -88,6 +89,31 @@ def clear_cache(older_than_days: float | None = None, home: str | Path | None = 
                 continue
             removed.append(entry)
     return removed
+
+
+def format_cache(entries: list[CacheEntry], home: str | Path | None = None) -> str:
+    """The cache as `transferkit cache` lists it: per kind, how many files, their size and the least recent use.
+
+    Args:
+        entries: from :func:`cache_entries`, least recently used first.
+        home: the folder shown (default: :func:`transferkit_home`).
+    """
+    lines = [f"{home if home is not None else transferkit_home()}:"]
+    for kind in KINDS:
+        mine = [entry for entry in entries if entry.kind == kind]
+        oldest = f", least recently used {_days_ago(mine[0].last_used)}" if mine else ""
+        lines.append(f"  {kind:12s} {len(mine):4d} files {megabytes(sum(e.size for e in mine)):>10s}{oldest}")
+    return "\n".join(lines)
+
+
+def megabytes(size: int) -> str:
+    """``size`` bytes as ``"1.5 MB"``."""
+    return f"{size / 2**20:.1f} MB"
+
+
+def _days_ago(timestamp: float) -> str:
+    days = (time.time() - timestamp) / 86400
+    return "today" if days < 1 else f"{days:.0f} days ago"
 
 
 def touch(path: str | Path) -> None:
