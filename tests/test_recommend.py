@@ -3,7 +3,8 @@ import pytest
 from transferkit.models.registry import get_backbone_info
 from transferkit.errors import TransferkitError
 from transferkit.recipe import load_recipe
-from transferkit.recommend import LARGE_IMAGES_PER_CLASS, recommend
+from transferkit.recommend import (LARGE_IMAGES_PER_CLASS, format_recommendation, recipe_data_path, recommend,
+                                   write_recipe)
 from transferkit.strategies import check_recipe
 
 
@@ -80,3 +81,22 @@ def test_settings_name_the_chosen_backbones_own_layers():
     assert recommend(size="small", similar=False, backbone="mobilenet").settings["extract"]["layer"] == info.mid_cut
     with pytest.raises(TransferkitError, match="names layers of mobilenet_v2 .*backbone='mobilenet'"):
         recommend(size="large", similar=True).recipe(backbone="mobilenet")
+
+
+def test_the_written_recipe_carries_the_rationale_and_marks_the_placeholder(tmp_path):
+    rec = recommend(size="small", similar=True)
+    path = tmp_path / "recipe.yaml"
+    write_recipe(path, rec.recipe(), rec, placeholder=True)
+    text = path.read_text()
+    assert text.startswith(f"# transferkit recipe: {rec.summary}\n# - {rec.rationale[0]}\n")
+    assert "  train: path/to/images  # FILL IN: one sub-folder per class\n" in text
+    assert load_recipe(path).extract.layer == "top"
+
+
+def test_the_report_and_the_data_path_a_recipe_holds(tmp_path):
+    rec = recommend(size="small", similar=True)
+    lines = format_recommendation(rec).splitlines()
+    assert lines[0] == f"small dataset, similar to ImageNet -> extract: {rec.summary}"
+    assert lines[lines.index("why:") + 1] == f"  - {rec.rationale[0]}" and "settings:" in lines
+    assert recipe_data_path(None) is None
+    assert recipe_data_path(str(tmp_path / "a" / ".." / "b")) == str((tmp_path / "b").resolve())

@@ -220,7 +220,7 @@ def rank_backbones_on(data: str | Path, backbones: list[tuple[str, float | None]
 
 
 def recipe_data_path(data: str | None) -> str | None:
-    """``data`` as a written recipe holds it: an absolute folder, a ``builtin:`` source as it is."""
+    """``data`` as a written recipe holds it: an absolute folder; None (the placeholder) for a ``builtin:`` source."""
     return None if data is None or data.startswith(BUILTIN_PREFIX) else str(Path(data).resolve())
 
 
