@@ -69,6 +69,17 @@ def same(a, b):
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def after_each_epoch(monkeypatch, then):
+    """Calls ``then(trainer, phase)`` at the end of every epoch, after the trainer's own callbacks
+    (the checkpoint among them)."""
+    import keras
+
+    callbacks = Trainer.callbacks
+    def with_then(self, phase):
+        return [*callbacks(self, phase), keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: then(self, phase))]
+    monkeypatch.setattr(Trainer, "callbacks", with_then)
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Records per imag episode the normal and the fresh imag head, and per imag epoch both heads again."""
@@ -83,13 +94,11 @@ def spy(monkeypatch):
         return model
     monkeypatch.setattr(Trainer, "_imag_model", spied_imag_model)
 
-    end_epoch = Trainer.end_epoch
-    def spied_end(self, phase, logs, seconds):
-        end_epoch(self, phase, logs, seconds)
+    def spied_end(self, phase):
         if phase.name == "imag":
             record["normal_intact"].append(same(get_head_weights(self.model), record["normal_at_start"][-1]))
             record["imag_after_epoch"].append(get_head_weights(self.trained))
-    monkeypatch.setattr(Trainer, "end_epoch", spied_end)
+    after_each_epoch(monkeypatch, spied_end)
 
     imagined = engine.imagined
     def spied_imagined(images, recipe, episode):
@@ -127,16 +136,15 @@ def test_the_recipe_can_name_another_head_for_imag_episodes(small_cats_dogs, hom
 
 def test_resume_inside_an_imag_episode_reloads_both_heads(small_cats_dogs, home, tmp_path, spy, monkeypatch):
     recipe = imag_recipe(small_cats_dogs, tmp_path, epochs=5, normal=2, imag=2, warmup=0)
-    end_epoch = Trainer.end_epoch  # the spy's
+    callbacks = Trainer.callbacks  # the spy's
 
-    def crash_after_first_imag_epoch(self, phase, logs, seconds):
-        end_epoch(self, phase, logs, seconds)
+    def crash_after_first_imag_epoch(self, phase):
         if phase.name == "imag" and self.epoch == phase.first + 1:
             raise KeyboardInterrupt  # as if killed right after the checkpoint
-    monkeypatch.setattr(Trainer, "end_epoch", crash_after_first_imag_epoch)
+    after_each_epoch(monkeypatch, crash_after_first_imag_epoch)
     with pytest.raises(KeyboardInterrupt):
         finetune(recipe, progress=False)
-    monkeypatch.setattr(Trainer, "end_epoch", end_epoch)
+    monkeypatch.setattr(Trainer, "callbacks", callbacks)
     run = finetune(recipe, resume=True, progress=False)
     assert run.history["phase"] == ["finetune", "finetune", "imag", "imag", "finetune"]
     assert same(spy["imag_at_start"][1], spy["imag_after_epoch"][0])  # the imag head as checkpointed

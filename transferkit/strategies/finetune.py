@@ -126,6 +126,8 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     """Train (or go on training) in ``folder``, write the reports there and return the unsaved Run."""
     import keras
 
+    from transferkit.reports.evaluate import plot_history
+
     checkpoints = Checkpoints.of(folder)
     splits = recipe_splits(recipe)
     if splits.val is None:
@@ -147,7 +149,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
         log.info("augmentation runs in the %s", "model (training step)" if placement == "model" else "input pipeline")
     val = make_dataset(splits.val, image_size, batch_size, num_classes=len(class_names), cache=recipe.data.cache)
     trainer = Trainer(recipe, model, checkpoints, folder, phases, val, state, head=head, precision=precision,
-                      augment=augment if placement == "model" else None)
+                      augment=augment if placement == "model" else None, plot_history=plot_history)
     steps = steps_per_epoch(len(splits.train), batch_size)
     trainer.check_optimizers(steps)
     if state is not None:

@@ -1,105 +1,186 @@
-"""What happens around each epoch of fine-tuning, apart from the trainer's own bookkeeping.
+"""The Keras callbacks of fine-tuning, one per concern. The
+:class:`~transferkit.training.trainer.Trainer` composes them for each phase, in this order:
 
-- :func:`monitor_class`: the Keras callback that hands each batch and epoch to the
-  :class:`~transferkit.training.trainer.Trainer` (reseeding, recording) and stops on a NaN loss
-  before that epoch is checkpointed;
-- :class:`EarlyStopping`: ``finetune.early_stopping``, with its state a plain dict that is
-  checkpointed in ``state.json``, so a resumed run stops where an uninterrupted one does;
-- :func:`write_history`: ``history.json``, ``history.csv`` and ``curves.png``, rewritten each epoch.
+- :class:`Reseed`: seeds each epoch's (and batch's) random draws from the seed and the epoch alone;
+- :class:`NanGuard`: stops on a loss that is not finite, before the epoch is recorded or checkpointed;
+- :class:`RecordEpoch`: adds the epoch's logs to the trainer's record (the run's history);
+- :class:`EarlyStopping`: its state a plain dict, checkpointed in ``state.json``, so that a resumed
+  run stops where an uninterrupted one does;
+- :class:`SaveCheckpoint`: the epoch's weights, optimizer state and record, into ``checkpoint/``;
+- :class:`WriteHistory`: ``history.json``, ``history.csv`` and ``curves.png``, rewritten each epoch;
+- :class:`LogEpoch`: the one-line summary of the epoch.
 
-The trainer calls them in a fixed order within one epoch's end (record, early stopping, checkpoint,
-history files), as exact resume needs.
+Keras calls a list of callbacks in its order, so that order is the order of their effects at the end
+of an epoch, which exact resume relies on. ``record`` is the trainer's
+:class:`~transferkit.training.trainer.TrainingRecord`.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import logging
 import math
 import time
 from pathlib import Path
 
+import keras
+
+from transferkit.data.pipelines import MODEL, reseed, reseed_backend, seed_states
 from transferkit.errors import RecipeError
 from transferkit.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("transferkit")
 
 
-@functools.cache
-def monitor_class():
-    """The Keras callback class ``Monitor(trainer, phase)`` (built on first use: Keras loads late)."""
-    import keras
+class LossDiverged(Exception):
+    """Raised by :class:`NanGuard` out of ``fit``: the epoch's ``loss`` is not finite."""
 
-    class Monitor(keras.callbacks.Callback):
-        """Hands each finished epoch to the trainer; stops on a NaN loss before it is checkpointed."""
-
-        def __init__(self, trainer, phase):
-            super().__init__()
-            self.trainer, self.phase = trainer, phase
-            self.diverged, self.diverged_loss, self._started = False, None, 0.0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.trainer.begin_epoch(self.model, epoch)
-            self._started = time.perf_counter()
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.trainer.begin_batch(batch)
-
-        def on_epoch_end(self, epoch, logs=None):
-            loss = float((logs or {}).get("loss", math.nan))
-            if not math.isfinite(loss):
-                self.diverged, self.diverged_loss = True, loss
-                self.model.stop_training = True
-                return
-            self.trainer.end_epoch(self.phase, logs, time.perf_counter() - self._started)
-
-    return Monitor
+    def __init__(self, loss: float):
+        super().__init__(f"the loss became {loss}")
+        self.loss = loss
 
 
-class EarlyStopping:
-    """``finetune.early_stopping`` (``spec``, None: off) over ``state``, the dict that is checkpointed:
-    ``best``, ``best_epoch``, ``wait`` and, once patience runs out, ``stopped``."""
+class Reseed(keras.callbacks.Callback):
+    """Seeds the random layers of the model being fitted (dropout, augmentation in the model) from
+    ``seed`` and the epoch, and the backend's global generator from ``seed``, the epoch and the batch,
+    so that a resumed run draws what an uninterrupted one draws: what draws from the global generator
+    (PyTorch's dropout without a seed) then does not depend on what drew before, such as a data
+    loader started only because the run resumed."""
 
-    def __init__(self, spec, state: dict):
-        self.spec, self.state = spec, state
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed, self.epoch = seed, 0
 
-    @property
-    def stopped(self) -> bool:
-        return bool(self.state.get("stopped"))
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        reseed(seed_states(self.model), self.seed, MODEL, epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        reseed_backend(self.seed, self.epoch, batch)
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Ends ``fit`` with :class:`LossDiverged` when an epoch's loss is not finite, before the
+    callbacks after it record or checkpoint that epoch: the last good epoch stays resumable."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = float((logs or {}).get("loss", math.nan))
+        if not math.isfinite(loss):
+            raise LossDiverged(loss)
+
+
+class RecordEpoch(keras.callbacks.Callback):
+    """Times each epoch and adds it to ``record`` as a ``phase`` epoch: Keras' logs (passed through
+    ``relabel`` when given), the ``learning_rate`` of ``optimizer`` and the ``seconds`` it took."""
+
+    def __init__(self, record, phase: str, optimizer, relabel=None):
+        super().__init__()
+        self.record, self.phase, self.optimizer, self.relabel = record, phase, optimizer, relabel
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.started
+        logs = {key: float(value) for key, value in (logs or {}).items()}
+        if self.relabel is not None:
+            logs = self.relabel(logs)
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+        logs["seconds"] = round(seconds, 3)
+        self.record.add(self.phase, logs, seconds)
+
+
+class EarlyStopping(keras.callbacks.Callback):
+    """Stops ``fit`` once ``monitor`` (in the epoch's logs in ``record``) has not improved by more
+    than ``min_delta`` for ``patience`` epochs; ``keep_best()`` saves the weights of each new best epoch.
+
+    Its state is ``state``, the dict that is checkpointed: ``best``, ``best_epoch``, ``wait`` and, once
+    the patience runs out, ``stopped``.
+    """
+
+    def __init__(self, record, state: dict, *, monitor: str, min_delta: float, patience: int, keep_best):
+        super().__init__()
+        self.record, self.state, self.keep_best = record, state, keep_best
+        self.monitor, self.min_delta, self.patience = monitor, min_delta, patience
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.improved(self.record.last, epoch + 1) and self.state.get("stopped"):
+            self.model.stop_training = True
 
     def improved(self, logs: dict, epoch: int) -> bool:
-        """Records epoch ``epoch``'s logs: True when it is the best so far (its weights are to be kept);
+        """Judges epoch ``epoch`` by ``logs``: True when it is the best so far (its weights are kept);
         otherwise counts it against the patience, and sets ``stopped`` when that runs out."""
-        spec = self.spec
-        if spec.monitor not in logs:
-            raise RecipeError(f"finetune.early_stopping.monitor: {spec.monitor!r} is not logged; give one of "
-                              f"{', '.join(sorted(k for k in logs if k != 'learning_rate'))}")
-        value, state = logs[spec.monitor], self.state
-        sign = 1 if "loss" in spec.monitor else -1  # losses fall, accuracies rise
-        if "best" not in state or sign * (value - state["best"]) < -spec.min_delta:
+        if self.monitor not in logs:
+            raise RecipeError(f"{self.monitor!r} is not logged; give one of "
+                              f"{', '.join(sorted(k for k in logs if k != 'learning_rate'))}", key="monitor")
+        value, state = logs[self.monitor], self.state
+        sign = 1 if "loss" in self.monitor else -1  # losses fall, accuracies rise
+        if "best" not in state or sign * (value - state["best"]) < -self.min_delta:
             state.update(best=value, best_epoch=epoch, wait=0)
+            self.keep_best()
             return True
         state["wait"] += 1
-        if state["wait"] >= spec.patience:
+        if state["wait"] >= self.patience:
             state["stopped"] = True
             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                     spec.monitor, state["wait"], state["best"], state["best_epoch"])
+                     self.monitor, state["wait"], state["best"], state["best_epoch"])
         return False
 
 
-def write_history(folder: Path, history: dict[str, list], phases: list[str], title: str) -> None:
-    """``history.json``, ``history.csv`` (one row per epoch) and ``curves.png`` in ``folder``."""
-    from transferkit.reports.evaluate import plot_history
+class SaveCheckpoint(keras.callbacks.Callback):
+    """Checkpoints each epoch into ``checkpoints`` (:class:`~transferkit.training.checkpoints.Checkpoints`):
+    the weights of ``model``, the state of ``optimizer`` and ``state()``; with ``head``, also ``head()``
+    (an imag episode's own head weights) for each epoch before ``head_until``, the end of the episode,
+    which a run resumed inside the episode goes on with."""
 
-    atomic_write_json(folder / "history.json", {**history, "phase": phases})
-    keys = sorted(history)
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["epoch", "phase", *keys])
-    for i, phase in enumerate(phases):
-        writer.writerow([i + 1, phase, *("" if history[k][i] is None else history[k][i] for k in keys)])
-    atomic_write_text(folder / "history.csv", text.getvalue())
-    curves = {k: v for k, v in history.items() if k not in ("learning_rate", "seconds")}
-    plot_history(curves, folder / "curves.png", phases=phases, title=title)
+    def __init__(self, checkpoints, model, optimizer, state, head=None, head_until: int = 0):
+        super().__init__()
+        self.checkpoints, self.saved_model, self.optimizer, self.state = checkpoints, model, optimizer, state
+        self.head, self.head_until = head, head_until
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        head = self.head() if self.head is not None and done < self.head_until else None
+        self.checkpoints.save(self.saved_model, self.optimizer, done, self.state(), imag_head=head)
+
+
+class WriteHistory(keras.callbacks.Callback):
+    """Rewrites ``history.json`` and ``history.csv`` (one row per epoch) in ``folder`` from ``record``
+    after each epoch, and ``curves.png`` with ``plot(curves, path, phases=..., title=title)`` when given."""
+
+    def __init__(self, folder: Path, record, title: str, plot=None):
+        super().__init__()
+        self.folder, self.record, self.title, self.plot = Path(folder), record, title, plot
+
+    def on_epoch_end(self, epoch, logs=None):
+        history, phases = self.record.history, self.record.phases
+        atomic_write_json(self.folder / "history.json", {**history, "phase": phases})
+        keys = sorted(history)
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["epoch", "phase", *keys])
+        for i, phase in enumerate(phases):
+            writer.writerow([i + 1, phase, *("" if history[k][i] is None else history[k][i] for k in keys)])
+        atomic_write_text(self.folder / "history.csv", text.getvalue())
+        if self.plot is not None:
+            curves = {k: v for k, v in history.items() if k not in ("learning_rate", "seconds")}
+            self.plot(curves, self.folder / "curves.png", phases=phases, title=self.title)
+
+
+class LogEpoch(keras.callbacks.Callback):
+    """Logs one line per epoch from ``record``: the epoch of ``total``, its phase, the main metrics,
+    the learning rate and the time it took."""
+
+    SHOWN = ("loss", "accuracy", "imag_loss", "imag_accuracy", "val_loss", "val_accuracy")
+
+    def __init__(self, record, total: int):
+        super().__init__()
+        self.record, self.total = record, total
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = self.record
+        shown = "  ".join(f"{key} {record.last[key]:.4f}" for key in self.SHOWN if key in record.last)
+        log.info("epoch %d/%d [%s]  %s  lr %.2e  (%.0fs)", record.epoch, self.total, record.phases[-1], shown,
+                 record.last["learning_rate"], record.last_seconds)

@@ -2,26 +2,26 @@
 
 A :class:`Trainer` runs the :class:`Phase` list it is given (warm-up, fine-tuning, imag episodes;
 planned by :mod:`transferkit.strategies.finetune`), each with its own trainable layers, optimizer and
-epoch range, and at the end of every epoch records the history, updates early stopping, checkpoints
-(:mod:`transferkit.training.checkpoints`) and rewrites the monitor files
-(:mod:`transferkit.training.callbacks`). Every random draw of an epoch is reseeded from the recipe's
-seed and the epoch (and batch) alone, so that a resumed run ends with the weights an uninterrupted
-run ends with.
+epoch range. Each phase's ``fit`` gets the Keras callbacks of :mod:`transferkit.training.callbacks`,
+one per concern, in the order their effects must come at the end of an epoch: the epoch is recorded
+in the :class:`TrainingRecord`, judged by early stopping, checkpointed
+(:mod:`transferkit.training.checkpoints`) and written to the monitor files. Every random draw of an
+epoch is reseeded from the recipe's seed and the epoch (and batch) alone, so that a resumed run ends
+with the weights an uninterrupted run ends with.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.pipelines import MODEL, reseed, reseed_backend, seed_states
 from transferkit.errors import DeviceMemoryError, RecipeError, TransferkitError
 from transferkit.recipe import OptimizerSpec, Recipe
 from transferkit.training.accelerator import dtype_policy, out_of_memory
-from transferkit.training.callbacks import EarlyStopping, monitor_class, write_history
 from transferkit.training.checkpoints import Checkpoints
 
 log = logging.getLogger("transferkit")
@@ -72,6 +72,30 @@ def set_head_weights(model, weights: list[np.ndarray]) -> None:
         start += count
 
 
+class TrainingRecord:
+    """What a run has trained so far, checkpointed with every epoch (from ``state``, a checkpoint's
+    state, when resuming): ``epoch`` (the epochs done), ``history`` (per key one value per epoch,
+    None where an epoch did not log it), ``phases`` (each epoch's phase) and ``seconds``; ``last``
+    and ``last_seconds`` are the latest epoch's logs and time."""
+
+    def __init__(self, state: dict):
+        self.epoch: int = state.get("epoch", 0)
+        self.history: dict[str, list] = state.get("history", {})
+        self.phases: list[str] = state.get("phases", [])
+        self.seconds: float = state.get("seconds", 0.0)
+        self.last: dict = {}
+        self.last_seconds = 0.0
+
+    def add(self, phase: str, logs: dict, seconds: float) -> None:
+        """Records one more epoch of ``phase`` with its ``logs``, which took ``seconds``."""
+        self.epoch += 1
+        for key in set(self.history) | set(logs):
+            self.history.setdefault(key, [None] * len(self.phases)).append(logs.get(key))
+        self.phases.append(phase)
+        self.seconds += seconds
+        self.last, self.last_seconds = logs, seconds
+
+
 def _section(phase: Phase) -> str:
     """The recipe section that configures a phase."""
     return "warmup" if phase.name == "warmup" else "finetune"
@@ -81,32 +105,42 @@ class Trainer:
     """Runs the phases and keeps the shared epoch count, history, early stopping and checkpoints."""
 
     def __init__(self, recipe: Recipe, model, checkpoints: Checkpoints, folder: Path, phases: list[Phase], val,
-                 state, head=None, precision: str = "float32", augment=None):
+                 state, head=None, precision: str = "float32", augment=None, plot_history=None):
         state = state or {}
         self.recipe, self.model, self.checkpoints, self.folder, self.val = recipe, model, checkpoints, folder, val
         self.head, self.precision, self.augment = head, precision, augment  # augment: in-model augmentation
+        self.plot_history = plot_history  # draws curves.png: plot_history(curves, path, phases=..., title=...)
         self.phases_planned, self.total = phases, phases[-1].last if phases else 0
         # the fine-tuning schedule runs over all finetune and imag episodes together
         self.budget_first = next((phase.first for phase in phases if phase.name != "warmup"), 0)
         self.trained = model  # the model being trained: ``model``, or in an imag episode the imag model
         self.optimizer = None  # the current phase's
         self.jit_compile = False
-        self.epoch = state.get("epoch", 0)
-        self.history: dict[str, list] = state.get("history", {})
-        self.phases: list[str] = state.get("phases", [])
-        self.stopping = EarlyStopping(recipe.finetune.early_stopping, state.get("early_stopping", {}))
+        self.record = TrainingRecord(state)
+        # early stopping's state (checkpointed): ``best``, ``best_epoch``, ``wait``, ``stopped``
+        self.early_stopping: dict = state.get("early_stopping", {})
         self.parameters: dict = state.get("parameters", {})
-        self.seconds: float = state.get("seconds", 0.0)
         self.num_classes = model.output.shape[-1]
 
     @property
-    def early_stopping(self) -> dict:
-        """Early stopping's state (checkpointed): ``best``, ``best_epoch``, ``wait``, ``stopped``."""
-        return self.stopping.state
+    def epoch(self) -> int:
+        return self.record.epoch
+
+    @property
+    def history(self) -> dict[str, list]:
+        return self.record.history
+
+    @property
+    def phases(self) -> list[str]:
+        return self.record.phases
+
+    @property
+    def seconds(self) -> float:
+        return self.record.seconds
 
     @property
     def stopped(self) -> bool:
-        return self.stopping.stopped
+        return bool(self.early_stopping.get("stopped"))
 
     def check_optimizers(self, steps: int) -> None:
         """Build every phase's optimizer and schedule once, so that a bad setting fails before
@@ -115,12 +149,21 @@ class Trainer:
             self._optimizer(phase, steps)
 
     def run_phase(self, phase: Phase, train, steps: int, verbose: int) -> None:
+        from transferkit.training.callbacks import LossDiverged
+
         fitted = self._prepare(phase, steps)
-        monitor = monitor_class()(self, phase)
+        callbacks = self.callbacks(phase)
         try:
-            fitted.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
-                       initial_epoch=self.epoch, steps_per_epoch=steps, callbacks=[monitor], verbose=verbose,
-                       shuffle=False)
+            with RecipeError.under("finetune.early_stopping"):  # its monitor: the one key checked inside fit
+                fitted.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
+                           initial_epoch=self.epoch, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose,
+                           shuffle=False)
+        except LossDiverged as diverged:
+            again = f"continue after epoch {self.epoch} with --resume" if self.epoch else "run it again"
+            raise TrainingError(
+                f"the loss became {diverged.loss} in epoch {self.epoch + 1} ({phase.name}): lower "
+                f"{_section(phase)}.optimizer.learning_rate (now {phase.optimizer.learning_rate}), add warm-up "
+                f"epochs or use precision: float32, then {again}") from None
         except Exception as error:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
             if not out_of_memory(error):
                 raise
@@ -130,12 +173,30 @@ class Trainer:
                                     f"{self.recipe.data.image_size or 'default'} px): lower it, e.g. --set "
                                     f"data.batch_size={max(batch // 2, 1)}, or use precision: "
                                     f"mixed_bfloat16{again}") from None
-        if monitor.diverged:
-            again = f"continue after epoch {self.epoch} with --resume" if self.epoch else "run it again"
-            raise TrainingError(
-                f"the loss became {monitor.diverged_loss} in epoch {self.epoch + 1} ({phase.name}): lower "
-                f"{_section(phase)}.optimizer.learning_rate (now {phase.optimizer.learning_rate}), add warm-up "
-                f"epochs or use precision: float32, then {again}")
+
+    def callbacks(self, phase: Phase) -> list:
+        """The Keras callbacks of ``phase``, in the order their effects must come at the end of an
+        epoch for exact resume: recorded, judged by early stopping, checkpointed, written out."""
+        from transferkit.training import callbacks as cb
+
+        imag, spec = phase.name == "imag", self.recipe.finetune.early_stopping
+        stopping = [cb.EarlyStopping(self.record, self.early_stopping, monitor=spec.monitor, min_delta=spec.min_delta,
+                                     patience=spec.patience, keep_best=lambda: self.checkpoints.save_best(self.model))
+                    ] if phase.name == "finetune" and spec is not None else []
+        return [cb.Reseed(self.recipe.seed), cb.NanGuard(),
+                cb.RecordEpoch(self.record, phase.name, self.optimizer, relabel=self._imag_logs if imag else None),
+                *stopping,
+                cb.SaveCheckpoint(self.checkpoints, self.model, self.optimizer, functools.partial(self._state, phase),
+                                  head=(lambda: get_head_weights(self.trained)) if imag else None,
+                                  head_until=phase.last),
+                cb.WriteHistory(self.folder, self.record, f"{self.recipe.name}: training", plot=self.plot_history),
+                cb.LogEpoch(self.record, self.total)]
+
+    def _imag_logs(self, logs: dict) -> dict:
+        """An imag epoch's logs: its own (on the imagined labels) as ``imag_*``, ``val_*`` with the normal head."""
+        normal = self.model.evaluate(self.val, verbose=0, return_dict=True)
+        return {f"imag_{key}": value for key, value in logs.items()} | {
+            f"val_{key}": float(value) for key, value in normal.items()}
 
     def _prepare(self, phase: Phase, steps: int):
         """Sets the phase's trainable layers, model and compiled optimizer (resuming: its checkpointed
@@ -215,54 +276,6 @@ class Trainer:
             self.checkpoints.load_weights(self.model)
             log.info("restored the weights of epoch %d (best %s %.4f)", self.early_stopping["best_epoch"],
                      spec.monitor, self.early_stopping["best"])
-
-    def end_epoch(self, phase: Phase, logs: dict, seconds: float) -> None:
-        """Records an epoch, updates early stopping, checkpoints and rewrites the monitor files."""
-        import keras
-
-        self.epoch += 1
-        logs = {key: float(value) for key, value in logs.items()}
-        if phase.name == "imag":  # train metrics on the imagined labels, val with the normal head
-            normal = self.model.evaluate(self.val, verbose=0, return_dict=True)
-            logs = {f"imag_{key}": value for key, value in logs.items()}
-            logs |= {f"val_{key}": float(value) for key, value in normal.items()}
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
-        logs["seconds"] = round(seconds, 3)
-        for key in set(self.history) | set(logs):
-            self.history.setdefault(key, [None] * len(self.phases)).append(logs.get(key))
-        self.phases.append(phase.name)
-        self.seconds += seconds
-        if phase.name == "finetune" and self._early_stop(logs):
-            self.model.stop_training = True
-        inside_imag = phase.name == "imag" and self.epoch < phase.last
-        self.checkpoints.save(self.model, self.optimizer, self.epoch, self._state(phase),
-                              imag_head=get_head_weights(self.trained) if inside_imag else None)
-        write_history(self.folder, self.history, self.phases, title=f"{self.recipe.name}: training")
-        shown = "  ".join(f"{key} {logs[key]:.4f}" for key in
-                          ("loss", "accuracy", "imag_loss", "imag_accuracy", "val_loss", "val_accuracy")
-                          if key in logs)
-        log.info("epoch %d/%d [%s]  %s  lr %.2e  (%.0fs)", self.epoch, self.total, phase.name, shown,
-                 logs["learning_rate"], seconds)
-
-    def _early_stop(self, logs: dict) -> bool:
-        """Early stopping's verdict on the epoch just recorded; keeps the best epoch's weights."""
-        if self.stopping.spec is None:
-            return False
-        if self.stopping.improved(logs, self.epoch):
-            self.checkpoints.save_best(self.model)
-            return False
-        return self.stopped
-
-    def begin_epoch(self, fitted, epoch: int) -> None:
-        """Seed the random layers (dropout, augmentation in the model) from the recipe's seed and
-        ``epoch`` (0-based), so that a resumed run draws what an uninterrupted one draws."""
-        reseed(seed_states(fitted), self.recipe.seed, MODEL, epoch)
-
-    def begin_batch(self, batch: int) -> None:
-        """Seed the backend's global generator from the recipe's seed, the epoch (``self.epoch``, the
-        epochs finished) and ``batch``: what draws from it (PyTorch's dropout without a seed) does not
-        depend on what drew before, such as a data loader started here only because the run resumed."""
-        reseed_backend(self.recipe.seed, self.epoch, batch)
 
     def _optimizer(self, phase: Phase, steps_per_epoch: int):
         from transferkit.training.optim import build_optimizer, build_schedule, layer_decay_multipliers
