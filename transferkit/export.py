@@ -1,8 +1,9 @@
 """Export a run as one Keras model: raw images -> class probabilities.
 
-A fine-tuned run already is such a model. For an extract run, the run's `StandardScaler` and linear classifier fold into a single `Dense` layer on top of the
-feature extractor, followed by a softmax, so the exported model needs neither scikit-learn nor
-transferkit's predict code:
+A fine-tuned run already is such a model. For an extract run, the run's `StandardScaler` and linear
+classifier fold into a single `Dense` layer on top of the feature extractor, followed by a softmax,
+so the exported model needs neither scikit-learn nor transferkit's predict code (the run's predictor
+builds it: `transferkit.run.Predictor.keras_model`):
 
     z = W ((x - mean) / scale) + b = (W / scale) x + (b - W (mean / scale))
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-
-import numpy as np
 
 from transferkit.errors import TransferkitError
 from transferkit.io import atomic_path, atomic_write_json
@@ -56,7 +55,6 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
     """
     import keras
 
-    from transferkit.features.classifiers import fold_linear_classifier
     from transferkit.run import Run
 
     if format not in FORMATS:
@@ -71,16 +69,8 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
     if format == "keras" and path.suffix != ".keras":
         raise TransferkitError(f"export path {path} must end in .keras")
 
-    if run.model is not None:
-        model, class_names = keras.Model(run.model.input, run.model.output, name=run.model.name), run.class_names
-    else:
-        kernel, bias, classes = fold_linear_classifier(run.classifier, run.recipe.extract.classifier.name)
-        extractor = run.feature_extractor
-        classifier = keras.layers.Dense(len(bias), name="classifier")
-        probabilities = keras.layers.Softmax(name="probabilities")(classifier(extractor.output))
-        model = keras.Model(extractor.inputs[0], probabilities, name=f"{extractor.name}_classifier")
-        classifier.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-        class_names = [run.class_names[c] for c in classes]
+    model, classes = run.predictor.keras_model(run.recipe.extract.classifier.name)
+    class_names = [run.class_names[c] for c in classes]
 
     inside_run = run.folder is not None and path.resolve().is_relative_to(Path(run.folder).resolve())
     with folder_lock(run.folder) if inside_run else contextlib.nullcontext():  # not while a run replaces it

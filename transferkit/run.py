@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
@@ -41,12 +41,114 @@ from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
 from transferkit.recipe import Recipe, load_recipe
 
 
-def predict_in_batches(model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """``model`` on ``pixels`` batch by batch (``predict_on_batch``): without the data adapter that
-    ``predict`` puts around an array, about twice as fast on CPU."""
-    pixels = np.asarray(pixels, dtype="float32")
-    return np.concatenate([np.asarray(model.predict_on_batch(pixels[i:i + batch_size]))
-                           for i in range(0, len(pixels), batch_size)])
+class Predictor(Protocol):
+    """Raw images -> class probabilities, kept in a run folder's ``model/``: what a :class:`Run` holds,
+    whatever the strategy (:class:`KerasPredictor` or :class:`FeaturePredictor`)."""
+
+    def predict(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        """float64 ``[N, classes]`` for float32 pixels ``[N, S, S, 3]`` in 0..255."""
+
+    def save(self, folder: Path) -> None:
+        """Write its files into the run folder's ``model/`` (each atomically)."""
+
+    def keras_model(self, classifier_name: str) -> tuple[Any, list[int]]:
+        """One Keras model, raw images -> probabilities, and the class index of each of its outputs."""
+
+    @classmethod
+    def load(cls, folder: Path, trusted: Iterable[str] = ()) -> "Predictor":
+        """What :meth:`save` wrote into the run folder ``folder``; nothing in it is run as code."""
+
+
+@dataclass
+class KerasPredictor:
+    """A Keras model, raw images -> class probabilities (the fine-tuning strategies): ``model/model.keras``."""
+    model: Any
+
+    def predict(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        from transferkit.features.transformer import predict_in_batches
+
+        return predict_in_batches(self.model, pixels, batch_size).astype("float64")
+
+    def save(self, folder: Path) -> None:
+        with atomic_path(folder / "model" / "model.keras") as tmp:
+            self.keras_model()[0].save(tmp)
+
+    def keras_model(self, classifier_name: str = "") -> tuple[Any, list[int]]:
+        """An uncompiled twin of the model, sharing its layers: its file holds no optimizer state."""
+        import keras
+
+        twin = keras.Model(self.model.input, self.model.output, name=self.model.name)
+        return twin, list(range(int(self.model.output.shape[-1])))
+
+    @classmethod
+    def load(cls, folder: Path, trusted: Iterable[str] = ()) -> "KerasPredictor":
+        return cls(_load_keras_model(folder / "model" / "model.keras", compile=False))
+
+
+@dataclass
+class FeaturePredictor:
+    """A Keras model, raw images -> features, and the scikit-learn classifier fitted on them (the extract
+    strategy): ``model/feature_extractor.keras`` and ``model/classifier.npz`` or ``.skops``."""
+    feature_extractor: Any
+    classifier: Any
+
+    def predict(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        from transferkit.features.classifiers import predict_proba
+        from transferkit.features.transformer import predict_in_batches
+
+        return predict_proba(self.classifier, predict_in_batches(self.feature_extractor, pixels, batch_size))
+
+    def save(self, folder: Path) -> None:
+        """Raises TransferkitError: the classifier cannot be saved without pickle."""
+        from transferkit.features.persistence import save_classifier
+
+        with atomic_path(folder / "model" / "feature_extractor.keras") as tmp:
+            self.feature_extractor.save(tmp)
+        save_classifier(self.classifier, folder / "model" / "classifier")
+
+    def keras_model(self, classifier_name: str = "this classifier") -> tuple[Any, list[int]]:
+        """The feature model with the classifier folded into a ``Dense`` layer named "classifier" and a
+        softmax (see :mod:`transferkit.export`).
+
+        Raises:
+            TransferkitError: the classifier is not linear (named ``classifier_name`` in the message).
+        """
+        import keras
+
+        from transferkit.features.classifiers import fold_linear_classifier
+
+        kernel, bias, classes = fold_linear_classifier(self.classifier, classifier_name)
+        extractor = self.feature_extractor
+        classifier = keras.layers.Dense(len(bias), name="classifier")
+        probabilities = keras.layers.Softmax(name="probabilities")(classifier(extractor.output))
+        model = keras.Model(extractor.inputs[0], probabilities, name=f"{extractor.name}_classifier")
+        classifier.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+        return model, [int(c) for c in classes]
+
+    @classmethod
+    def load(cls, folder: Path, trusted: Iterable[str] = ()) -> "FeaturePredictor":
+        """Raises TransferkitError: no classifier, one pickled by an older transferkit, or one holding
+        types that are not trusted."""
+        from transferkit.features.persistence import load_classifier, saved_classifier
+
+        model = folder / "model"
+        path = saved_classifier(model / "classifier")
+        if path is None:
+            old = " a pickle (model/classifier.joblib), which is never opened because it could run code" if (
+                model / "classifier.joblib").exists() else " no classifier"
+            raise TransferkitError(f"{folder} holds{old}: re-run `transferkit extract` with its recipe.yaml "
+                                   f"to save the classifier safely")
+        return cls(_load_keras_model(model / "feature_extractor.keras"), load_classifier(path, trusted)[0])
+
+
+#: The predictor a strategy's run folder holds; the other strategies' is a :class:`KerasPredictor`.
+PREDICTORS = {"extract": FeaturePredictor}
+
+
+def predictor_of(model=None, feature_extractor=None, classifier=None) -> Predictor:
+    """A Keras ``model`` (images -> probabilities), or a ``feature_extractor`` and the ``classifier``
+    fitted on its features, as a predictor."""
+    return KerasPredictor(model) if model is not None else FeaturePredictor(feature_extractor, classifier)
 
 
 def _load_keras_model(path: Path, **options):
@@ -65,7 +167,7 @@ def _load_keras_model(path: Path, **options):
                                f"train the run again") from None
 
 
-@dataclass
+@dataclass(init=False)
 class Run:
     """A trained classifier with its recipe, metrics and history.
 
@@ -73,23 +175,51 @@ class Run:
         recipe: the resolved recipe it was trained with.
         class_names: output index -> class name.
         image_size: the square input size images are resized to.
-        feature_extractor: keras model, raw images -> features (extract strategy).
-        classifier: scikit-learn estimator on those features (extract strategy).
-        model: keras model, raw images -> class probabilities (fine-tuning strategies).
+        predictor: raw images -> class probabilities: a :class:`KerasPredictor` (fine-tuning
+            strategies) or a :class:`FeaturePredictor` (extract).
         metrics: ``{"val": {...}, "test": {...}}`` from :func:`transferkit.reports.evaluate.evaluate_predictions`.
         history: per-epoch curves (fine-tuning); empty for extract.
         info: timings and anything else worth keeping.
+        folder: the run folder, once saved or loaded.
     """
     recipe: Recipe
     class_names: list[str]
     image_size: int
-    feature_extractor: Any = None
-    classifier: Any = None
-    model: Any = None
-    metrics: dict = field(default_factory=dict)
-    history: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-    folder: Path | None = None
+    predictor: Predictor
+    metrics: dict
+    history: dict
+    info: dict
+    folder: Path | None
+
+    def __init__(self, recipe: Recipe, class_names: list[str], image_size: int, predictor: Predictor | None = None,
+                 *, metrics: dict | None = None, history: dict | None = None, info: dict | None = None,
+                 folder: Path | None = None, **parts):
+        """``parts``, instead of a ``predictor``: the keyword arguments of :func:`predictor_of`."""
+        self.recipe, self.class_names, self.image_size = recipe, class_names, image_size
+        self.predictor = predictor if predictor is not None else predictor_of(**parts)
+        self.metrics = {} if metrics is None else metrics
+        self.history = {} if history is None else history
+        self.info = {} if info is None else info
+        self.folder = folder
+
+    @property
+    def model(self):
+        """The Keras model of a :class:`KerasPredictor` (images -> probabilities), else None."""
+        return getattr(self.predictor, "model", None)
+
+    @property
+    def feature_extractor(self):
+        """The feature model of a :class:`FeaturePredictor`, else None."""
+        return getattr(self.predictor, "feature_extractor", None)
+
+    @property
+    def classifier(self):
+        """The scikit-learn classifier of a :class:`FeaturePredictor`, else None."""
+        return getattr(self.predictor, "classifier", None)
+
+    @classifier.setter
+    def classifier(self, classifier) -> None:
+        self.predictor.classifier = classifier
 
     @property
     def strategy(self) -> str:
@@ -97,14 +227,11 @@ class Run:
 
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
         """Class probabilities ``[N, classes]`` for image paths or a uint8/float array ``[N, S, S, 3]``."""
-        from transferkit.features.classifiers import predict_proba
         from transferkit.data.decode import load_images
 
         if not isinstance(images, np.ndarray):
             images = load_images(list(map(str, images)), self.image_size)
-        if self.model is not None:
-            return predict_in_batches(self.model, images, batch_size).astype("float64")
-        return predict_proba(self.classifier, predict_in_batches(self.feature_extractor, images, batch_size))
+        return self.predictor.predict(images, batch_size)
 
     def classify(self, inputs, top_k: int = 5) -> tuple[list[dict], list[tuple[str, str]]]:
         """Predict image files and folders (searched recursively); unreadable files are skipped.
@@ -160,20 +287,9 @@ class Run:
         Raises:
             TransferkitError: an extract run's classifier cannot be saved without pickle.
         """
-        import keras
-
-        from transferkit.features.persistence import save_classifier
-
         folder = Path(folder or self.recipe.output)
         (folder / "model").mkdir(parents=True, exist_ok=True)
-        if self.model is not None:
-            with atomic_path(folder / "model" / "model.keras") as tmp:
-                # an uncompiled twin sharing the layers: the file holds no optimizer state
-                keras.Model(self.model.input, self.model.output, name=self.model.name).save(tmp)
-        else:
-            with atomic_path(folder / "model" / "feature_extractor.keras") as tmp:
-                self.feature_extractor.save(tmp)
-            save_classifier(self.classifier, folder / "model" / "classifier")
+        self.predictor.save(folder)
         atomic_write_text(folder / "recipe.yaml", self.recipe.to_yaml())
         atomic_write_json(folder / "run.json", self._summary())
         self.folder = folder
@@ -195,8 +311,6 @@ class Run:
             TransferkitError: not a run folder, a classifier pickled by an older transferkit, or one
                 holding types that are not trusted.
         """
-        from transferkit.features.persistence import load_classifier, saved_classifier
-
         folder = Path(folder)
         if not (folder / "run.json").is_file():
             raise TransferkitError(f"not a run folder: {folder} (expected run.json there; "
@@ -207,21 +321,9 @@ class Run:
         except (ValueError, KeyError, TypeError) as error:
             raise TransferkitError(f"{folder / 'run.json'} is damaged ({type(error).__name__}: {error}): "
                                    f"train the run again") from None
-        model = folder / "model"
-        if strategy != "extract":
-            parts = {"model": _load_keras_model(model / "model.keras", compile=False)}
-        else:
-            path = saved_classifier(model / "classifier")
-            if path is None:
-                old = " a pickle (model/classifier.joblib), which is never opened because it could run code" if (
-                    model / "classifier.joblib").exists() else " no classifier"
-                raise TransferkitError(f"{folder} holds{old}: re-run `transferkit extract` with its recipe.yaml "
-                                       f"to save the classifier safely")
-            parts = {"feature_extractor": _load_keras_model(model / "feature_extractor.keras"),
-                     "classifier": load_classifier(path, trusted)[0]}
-        return cls(recipe=load_recipe(folder / "recipe.yaml"), class_names=class_names,
-                   image_size=image_size, **parts,
-                   metrics=summary.get("metrics", {}), history=summary.get("history", {}),
+        predictor = PREDICTORS.get(strategy, KerasPredictor).load(folder, trusted)
+        return cls(recipe=load_recipe(folder / "recipe.yaml"), class_names=class_names, image_size=image_size,
+                   predictor=predictor, metrics=summary.get("metrics", {}), history=summary.get("history", {}),
                    info=summary.get("info", {}), folder=folder)
 
     def _summary(self) -> dict:

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.training.accelerator import out_of_memory
-from transferkit.data.decode import load_images
 from transferkit.data.sources import ImageSet
 from transferkit.errors import DeviceMemoryError
 from transferkit.features.store import FeatureStore, cache_key
+from transferkit.features.transformer import FeatureExtractor, pixels_of, predict_in_batches
 from transferkit.io import disk_full_is_one_line, transferkit_home
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
 from transferkit.recipe import Recipe, load_recipe
-from transferkit.run import Run, predict_in_batches
+from transferkit.run import FeaturePredictor, Run
 from transferkit.recipe import recipe_splits
 from transferkit.strategies import preflight
 
@@ -83,7 +83,7 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
         log.info("classifier: best %s (cv accuracy %.3f)", classifier.best_params_, classifier.best_score_)
 
     run = Run(recipe=recipe, class_names=splits.class_names, image_size=image_size,
-              feature_extractor=extractor, classifier=classifier)
+              predictor=FeaturePredictor(extractor, classifier))
     for name in ("val", "test"):
         if name in features:
             x, y = features[name]
@@ -100,19 +100,15 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
 
 
 def feature_extractor(recipe: Recipe, image_size: int):
-    """The recipe's backbone cut at ``extract.layer``, pooled, with flip averaging and power norm as set."""
-    from transferkit.models.backbones import create_backbone
-    from transferkit.models.surgery import average_over_flips, cut, power_normalize
-
-    spec = recipe.backbone
-    body = create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha, **spec.options)
-    extractor = cut(body, recipe.extract.layer, recipe.extract.pooling)
-    if recipe.extract.tta:
-        extractor = average_over_flips(extractor)
-    if recipe.extract.power_norm:
-        extractor = power_normalize(extractor)
-    log.info("features: %s at %s, %d values per image", spec.name, recipe.extract.layer, extractor.output.shape[-1])
-    return extractor
+    """The Keras model, raw images -> features, of the recipe's `FeatureExtractor`: the backbone cut at
+    ``extract.layer``, pooled, with flip averaging and power norm as set."""
+    spec, extract = recipe.backbone, recipe.extract
+    extractor = FeatureExtractor(spec.name, layer=extract.layer, weights=spec.weights, image_size=image_size,
+                                 alpha=spec.alpha, pooling=extract.pooling, batch_size=recipe.data.batch_size,
+                                 tta=extract.tta, power_norm=extract.power_norm, options=spec.options)
+    model = extractor.fit(None).feature_model()
+    log.info("features: %s at %s, %d values per image", spec.name, extract.layer, model.output.shape[-1])
+    return model
 
 
 def cache_features(recipe: Recipe, progress: bool = True) -> None:
@@ -165,13 +161,13 @@ def _feature_config(recipe: Recipe, image_size: int) -> dict:
 
 class _Embedder:
     """``paths -> features`` in two stages (see `transferkit.features.store.Embed`): decode with Pillow,
-    then run the extractor batch by batch."""
+    then run the extractor batch by batch, as `FeatureExtractor.transform` does."""
 
     def __init__(self, extractor, image_size: int, batch_size: int):
         self.extractor, self.image_size, self.batch_size = extractor, image_size, batch_size
 
     def load(self, paths: list[str]) -> np.ndarray:
-        return load_images(paths, self.image_size).astype("float32")
+        return pixels_of(paths, self.image_size)
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
         try:

@@ -45,7 +45,7 @@ from transferkit.io import atomic_write_text, disk_full_is_one_line
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
 from transferkit.recipe import Recipe, load_recipe, recipe_splits
-from transferkit.run import Run
+from transferkit.run import KerasPredictor, Run
 from transferkit.strategies import check_recipe, preflight
 from transferkit.training.accelerator import augment_placement, distribution, dtype_policy, resolve_precision
 from transferkit.training.checkpoints import RESUME_HINT, Checkpoints
@@ -167,7 +167,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
             trainer.run_phase(phase, train, steps, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
-    run = Run(recipe=recipe, class_names=class_names, image_size=image_size, model=model,
+    run = Run(recipe=recipe, class_names=class_names, image_size=image_size, predictor=KerasPredictor(model),
               history={**trainer.history, "phase": trainer.phases})
     diagnosis = _write_reports(run, trainer, splits, folder, batch_size)
     run.info = {"seconds": {"train": round(trainer.seconds, 2)},
