@@ -73,6 +73,17 @@ def test_tta_averages_each_image_and_its_mirror_image(fitted, images):
     np.testing.assert_allclose(tta.transform(pixels), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(tta.transform(mirrored), tta.transform(pixels), rtol=1e-5, atol=1e-5)
 
+
+def test_power_norm_is_the_signed_square_root_and_feature_model_runs_what_transform_does(fitted, images):
+    both = FeatureExtractor(tta=True, power_norm=True, **SETTINGS).fit(None)
+    assert both.model_ is fitted.model_ and both.feature_model() is both.feature_model()  # built once
+    pixels = load_images(images[0][:4], 96).astype("float32")
+    averaged = (fitted.transform(pixels) + fitted.transform(pixels[:, :, ::-1])) / 2
+    np.testing.assert_allclose(both.transform(pixels), np.sign(averaged) * np.sqrt(np.abs(averaged)),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(both.feature_model().predict(pixels, verbose=0), both.transform(pixels), atol=1e-6)
+
+
 def test_grid_search_over_c_and_layer_then_joblib_round_trip(images, tmp_path):
     paths, labels = images
     pipe = make_pipeline(FeatureExtractor(**SETTINGS), LogisticRegression(max_iter=1000))
