@@ -12,6 +12,8 @@ Run folder layout::
     runs/<name>.partial/           a run being written (and a fine-tuning run's checkpoints)
     runs/.<name>.lock              locked while a process writes runs/<name>
 
+A run's :class:`Predictor` turns images into class probabilities and knows its files under ``model/``.
+
 A run is written into ``<name>.partial`` and replaces ``<name>`` whole when it is complete (see
 :mod:`transferkit.outputs`), so a run folder is never half old, half new.
 
@@ -49,7 +51,7 @@ class Predictor(Protocol):
         """float64 ``[N, classes]`` for float32 pixels ``[N, S, S, 3]`` in 0..255."""
 
     def save(self, folder: Path) -> None:
-        """Write its files into the run folder's ``model/`` (each atomically)."""
+        """Write its files into ``model/`` of the run folder ``folder``, each atomically."""
 
     def keras_model(self, classifier_name: str) -> tuple[Any, list[int]]:
         """One Keras model, raw images -> probabilities, and the class index of each of its outputs."""
