@@ -185,10 +185,13 @@ def test_mixup_cutmix_label_smoothing_and_schedule_options_train(small_cats_dogs
     assert np.isfinite(run.history["loss"]).all() and len(run.history["learning_rate"]) == 2
 
 
-def test_early_stopping_stops_and_restores_the_best_epoch(small_cats_dogs, home, tmp_path):
-    run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=0, epochs=6,
-                               early_stopping={"monitor": "val_accuracy", "patience": 1, "min_delta": 0.5}),
-                   progress=False)
+@pytest.mark.parametrize("augment_on", [None, "model"])  # "model": fit trains a model wrapping the run's
+def test_early_stopping_stops_and_restores_the_best_epoch(small_cats_dogs, home, tmp_path, augment_on):
+    recipe = make_recipe(small_cats_dogs, tmp_path, warmup=0, epochs=6,
+                         early_stopping={"monitor": "val_accuracy", "patience": 1, "min_delta": 0.5})
+    if augment_on:
+        recipe.data.augment, recipe.data.augment_on = ["random_flip"], augment_on
+    run = finetune(recipe, progress=False)
     # min_delta 0.5 makes every epoch after the first "no improvement": it stops after epoch 2
     assert run.history["phase"] == ["finetune", "finetune"]
     assert run.info["early_stopping"] == {"best": run.history["val_accuracy"][0], "best_epoch": 1,
