@@ -180,17 +180,17 @@ class Trainer:
         from transferkit.training import callbacks as cb
 
         imag, spec = phase.name == "imag", self.recipe.finetune.early_stopping
-        stopping = [cb.EarlyStopping(self.record, self.early_stopping, monitor=spec.monitor, min_delta=spec.min_delta,
-                                     patience=spec.patience, keep_best=lambda: self.checkpoints.save_best(self.model))
-                    ] if phase.name == "finetune" and spec is not None else []
-        return [cb.Reseed(self.recipe.seed), cb.NanGuard(),
-                cb.RecordEpoch(self.record, phase.name, self.optimizer, relabel=self._imag_logs if imag else None),
-                *stopping,
-                cb.SaveCheckpoint(self.checkpoints, self.model, self.optimizer, functools.partial(self._state, phase),
-                                  head=(lambda: get_head_weights(self.trained)) if imag else None,
-                                  head_until=phase.last),
-                cb.WriteHistory(self.folder, self.record, f"{self.recipe.name}: training", plot=self.plot_history),
-                cb.LogEpoch(self.record, self.total)]
+        callbacks = [cb.Reseed(self.recipe.seed), cb.NanGuard(),
+                     cb.RecordEpoch(self.record, phase.name, self.optimizer, relabel=self._imag_logs if imag else None)]
+        if phase.name == "finetune" and spec is not None:
+            callbacks.append(cb.EarlyStopping(self.record, self.early_stopping, monitor=spec.monitor,
+                                              min_delta=spec.min_delta, patience=spec.patience,
+                                              keep_best=lambda: self.checkpoints.save_best(self.model)))
+        return callbacks + [
+            cb.SaveCheckpoint(self.checkpoints, self.model, self.optimizer, functools.partial(self._state, phase),
+                              head=(lambda: get_head_weights(self.trained)) if imag else None, head_until=phase.last),
+            cb.WriteHistory(self.folder, self.record, f"{self.recipe.name}: training", plot=self.plot_history),
+            cb.LogEpoch(self.record, self.total)]
 
     def _imag_logs(self, logs: dict) -> dict:
         """An imag epoch's logs: its own (on the imagined labels) as ``imag_*``, ``val_*`` with the normal head."""
