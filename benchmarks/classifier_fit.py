@@ -52,16 +52,14 @@ def main():
     import joblib
 
     from transferkit.features.classifiers import build_classifier, fit_classifier
-    from transferkit.recipe import ClassifierSpec
 
     x, y = synthetic_features() if args.synthetic else real_features(args.data)
     print(f"features {x.shape[0]} x {x.shape[1]}, {len(np.unique(y))} classes, {os.cpu_count()} CPUs")
-    spec = ClassifierSpec(args.classifier)
     fits = {"loky (processes)": lambda model: model.fit(x, y),
             "threads (transferkit)": lambda model: fit_classifier(model, x, y)}
     for _ in range(args.repeat):  # alternating, so that other load on the machine hits both alike
         for name, fit in fits.items():
-            model = build_classifier(spec, seed=0, n_samples_per_class=int(np.bincount(y).min()))
+            model = build_classifier(args.classifier, seed=0, n_samples_per_class=int(np.bincount(y).min()))
             with joblib.parallel_config(backend="loky") if name.startswith("loky") else _nothing():
                 started = time.perf_counter()
                 fit(model)

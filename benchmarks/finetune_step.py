@@ -28,7 +28,7 @@ def main():
     from transferkit.models.backbones import create_backbone
     from transferkit.data.decode import load_images
     from transferkit.models.heads import attach_head
-    from transferkit.recipe import HeadSpec, load_recipe
+    from transferkit.recipe import load_recipe
     from transferkit.recipe import recipe_splits
     from transferkit.strategies.finetune import finetune
 
@@ -52,7 +52,7 @@ def main():
         x_val = load_images(splits.val.paths, args.size).astype("float32")
     y_train = np.eye(classes, dtype="float32")[splits.train.labels]
     y_val = np.eye(classes, dtype="float32")[splits.val.labels]
-    model = attach_head(create_backbone(args.backbone, image_size=args.size), classes, HeadSpec(dropout=0.2))
+    model = attach_head(create_backbone(args.backbone, image_size=args.size), classes, dropout=0.2)
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="categorical_crossentropy", metrics=["accuracy"])
     timer = _epoch_timer()
     model.fit(x_train, y_train, batch_size=args.batch, epochs=args.epochs, validation_data=(x_val, y_val),

@@ -102,13 +102,16 @@ def test_rand_augment_keeps_pixels_in_0_255():
 def test_bad_arguments_name_the_augmentation(specs, message):
     with pytest.raises(RecipeError, match=message) as raised:
         build_augmentation(specs)
-    assert "\n" not in str(raised.value)
+    assert "\n" not in str(raised.value) and raised.value.key == "[0]"
 
 
 def test_check_augmentation_names_the_recipe_entry():
     check_augmentation(["random_flip", {"random_rotation": 0.1}, {"rand_augment": {"factor": 0.5}}])
     check_augmentation([])
-    with pytest.raises(RecipeError, match=r"^data.augment\[1\]: augmentation 'random_rotation': The `factor`"):
+    with pytest.raises(RecipeError, match=r"^\[1\]: augmentation 'random_rotation': The `factor`"):
+        check_augmentation(["random_flip", {"random_rotation": 5}])
+    with pytest.raises(RecipeError, match=r"^data.augment\[1\]: augmentation 'random_rotation': The `factor`"), \
+            RecipeError.under("data.augment"):
         check_augmentation(["random_flip", {"random_rotation": 5}])
 
 
@@ -145,5 +148,8 @@ def test_cutmix_pastes_a_box_and_labels_follow_its_area():
 
 
 def test_batch_mixer_needs_an_alpha():
-    with pytest.raises(RecipeError, match="finetune.mixup / finetune.cutmix"):
+    with pytest.raises(RecipeError, match=r"^mixup / cutmix: expected alphas >= 0, one of them > 0; got 0.0 and 0.0$"):
         BatchMixer()
+    with pytest.raises(RecipeError, match=r"^finetune.mixup / cutmix: expected alphas >= 0"), \
+            RecipeError.under("finetune"):
+        BatchMixer(mixup=-1.0)

@@ -9,7 +9,6 @@ from test_cli import assert_one_line_error, transferkit
 from transferkit.features.cache import cache_entries, clear_cache
 from transferkit.features.classifiers import build_classifier, fit_cached
 from transferkit.features.store import FeatureStore
-from transferkit.recipe import ClassifierSpec
 
 DAY = 86400
 
@@ -41,11 +40,10 @@ def test_entries_and_clearing_by_last_use(tmp_path):
 def test_reuse_marks_the_files_as_used(tmp_path):
     x = np.random.default_rng(0).normal(size=(40, 4))
     y = np.repeat([0, 1], 20)
-    spec = ClassifierSpec(grid={})
-    fit_cached(build_classifier(spec, seed=0, n_samples_per_class=20), x, y, tmp_path)
+    fit_cached(build_classifier(grid={}, seed=0, n_samples_per_class=20), x, y, tmp_path)
     (path,) = tmp_path.glob("*.npz")
     os.utime(path, (0, 0))
-    _, reused = fit_cached(build_classifier(spec, seed=0, n_samples_per_class=20), x, y, tmp_path)
+    _, reused = fit_cached(build_classifier(grid={}, seed=0, n_samples_per_class=20), x, y, tmp_path)
     assert reused and path.stat().st_mtime > time.time() - DAY
 
     store = FeatureStore(tmp_path / "features.h5")
@@ -127,7 +125,7 @@ def test_the_names_written_by_the_feature_store_and_the_fit_cache_are_recognised
     x = np.random.default_rng(0).normal(size=(40, 4))
     y = np.repeat([0, 1], 20)
     for name in ("logistic_regression", "knn"):
-        fit_cached(build_classifier(ClassifierSpec(name, grid={}), seed=0), x, y, tmp_path / "classifiers")
+        fit_cached(build_classifier(name, grid={}, seed=0), x, y, tmp_path / "classifiers")
     store = FeatureStore(tmp_path / "features" / f"mobilenet_v2-{_digest({'any': 'config'})}.h5")
     store.compute("train", ["a.png", "b.png"], [0, 1], lambda p: np.ones((len(p), 3)), key="k", progress=False)
     assert sorted(e.path.suffix for e in cache_entries(tmp_path)) == [".h5", ".npz", ".skops"]

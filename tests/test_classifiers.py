@@ -12,7 +12,6 @@ import pytest
 
 from transferkit.features.classifiers import build_classifier, check_classifier, fit_cached, predict_proba
 from transferkit.errors import RecipeError
-from transferkit.recipe import ClassifierSpec
 
 
 @pytest.fixture
@@ -25,21 +24,23 @@ def imbalanced():
 
 def test_class_weight_balanced_predicts_the_rare_class_more_often(imbalanced):
     x, y = imbalanced
-    plain = build_classifier(ClassifierSpec(grid={}), seed=0).fit(x, y)
-    balanced = build_classifier(ClassifierSpec(grid={}, class_weight="balanced"), seed=0).fit(x, y)
+    plain = build_classifier(grid={}, seed=0).fit(x, y)
+    balanced = build_classifier(grid={}, class_weight="balanced", seed=0).fit(x, y)
     assert balanced.predict(x).sum() > plain.predict(x).sum()
     assert balanced.named_steps["classifier"].class_weight == "balanced"
 
 
 def test_class_weight_on_a_classifier_without_it_names_the_key():
-    with pytest.raises(RecipeError, match="extract.classifier.class_weight: knn does not take class weights"):
-        build_classifier(ClassifierSpec("knn", class_weight="balanced"))
+    with pytest.raises(RecipeError, match="^class_weight: knn does not take class weights"):
+        build_classifier("knn", class_weight="balanced")
+    with pytest.raises(RecipeError, match="^extract.classifier.class_weight: knn does not take class weights"), \
+            RecipeError.under("extract.classifier"):
+        build_classifier("knn", class_weight="balanced")
 
 
 def test_any_estimator_by_import_path_with_its_own_grid(imbalanced):
     x, y = imbalanced
-    model = build_classifier(ClassifierSpec("sklearn.svm:SVC",
-                                            grid={"C": [0.1, 1.0]}), seed=0, n_samples_per_class=10).fit(x, y)
+    model = build_classifier("sklearn.svm:SVC", grid={"C": [0.1, 1.0]}, seed=0, n_samples_per_class=10).fit(x, y)
     assert type(model.best_estimator_.named_steps["classifier"]).__name__ == "SVC"
     assert model.best_params_["classifier__C"] in (0.1, 1.0)
     np.testing.assert_allclose(predict_proba(model, x).sum(axis=1), 1, atol=1e-6)
@@ -47,23 +48,22 @@ def test_any_estimator_by_import_path_with_its_own_grid(imbalanced):
 
 def test_bad_import_path_and_unknown_parameter_are_recipe_errors():
     with pytest.raises(RecipeError, match="cannot import 'sklearn.svm:SVQ'"):
-        build_classifier(ClassifierSpec("sklearn.svm:SVQ"))
+        build_classifier("sklearn.svm:SVQ")
     with pytest.raises(RecipeError, match="has no parameter 'gamma'"):
-        build_classifier(ClassifierSpec("logistic_regression", params={"gamma": 1}))
+        build_classifier("logistic_regression", params={"gamma": 1})
 
 
 def test_fit_cache_reuses_an_identical_fit_and_refits_on_any_change(imbalanced, tmp_path):
     x, y = imbalanced
-    spec = ClassifierSpec(grid={"C": [0.1, 1.0]})
-    first, reused = fit_cached(build_classifier(spec, seed=0, n_samples_per_class=10), x, y, tmp_path)
+    grid = {"C": [0.1, 1.0]}
+    first, reused = fit_cached(build_classifier(grid=grid, seed=0, n_samples_per_class=10), x, y, tmp_path)
     assert not reused
-    again, reused = fit_cached(build_classifier(spec, seed=0, n_samples_per_class=10), x, y, tmp_path)
+    again, reused = fit_cached(build_classifier(grid=grid, seed=0, n_samples_per_class=10), x, y, tmp_path)
     assert reused and again.best_params_ == first.best_params_
     np.testing.assert_array_equal(again.predict_proba(x), first.predict_proba(x))
-    for changed in [(x + 0.01, y, 0, spec), (x, y[::-1], 0, spec), (x, y, 1, spec),
-                    (x, y, 0, ClassifierSpec(grid={"C": [0.1]}))]:
-        cx, cy, seed, cspec = changed
-        _, reused = fit_cached(build_classifier(cspec, seed=seed, n_samples_per_class=10), cx, cy, tmp_path)
+    for changed in [(x + 0.01, y, 0, grid), (x, y[::-1], 0, grid), (x, y, 1, grid), (x, y, 0, {"C": [0.1]})]:
+        cx, cy, seed, cgrid = changed
+        _, reused = fit_cached(build_classifier(grid=cgrid, seed=seed, n_samples_per_class=10), cx, cy, tmp_path)
         assert not reused
     assert len(list(tmp_path.glob("*.npz"))) == 5 and len(list(tmp_path.iterdir())) == 5
 
@@ -82,45 +82,45 @@ def test_an_import_path_that_is_not_a_classifier_class_is_refused_before_it_is_c
     monkeypatch.setattr(sys, "exit", called)
     monkeypatch.setattr(os, "system", called)
     for check in (check_classifier, build_classifier):
-        with pytest.raises(RecipeError) as error:
-            check(ClassifierSpec(name))
+        with pytest.raises(RecipeError) as error, RecipeError.under("extract.classifier"):
+            check(name)
         assert said in str(error.value) and "e.g. sklearn.svm:SVC" in str(error.value)
 
 
-@pytest.mark.parametrize("spec, said", [
-    (ClassifierSpec("logistic_regresion"), "extract.classifier.name: unknown classifier 'logistic_regresion': "
-                                           "did you mean logistic_regression?"),
-    (ClassifierSpec("knn", params={"C": 1}), "extract.classifier.params: knn has no parameter 'C'"),
-    (ClassifierSpec("knn", grid={"C": [1]}), "extract.classifier.grid: knn has no parameter 'C'"),
-    (ClassifierSpec("knn", grid={"n_neighbors": 5}), "extract.classifier.grid.n_neighbors: give a non-empty list"),
-    (ClassifierSpec("knn", grid={"n_neighbors": []}), "extract.classifier.grid.n_neighbors: give a non-empty list"),
-    (ClassifierSpec("knn", class_weight="balanced"), "extract.classifier.class_weight: knn does not take"),
-    (ClassifierSpec("sklearn.ensemble:VotingClassifier"), "extract.classifier.params: sklearn.ensemble:"
-                                                          "VotingClassifier needs 'estimators'"),
+@pytest.mark.parametrize("arguments, said", [
+    (dict(name="logistic_regresion"), "extract.classifier.name: unknown classifier 'logistic_regresion': "
+                                      "did you mean logistic_regression?"),
+    (dict(name="knn", params={"C": 1}), "extract.classifier.params: knn has no parameter 'C'"),
+    (dict(name="knn", grid={"C": [1]}), "extract.classifier.grid: knn has no parameter 'C'"),
+    (dict(name="knn", grid={"n_neighbors": 5}), "extract.classifier.grid.n_neighbors: give a non-empty list"),
+    (dict(name="knn", grid={"n_neighbors": []}), "extract.classifier.grid.n_neighbors: give a non-empty list"),
+    (dict(name="knn", class_weight="balanced"), "extract.classifier.class_weight: knn does not take"),
+    (dict(name="sklearn.ensemble:VotingClassifier"), "extract.classifier.params: sklearn.ensemble:"
+                                                     "VotingClassifier needs 'estimators'"),
 ])
-def test_check_classifier_finds_what_build_would_without_building(spec, said):
-    with pytest.raises(RecipeError) as error:
-        check_classifier(spec)
+def test_check_classifier_finds_what_build_would_without_building(arguments, said):
+    with pytest.raises(RecipeError) as error, RecipeError.under("extract.classifier"):
+        check_classifier(**arguments)
     assert str(error.value).startswith(said) and "\n" not in str(error.value)
+    assert error.value.key.startswith("extract.classifier.")  # the building block named its argument
 
 
 def test_check_classifier_returns_what_build_uses():
     from sklearn.neighbors import KNeighborsClassifier
 
-    estimator_class, params, grid = check_classifier(ClassifierSpec("knn", params={"p": 1}), seed=3)
+    estimator_class, params, grid = check_classifier("knn", params={"p": 1}, seed=3)
     assert estimator_class is KNeighborsClassifier and params == {"weights": "distance", "p": 1}
     assert grid == {"n_neighbors": [1, 5, 15]}
-    assert check_classifier(ClassifierSpec("random_forest", grid={}), seed=3)[1]["random_state"] == 3
+    assert check_classifier("random_forest", grid={}, seed=3)[1]["random_state"] == 3
 
 
 FIT_FOREVER = """
 import sys
 import numpy as np
 from transferkit.features.classifiers import build_classifier, fit_classifier
-from transferkit.recipe import ClassifierSpec
 rng = np.random.default_rng(0)
 x, y = rng.normal(size=(3000, 300)), np.arange(3000) % 5
-model = build_classifier(ClassifierSpec(grid={"C": list(np.logspace(-3, 3, 40))}), seed=0, n_samples_per_class=600)
+model = build_classifier(grid={"C": list(np.logspace(-3, 3, 40))}, seed=0, n_samples_per_class=600)
 print("fitting", flush=True)
 fit_classifier(model, x, y)
 """

@@ -4,6 +4,7 @@ The crafted files below would run code (create a marker file) if they were unpic
 with their types trusted; each test first shows that, then that transferkit refuses them in one line.
 """
 
+import dataclasses
 import io
 import json
 import pickle
@@ -63,7 +64,7 @@ def features(images):
 def fitted(spec, features, classes):
     x, y = features
     keep = y < classes
-    return build_classifier(spec, seed=0, n_samples_per_class=30).fit(x[keep], y[keep]), x[keep]
+    return build_classifier(**dataclasses.asdict(spec), seed=0, n_samples_per_class=30).fit(x[keep], y[keep]), x[keep]
 
 
 LINEAR = {"logistic_regression": ClassifierSpec("logistic_regression", grid={"C": [0.1, 1.0]}),
@@ -228,7 +229,7 @@ def run_folder(images, features, tmp_path):
     pooled = [keras.layers.GlobalAveragePooling2D()(inputs), keras.layers.GlobalMaxPooling2D()(inputs)]
     extractor = keras.Model(inputs, keras.layers.Concatenate()(pooled), name="colours")
     x = extractor.predict(pixels, verbose=0)
-    classifier = build_classifier(ClassifierSpec(grid={"C": [0.1, 1.0]}), seed=0, n_samples_per_class=30).fit(x, labels)
+    classifier = build_classifier(grid={"C": [0.1, 1.0]}, seed=0, n_samples_per_class=30).fit(x, labels)
     recipe = load_recipe({"name": "colours", "data": {"train": str(Path(paths[0]).parents[1]), "image_size": SIZE},
                           "strategy": "extract", "output": str(tmp_path / "run")})
     run = Run(recipe=recipe, class_names=["cat", "dog", "banded"], image_size=SIZE,
@@ -326,7 +327,7 @@ def test_run_of_an_untrusted_classifier_type_loads_only_when_trusted_by_name(run
 
     _, pixels, labels = images
     x = run_folder.feature_extractor.predict(pixels, verbose=0)
-    run_folder.classifier = build_classifier(ClassifierSpec("sklearn.svm:SVC", grid={}), seed=0).fit(x, labels)
+    run_folder.classifier = build_classifier("sklearn.svm:SVC", grid={}, seed=0).fit(x, labels)
     run_folder.save()
     assert sorted(p.name for p in (run_folder.folder / "model").iterdir()) == ["classifier.skops",
                                                                               "feature_extractor.keras"]
@@ -341,7 +342,7 @@ def test_run_of_an_untrusted_classifier_type_loads_only_when_trusted_by_name(run
 def test_the_commands_open_an_untrusted_classifier_type_only_with_trust(run_folder, images, features, in_process):
     _, pixels, labels = images
     x = run_folder.feature_extractor.predict(pixels, verbose=0)
-    run_folder.classifier = build_classifier(ClassifierSpec("sklearn.svm:SVC", grid={}), seed=0).fit(x, labels)
+    run_folder.classifier = build_classifier("sklearn.svm:SVC", grid={}, seed=0).fit(x, labels)
     run_folder.save()
     code, _, err = in_process("predict", run_folder.folder, images[0][0])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--trust sklearn.svm._classes.SVC" in err
@@ -357,28 +358,29 @@ def test_the_commands_open_an_untrusted_classifier_type_only_with_trust(run_fold
                                            (skops_with_untrusted_type, ".skops")])
 def test_crafted_or_old_cache_entries_are_refitted_never_loaded(craft, suffix, features, tmp_path):
     x, y = features
-    spec = ClassifierSpec(grid={"C": [0.1, 1.0]})
-    first, _ = fit_cached(build_classifier(spec, seed=0, n_samples_per_class=30), x, y, tmp_path / "cache")
+    grid = {"C": [0.1, 1.0]}
+    first, _ = fit_cached(build_classifier(grid=grid, seed=0, n_samples_per_class=30), x, y, tmp_path / "cache")
     (entry,) = (tmp_path / "cache").iterdir()
     assert entry.suffix == ".npz"
     entry.unlink()
     marker = tmp_path / "marker"
     crafted = entry.with_suffix(suffix)
     crafted.write_bytes(craft(marker))
-    again, reused = fit_cached(build_classifier(spec, seed=0, n_samples_per_class=30), x, y, tmp_path / "cache")
+    again, reused = fit_cached(build_classifier(grid=grid, seed=0, n_samples_per_class=30), x, y, tmp_path / "cache")
     assert not reused and not marker.exists()
     np.testing.assert_array_equal(again.predict_proba(x), first.predict_proba(x))
     assert entry.is_file()  # a safe entry is written again
-    third, reused = fit_cached(build_classifier(spec, seed=0, n_samples_per_class=30), x, y, tmp_path / "cache")
+    third, reused = fit_cached(build_classifier(grid=grid, seed=0, n_samples_per_class=30), x, y, tmp_path / "cache")
     assert reused and third.best_params_ == first.best_params_
     assert not marker.exists()
 
 
 def test_a_search_served_from_the_cache_saves_as_its_best_estimator(features, tmp_path):
     x, y = features
-    spec = ClassifierSpec(grid={"C": [0.1, 1.0]})
+    grid = {"C": [0.1, 1.0]}
     for _ in range(2):
-        model, reused = fit_cached(build_classifier(spec, seed=0, n_samples_per_class=30), x, y, tmp_path / "cache")
+        model, reused = fit_cached(build_classifier(grid=grid, seed=0, n_samples_per_class=30), x, y,
+                                   tmp_path / "cache")
     assert reused
     path = save_classifier(model, tmp_path / "run" / "classifier")
     assert path.suffix == ".npz" and load_classifier(path)[1]["best_params"] == model.best_params_
@@ -394,5 +396,5 @@ def test_a_pickle_file_is_never_unpickled_by_the_cache(features, tmp_path, monke
     monkeypatch.setattr(joblib, "load", refuse)
     x, y = features
     for _ in range(2):
-        fit_cached(build_classifier(ClassifierSpec("knn"), seed=0, n_samples_per_class=30), x, y, tmp_path)
+        fit_cached(build_classifier("knn", seed=0, n_samples_per_class=30), x, y, tmp_path)
     assert [p.suffix for p in tmp_path.iterdir()] == [".skops"]

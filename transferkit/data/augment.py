@@ -1,4 +1,4 @@
-"""Image augmentation from recipe specs, built from Keras 3's own preprocessing layers.
+"""Image augmentation from short specs, built from Keras 3's own preprocessing layers.
 
 A spec is a name (``random_flip``), or a one-key mapping from a name to either the layer's main
 argument (``{random_rotation: 0.1}``) or its keyword arguments (``{rand_augment: {factor: 0.5}}``).
@@ -18,7 +18,7 @@ import numpy as np
 
 from transferkit.errors import RecipeError, did_you_mean
 
-#: recipe name -> ``keras.layers`` class name
+#: spec name -> ``keras.layers`` class name
 AUGMENTATIONS: dict[str, str] = {
     "random_flip": "RandomFlip",
     "random_rotation": "RandomRotation",
@@ -52,7 +52,7 @@ _NOT_ARGUMENTS = ("value_range", "seed", "data_format", "name")  # set here, not
 
 
 def parse_augment_spec(spec) -> tuple[str, dict]:
-    """Split one recipe spec into a name and keyword arguments.
+    """Split one spec into a name and keyword arguments.
 
     A scalar (or list) value fills the layer's required arguments (both sizes of ``random_crop``
     and ``random_translation``), else its ``factor``, else its first argument.
@@ -91,18 +91,22 @@ def parse_augment_spec(spec) -> tuple[str, dict]:
     return name, {target: value for target in targets}
 
 
-def build_augmentation(specs, seed: int | None = None):
-    """Build the augmentation layers of a recipe, in order.
+def build_augmentation(specs, *, seed: int | None = None):
+    """Build augmentation layers from specs, in order.
 
     Args:
-        specs: recipe specs (see :func:`parse_augment_spec`) or ready Keras layers; None or empty
-            for no augmentation.
+        specs: specs (see :func:`parse_augment_spec`) or ready Keras layers; None or empty for no
+            augmentation.
         seed: base seed; layer ``i`` gets ``seed + i`` unless its spec sets one.
 
     Returns:
         A ``keras.layers.Pipeline`` to call as ``pipeline(images, training=True)``, or None.
         (``Pipeline`` rather than ``Sequential``: it is a plain layer that stays ``tf.data``
         compatible under any backend, where ``Sequential`` converts inputs to backend tensors.)
+
+    Raises:
+        RecipeError: an unknown name or argument, or a value the layer rejects; its key is the
+            spec's index, ``[i]``.
     """
     import keras
 
@@ -110,34 +114,36 @@ def build_augmentation(specs, seed: int | None = None):
         return None
     layers = []
     for i, spec in enumerate(specs):
-        if isinstance(spec, keras.layers.Layer):
-            layers.append(spec)
-            continue
-        name, kwargs = parse_augment_spec(spec)
-        arguments = _arguments(name)
-        _check_arguments(name, kwargs, arguments)
-        if "value_range" in arguments:
-            kwargs.setdefault("value_range", VALUE_RANGE)
-        if "seed" in arguments and seed is not None:
-            kwargs.setdefault("seed", seed + i)
-        try:
-            layers.append(getattr(keras.layers, AUGMENTATIONS[name])(**kwargs))
-        except (ValueError, TypeError) as err:
-            raise RecipeError(f"augmentation {name!r}: {' '.join(str(err).split())}") from None
+        with RecipeError.under(f"[{i}]"):
+            layers.append(spec if isinstance(spec, keras.layers.Layer)
+                          else _layer(spec, None if seed is None else seed + i))
     return keras.layers.Pipeline(layers, name="augmentation")
 
 
-def check_augmentation(specs, key: str = "data.augment") -> None:
-    """Checks a recipe's augmentation specs by building each layer once (cheap: no weights, no data).
+def check_augmentation(specs) -> None:
+    """Checks augmentation specs by building each layer once (cheap: no weights, no data).
 
     Raises:
-        RecipeError: an unknown name or argument, or a value the layer rejects, naming ``key[i]``.
+        RecipeError: as :func:`build_augmentation`, keyed ``[i]``.
     """
-    for i, spec in enumerate(specs or []):
-        try:
-            build_augmentation([spec])
-        except RecipeError as error:
-            raise RecipeError(f"{key}[{i}]: {error}") from None
+    build_augmentation(specs)
+
+
+def _layer(spec, seed: int | None):
+    """The Keras layer of one spec, with ``value_range`` (0..255) and ``seed`` unless the spec sets them."""
+    import keras
+
+    name, kwargs = parse_augment_spec(spec)
+    arguments = _arguments(name)
+    _check_arguments(name, kwargs, arguments)
+    if "value_range" in arguments:
+        kwargs.setdefault("value_range", VALUE_RANGE)
+    if "seed" in arguments and seed is not None:
+        kwargs.setdefault("seed", seed)
+    try:
+        return getattr(keras.layers, AUGMENTATIONS[name])(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"augmentation {name!r}: {' '.join(str(err).split())}") from None
 
 
 def _check_arguments(name: str, kwargs: dict, arguments: dict) -> None:
@@ -178,8 +184,8 @@ class BatchMixer:
 
     def __init__(self, mixup: float = 0.0, cutmix: float = 0.0, seed: int = 0):
         if mixup < 0 or cutmix < 0 or not (mixup or cutmix):
-            raise RecipeError(f"finetune.mixup / finetune.cutmix: expected alphas >= 0, one of them > 0; "
-                              f"got {mixup} and {cutmix}")
+            raise RecipeError(f"expected alphas >= 0, one of them > 0; got {mixup} and {cutmix}",
+                              key="mixup / cutmix")
         self.kinds = [(kind, alpha) for kind, alpha in (("mixup", mixup), ("cutmix", cutmix)) if alpha > 0]
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()  # tf.data may call from several threads

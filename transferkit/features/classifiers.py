@@ -1,14 +1,14 @@
 """scikit-learn classifiers for cached features: one table of short names, or any estimator by import path.
 
-Every classifier is wrapped as ``StandardScaler -> estimator`` (unless ``standardize: false``) and,
+Every classifier is wrapped as ``StandardScaler -> estimator`` (unless ``standardize=False``) and,
 when it has a grid, searched with a stratified, cross-validated ``GridSearchCV``.
 
-:func:`check_classifier` runs every check of the spec without building anything (``transferkit
-validate``); :func:`fit_cached` fits in threads and keeps each fit, without pickle, under
+:func:`check_classifier` runs every check without building anything (``transferkit validate``);
+:func:`fit_cached` fits in threads and keeps each fit, without pickle, under
 ``$TRANSFERKIT_HOME/classifiers``.
 
 Example:
-    >>> model = build_classifier(ClassifierSpec("logistic_regression"), seed=0)
+    >>> model = build_classifier("logistic_regression", class_weight="balanced", seed=0)
     >>> fit_classifier(model, features, labels).predict_proba(features[:3])
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import RecipeError, TransferkitError, did_you_mean
-from transferkit.recipe import ClassifierSpec, import_object
+from transferkit.recipe import import_object
 
 log = logging.getLogger("transferkit")
 
@@ -45,69 +45,76 @@ CLASSIFIERS = {
 }
 
 
-def classifier_info(spec: ClassifierSpec) -> ClassifierInfo:
-    """The table entry for ``spec.name``, or an entry for an import path like ``sklearn.svm:SVC``."""
-    if spec.name in CLASSIFIERS:
-        return CLASSIFIERS[spec.name]
-    if ":" in spec.name:
-        return ClassifierInfo(spec.name)
-    hint = did_you_mean(spec.name, CLASSIFIERS,
+def classifier_info(name: str) -> ClassifierInfo:
+    """The table entry for ``name``, or an entry for an import path like ``sklearn.svm:SVC``."""
+    if name in CLASSIFIERS:
+        return CLASSIFIERS[name]
+    if ":" in name:
+        return ClassifierInfo(name)
+    hint = did_you_mean(name, CLASSIFIERS,
                         f"use one of {', '.join(CLASSIFIERS)} or an import path like sklearn.svm:SVC")
-    raise RecipeError(f"extract.classifier.name: unknown classifier {spec.name!r}: {hint}")
+    raise RecipeError(f"unknown classifier {name!r}: {hint}", key="name")
 
 
-def check_classifier(spec: ClassifierSpec, seed: int = 0) -> tuple[type, dict, dict]:
+def check_classifier(name: str = "logistic_regression", *, params: dict | None = None, grid: dict | None = None,
+                     class_weight=None, seed: int = 0) -> tuple[type, dict, dict]:
     """Every check of :func:`build_classifier`, without building or fitting anything.
 
     The name or import path, that it names a scikit-learn classifier class (refused before it is
     ever called), the parameters, the grid's keys and values, and class_weight support.
 
     Args:
-        spec: the recipe's ``extract.classifier``.
+        name: a name in :data:`CLASSIFIERS` or an import path like ``sklearn.svm:SVC``.
+        params: constructor arguments, over the table's defaults.
+        grid: ``{parameter: [values]}`` to search with cross-validation; None: the table's
+            grid, ``{}``: no search.
+        class_weight: ``"balanced"``, ``{label: weight}`` or None.
         seed: random_state for estimators that take one.
 
     Returns:
         ``(estimator class, its parameters, the grid to search: {} for none)``.
 
     Raises:
-        RecipeError: naming the key under ``extract.classifier``.
+        RecipeError: keyed by the argument (``name``, ``params``, ``grid.C``, ``class_weight``).
     """
-    info = classifier_info(spec)
-    estimator_class = _estimator_class(spec.name, info.path)
+    info = classifier_info(name)
+    estimator_class = _estimator_class(name, info.path)
     accepted = _parameter_names(estimator_class)
-    params = {**info.params, **spec.params}
+    params = {**info.params, **(params or {})}
     if "random_state" in accepted:
         params.setdefault("random_state", seed)
-    if spec.class_weight is not None:
+    if class_weight is not None:
         if "class_weight" not in accepted:
-            raise RecipeError(f"extract.classifier.class_weight: {spec.name} does not take class weights; "
-                              f"remove the key or use logistic_regression, linear_svm or random_forest")
-        params["class_weight"] = spec.class_weight
+            raise RecipeError(f"{name} does not take class weights; remove the key or use logistic_regression, "
+                              "linear_svm or random_forest", key="class_weight")
+        params["class_weight"] = class_weight
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise RecipeError(f"extract.classifier.params: {spec.name} has no parameter {unknown[0]!r} "
-                          f"(it takes: {', '.join(sorted(accepted))})")
+        raise RecipeError(f"{name} has no parameter {unknown[0]!r} (it takes: {', '.join(sorted(accepted))})",
+                          key="params")
     missing = sorted(set(_required_parameters(estimator_class)) - set(params))
     if missing:
-        raise RecipeError(f"extract.classifier.params: {spec.name} needs {missing[0]!r}: give it under params")
-    grid = dict(info.grid if spec.grid is None else spec.grid)
+        raise RecipeError(f"{name} needs {missing[0]!r}: give it under params", key="params")
+    grid = dict(info.grid if grid is None else grid)
     bad = sorted(set(grid) - set(accepted))
     if bad:
-        raise RecipeError(f"extract.classifier.grid: {spec.name} has no parameter {bad[0]!r} "
-                          f"(it takes: {', '.join(sorted(accepted))})")
+        raise RecipeError(f"{name} has no parameter {bad[0]!r} (it takes: {', '.join(sorted(accepted))})",
+                          key="grid")
     for key, values in grid.items():
         if not isinstance(values, (list, tuple)) or not values:
-            raise RecipeError(f"extract.classifier.grid.{key}: give a non-empty list of values to try, "
-                              f"not {values!r}")
+            raise RecipeError(f"give a non-empty list of values to try, not {values!r}", key=f"grid.{key}")
     return estimator_class, params, grid
 
 
-def build_classifier(spec: ClassifierSpec, seed: int = 0, n_samples_per_class: int | None = None):
-    """A scikit-learn estimator (Pipeline, maybe inside GridSearchCV) built from a recipe's classifier spec.
+def build_classifier(name: str = "logistic_regression", *, params: dict | None = None, grid: dict | None = None,
+                     class_weight=None, standardize: bool = True, seed: int = 0,
+                     n_samples_per_class: int | None = None):
+    """A scikit-learn estimator: ``[StandardScaler ->] classifier`` in a Pipeline, inside a
+    GridSearchCV when there is a grid.
 
     Args:
-        spec: the recipe's ``extract.classifier``.
-        seed: random_state for estimators that take one.
+        name, params, grid, class_weight, seed: as in :func:`check_classifier`.
+        standardize: scale each feature to zero mean and unit variance first.
         n_samples_per_class: the smallest class size, to pick the number of CV folds (2..5).
 
     Raises:
@@ -117,8 +124,9 @@ def build_classifier(spec: ClassifierSpec, seed: int = 0, n_samples_per_class: i
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    estimator_class, params, grid = check_classifier(spec, seed)
-    steps = [("scale", StandardScaler())] if spec.standardize else []
+    estimator_class, params, grid = check_classifier(name, params=params, grid=grid, class_weight=class_weight,
+                                                     seed=seed)
+    steps = [("scale", StandardScaler())] if standardize else []
     model = Pipeline(steps + [("classifier", estimator_class(**params))])
     if not grid:
         return model
@@ -131,15 +139,14 @@ def _estimator_class(name: str, path: str) -> type:
     """The class an import path names, refused unless it is a scikit-learn classifier class."""
     from sklearn.base import BaseEstimator
 
-    found = import_object(path, "extract.classifier.name", "a scikit-learn estimator class, e.g. sklearn.svm:SVC")
+    found = import_object(path, "name", "a scikit-learn estimator class, e.g. sklearn.svm:SVC")
     if isinstance(found, type) and issubclass(found, BaseEstimator) and hasattr(found, "fit") and (
             hasattr(found, "predict_proba") or hasattr(found, "decision_function")):
         return found
     what = (f"the class {found.__name__}, which is not a scikit-learn classifier" if isinstance(found, type)
             else "a function" if inspect.isroutine(found) else f"a {type(found).__name__}")
-    raise RecipeError(f"extract.classifier.name: {name!r} is {what}: give a scikit-learn classifier class "
-                      f"(with fit and predict_proba or decision_function), e.g. sklearn.svm:SVC, "
-                      f"or one of {', '.join(CLASSIFIERS)}")
+    raise RecipeError(f"{name!r} is {what}: give a scikit-learn classifier class (with fit and predict_proba or "
+                      f"decision_function), e.g. sklearn.svm:SVC, or one of {', '.join(CLASSIFIERS)}", key="name")
 
 
 def _parameter_names(estimator_class: type) -> list[str]:

@@ -3,8 +3,8 @@
 Example:
     >>> body = create_backbone("mobilenet_v2")
     >>> features = cut(body, ["block_12_add", "top"])   # images -> concatenated pooled features
-    >>> model = attach_head(body, 5, HeadSpec())          # transferkit.models.heads
-    >>> unfreeze(model, UnfreezeSpec(top_blocks=2))       # ['block_16_expand', ..., 'Conv_1']
+    >>> model = attach_head(body, 5, dropout=0.2)         # transferkit.models.heads
+    >>> unfreeze(model, top_blocks=2)                     # ['block_16_expand', ..., 'Conv_1']
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from transferkit.models.backbones import backbone_of, resolve_layer
 from transferkit.models.registry import BackboneInfo
 from transferkit.errors import BackboneError, RecipeError
 from transferkit.models.layers import HorizontalFlip, SignedSqrt
-from transferkit.recipe import UnfreezeSpec
 
 POOLING = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
 
@@ -109,41 +108,51 @@ def set_trainable(model: keras.Model, trainable_layer_names) -> None:
         layer.trainable = layer.name in names
 
 
-def unfreeze(model: keras.Model, spec: UnfreezeSpec, info: BackboneInfo | None = None) -> list[str]:
-    """Sets which layers fine-tuning trains: the head, and the top of the body chosen by ``spec``.
+def unfreeze(model: keras.Model, *, from_layer: str | None = None, top_blocks: int | None = None,
+             fraction: float | None = None, everything: bool = False, train_batchnorm: bool = False,
+             info: BackboneInfo | None = None) -> list[str]:
+    """Sets which layers fine-tuning trains: the head, and the top of the body.
 
-    One mode picks the first body layer that trains; it and every later body layer train:
+    At most one of the first four arguments picks the first body layer that trains; it and every
+    later body layer train:
 
-    - ``from``: the named layer; null (and no other mode given) means ``info.finetune_from``, or
-      the whole body for a model that is not in the registry (a user's own network).
-    - ``top_blocks: N``: the last N blocks. Blocks end at the backbone's cut points, so the N-th
+    - ``from_layer``: the named layer. None (and no other choice given) means ``info.finetune_from``,
+      or the whole body for a model that is not in the registry (a user's own network).
+    - ``top_blocks=N``: the last N blocks. Blocks end at the backbone's cut points, so the N-th
       block from the top starts right after the N-th last cut point below the body's last layer.
-      The final feature map's stage counts as a block (``top_blocks: 1`` of MobileNetV2 trains
+      The final feature map's stage counts as a block (``top_blocks=1`` of MobileNetV2 trains
       ``Conv_1``); as many blocks as the body has (MobileNetV2: 17) include the stem: all of it.
-    - ``fraction: f``: the last ``ceil(f * n)`` of the body's n layers with weights (BatchNorm
+    - ``fraction=f``: the last ``ceil(f * n)`` of the body's n layers with weights (BatchNorm
       included), and the layers without weights between them.
-    - ``all``: the whole body.
+    - ``everything=True``: the whole body.
 
     Head layers always train. Body BatchNormalization layers stay frozen, which in Keras 3 also
-    keeps them in inference mode (moving statistics untouched), unless ``spec.train_batchnorm``.
+    keeps them in inference mode (moving statistics untouched), unless ``train_batchnorm``.
 
     Args:
         model: a classifier from `transferkit.models.heads.attach_head` (or a bare backbone).
-        spec: the recipe's ``finetune.unfreeze``.
         info: the backbone's registry entry; None looks it up from the model's layers. Needed
-            for ``top_blocks`` and for the default ``from``.
+            for ``top_blocks`` and for the default ``from_layer``.
 
     Returns:
         The names of the body layers with weights that now train, in ``model.layers`` order.
 
     Raises:
-        RecipeError: more than one mode, or more top blocks than the body has.
+        RecipeError: more than one choice, more top blocks than the body has, a fraction out of
+            range, a head layer. Its key is the argument (``from`` for ``from_layer``, the word a
+            recipe uses: ``from`` is a Python keyword).
         BackboneError: an unknown layer name (with a did-you-mean).
     """
+    choices = {"from_layer": from_layer, "top_blocks": top_blocks, "fraction": fraction,
+               "everything": everything or None}
+    chosen = [name for name, value in choices.items() if value is not None]
+    if len(chosen) > 1:
+        raise RecipeError(f"give one of {', '.join(choices)}; got {', '.join(chosen)}")
+    mode = chosen[0] if chosen else "from_layer"
     body = body_layers(model)
-    start = _first_trained(model, body, spec, info)
+    start = _first_trained(model, body, mode, choices[mode], info)
     trained = [layer for layer in body[start:]
-               if spec.train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization)]
+               if train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization)]
     set_trainable(model, {layer.name for layer in trained + model.layers[len(body):]})
     return [layer.name for layer in trained if layer.weights]
 
@@ -162,24 +171,23 @@ def count_parameters(model: keras.Model) -> dict[str, int]:
     return {"trainable": trainable, "non_trainable": non_trainable, "total": trainable + non_trainable}
 
 
-def _first_trained(model, body, spec, info) -> int:
-    """Index into ``body`` of the first layer that ``spec`` unfreezes."""
-    mode, value = spec.mode()
+def _first_trained(model, body, mode: str, value, info) -> int:
+    """Index into ``body`` of the first layer that the chosen ``mode`` of `unfreeze` trains."""
     names = [layer.name for layer in body]
-    if mode == "all":
+    if mode == "everything":
         return 0
     if mode == "fraction":
         if not 0 < value <= 1:  # 0 would index [-0], the whole body
-            raise RecipeError(f"finetune.unfreeze.fraction: expected a number > 0 and <= 1, got {value!r}")
+            raise RecipeError(f"expected a number > 0 and <= 1, got {value!r}", key="fraction")
         with_weights = [i for i, layer in enumerate(body) if layer.weights]
         return with_weights[-math.ceil(value * len(with_weights))]
-    if mode == "from" and value is not None:
+    if mode == "from_layer" and value is not None:
         name = resolve_layer(model, value)
         if name not in names:
-            raise RecipeError(f"finetune.unfreeze.from: {name!r} is a head layer: give a layer of the backbone")
+            raise RecipeError(f"{name!r} is a head layer: give a layer of the backbone", key="from")
         return names.index(name)
     info = info or backbone_of(model)
-    if info is None and mode == "from":
+    if info is None and mode == "from_layer":
         return 0  # a model of the user's own: no registry default, so all of it trains
     if info is None:
         raise BackboneError(f"cannot tell which backbone model {model.name!r} was built from: pass "
@@ -187,8 +195,8 @@ def _first_trained(model, body, spec, info) -> int:
     if mode == "top_blocks":
         return _top_blocks_start(names, info, value)
     if info.finetune_from not in names:
-        raise RecipeError(f"finetune.unfreeze.from: {info.name}'s default {info.finetune_from} is not in the "
-                          f"body cut at {names[-1]}: give from, top_blocks or fraction")
+        raise RecipeError(f"{info.name}'s default {info.finetune_from} is not in the body cut at {names[-1]}: "
+                          "give from, top_blocks or fraction", key="from")
     return names.index(info.finetune_from)
 
 
@@ -197,12 +205,13 @@ def count_blocks(names, info: BackboneInfo) -> int:
     return len(_block_ends(names, info)) + 1
 
 
-def check_top_blocks(blocks: int, names, info: BackboneInfo) -> None:
-    """Raises a one-line RecipeError unless a body with these layer names has ``blocks`` blocks."""
+def check_top_blocks(top_blocks: int, names, info: BackboneInfo) -> None:
+    """Raises a one-line RecipeError (key ``top_blocks``) unless a body with these layer names has
+    ``top_blocks`` blocks."""
     available = count_blocks(names, info)
-    if not 1 <= blocks <= available:
-        raise RecipeError(f"finetune.unfreeze.top_blocks: {blocks} is out of range: this {info.name} body has "
-                          f"{available} blocks; give 1 to {available}, or all: true")
+    if not 1 <= top_blocks <= available:
+        raise RecipeError(f"{top_blocks} is out of range: this {info.name} body has {available} blocks; "
+                          f"give 1 to {available}, or all: true", key="top_blocks")
 
 
 def _block_ends(names, info: BackboneInfo) -> list[int]:

@@ -10,6 +10,8 @@ recipe's strategy uses.
 
 from __future__ import annotations
 
+import dataclasses
+
 from transferkit.models.backbones import check_layer
 from transferkit.models.registry import get_backbone_info
 from transferkit.models.weights import check_weights
@@ -68,18 +70,19 @@ def _check_extract(recipe: Recipe) -> None:
     layers = recipe.extract.layer
     for i, layer in enumerate([layers] if isinstance(layers, str) else layers):
         _check_layer(recipe, layer, "extract.layer" if isinstance(layers, str) else f"extract.layer[{i}]")
-    check_classifier(recipe.extract.classifier)  # name, estimator class, parameters, grid: short of fitting
+    spec = recipe.extract.classifier
+    with RecipeError.under("extract.classifier"):  # name, estimator class, parameters, grid: short of fitting
+        check_classifier(spec.name, params=spec.params, grid=spec.grid, class_weight=spec.class_weight)
 
 
 def _check_finetune(recipe: Recipe, layers: bool = True) -> None:
     from transferkit.data.augment import check_augmentation
-    from transferkit.models.heads import check_head
     from transferkit.training.optim import check_optimizer, check_schedule
 
     warmup, finetune = recipe.warmup, recipe.finetune
-    check_head(recipe.head, "head")
+    _check_head(recipe.head, "head")
     if recipe.strategy == "imag" and recipe.imag.head is not None:
-        check_head(recipe.imag.head, "imag.head")
+        _check_head(recipe.imag.head, "imag.head")
     if warmup.linear_probe:
         if recipe.head.layers or recipe.head.custom:
             raise RecipeError("warmup.linear_probe: needs the built-in head without hidden layers "
@@ -97,7 +100,15 @@ def _check_finetune(recipe: Recipe, layers: bool = True) -> None:
             monitor = finetune.early_stopping.monitor
             raise RecipeError(f"finetune.early_stopping.monitor: {monitor!r} is not logged"
                               f"{did_you_mean(monitor, MONITORED)}")
-    check_augmentation(recipe.data.augment, "data.augment")
+    with RecipeError.under("data.augment"):
+        check_augmentation(recipe.data.augment)
+
+
+def _check_head(head, section: str) -> None:
+    from transferkit.models.heads import check_head
+
+    with RecipeError.under(section):
+        check_head(layers=[dataclasses.asdict(layer) for layer in head.layers], custom=head.custom)
 
 
 def _check_unfreeze(recipe: Recipe) -> None:
@@ -111,7 +122,8 @@ def _check_unfreeze(recipe: Recipe) -> None:
             from transferkit.models.surgery import check_top_blocks
 
             spec = recipe.backbone
-            check_top_blocks(value, layer_names(spec.name, spec.alpha, **spec.options), info)
+            with RecipeError.under("finetune.unfreeze"):
+                check_top_blocks(value, layer_names(spec.name, spec.alpha, **spec.options), info)
 
 
 def _check_layer(recipe: Recipe, layer: str, key: str) -> None:

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -19,7 +20,7 @@ import numpy as np
 
 from transferkit.training.accelerator import out_of_memory
 from transferkit.data.sources import ImageSet
-from transferkit.errors import DeviceMemoryError
+from transferkit.errors import DeviceMemoryError, RecipeError
 from transferkit.features.store import FeatureStore, cache_key
 from transferkit.features.transformer import FeatureExtractor, pixels_of, predict_in_batches
 from transferkit.io import disk_full_is_one_line, transferkit_home
@@ -73,8 +74,9 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
     extracted = time.perf_counter()
 
     train_x, train_y = features["train"]
-    classifier = build_classifier(recipe.extract.classifier, seed=recipe.seed,
-                                  n_samples_per_class=int(np.bincount(train_y).min()))
+    with RecipeError.under("extract.classifier"):
+        classifier = build_classifier(**dataclasses.asdict(recipe.extract.classifier), seed=recipe.seed,
+                                      n_samples_per_class=int(np.bincount(train_y).min()))
     classifier, reused = fit_cached(classifier, train_x, train_y, transferkit_home() / "classifiers")
     fitted = time.perf_counter()
     if reused:

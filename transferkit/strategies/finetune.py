@@ -143,7 +143,8 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
              else backbone.name, len(class_names), image_size, precision)
 
     phases = plan_phases(recipe)
-    augment = build_augmentation(recipe.data.augment, seed=recipe.seed)
+    with RecipeError.under("data.augment"):
+        augment = build_augmentation(recipe.data.augment, seed=recipe.seed)
     placement = augment_placement(recipe.data.augment_on)
     if augment is not None:
         log.info("augmentation runs in the %s", "model (training step)" if placement == "model" else "input pipeline")
@@ -219,7 +220,9 @@ def build_model(recipe: Recipe, num_classes: int, image_size: int, head=None, ba
     spec = recipe.backbone
     body = backbone or create_backbone(spec.name, weights=spec.weights, image_size=image_size, alpha=spec.alpha,
                                        **spec.options)
-    return attach_head(body, num_classes, recipe.head, head=head)
+    with RecipeError.under("head"):
+        return attach_head(body, num_classes, **{**dataclasses.asdict(recipe.head),
+                                                 "custom": recipe.head.custom if head is None else head})
 
 
 def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_size: int, class_names: list[str],
@@ -269,7 +272,7 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
     extractor = keras.Model(model.input, model.get_layer(HEAD_POOL).output)
     features = cached_features(probe, extractor, image_size, {"train": splits.train}, progress)
     x, y = features["train"]
-    classifier = build_classifier(probe.extract.classifier, seed=recipe.seed,
+    classifier = build_classifier(**dataclasses.asdict(probe.extract.classifier), seed=recipe.seed,
                                   n_samples_per_class=int(np.bincount(y).min()))
     classifier, _ = fit_cached(classifier, x, y, transferkit_home() / "classifiers")
     kernel, bias, classes = fold_linear_classifier(classifier, "logistic_regression")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +208,10 @@ class Trainer:
             set_trainable(self.model, [layer.name for layer in self.model.layers])
             freeze(body_layers(self.model))
         else:
-            unfreeze(self.model, self.recipe.finetune.unfreeze)
+            spec = self.recipe.finetune.unfreeze
+            with RecipeError.under("finetune.unfreeze"):
+                unfreeze(self.model, from_layer=spec.from_layer, top_blocks=spec.top_blocks, fraction=spec.fraction,
+                         everything=spec.all, train_batchnorm=spec.train_batchnorm)
         self.trained = self._imag_model(phase, resuming) if phase.name == "imag" else self.model
         fitted = self.trained if self.augment is None else with_augmentation(self.trained, self.augment)
         counts = count_parameters(self.trained)
@@ -258,11 +261,13 @@ class Trainer:
         from transferkit.models.heads import build_head
         from transferkit.models.surgery import HEAD_POOL
 
-        spec = self.recipe.imag.head or self.recipe.head
+        head = {key: value for key, value in asdict(self.recipe.imag.head or self.recipe.head).items()
+                if key != "pooling"}  # the cut is pooled already
+        if self.recipe.imag.head is None and self.head is not None:
+            head["custom"] = self.head
         keras.utils.set_random_seed(episode_seed(self.recipe.seed, phase.episode))
-        with dtype_policy(self.precision):
-            outputs = build_head(self.model.get_layer(HEAD_POOL).output, self.num_classes, spec,
-                                 None if self.recipe.imag.head else self.head)
+        with dtype_policy(self.precision), RecipeError.under("head"):
+            outputs = build_head(self.model.get_layer(HEAD_POOL).output, self.num_classes, **head)
         model = keras.Model(self.model.input, outputs, name=f"{self.model.name}_imag")
         if resuming:
             set_head_weights(model, self.checkpoints.load_imag_head(self.epoch))
