@@ -1,4 +1,5 @@
-"""transferkit.training.optim: optimizers by name, layer-wise learning rates, learning-rate schedules."""
+"""transferkit.training.optim (optimizers by name, layer-wise learning rates) and
+transferkit.training.schedules (learning-rate schedules)."""
 
 import importlib.util
 import math
@@ -15,9 +16,8 @@ import pytest
 from keras import ops
 
 from transferkit.errors import RecipeError
-from transferkit.training.optim import (EpochSchedule, build_optimizer, build_schedule, check_optimizer, check_schedule,
-                               layer_decay_multipliers, learning_rate_at)
-from transferkit.recipe import OptimizerSpec, ScheduleSpec
+from transferkit.training.optim import build_optimizer, check_optimizer, layer_decay_multipliers
+from transferkit.training.schedules import EpochSchedule, build_schedule, check_schedule, learning_rate_at
 
 REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
@@ -38,15 +38,14 @@ def _one_step_updates(name: str, factors: dict | None = None, eager=True, **spec
     """``variable.path -> change`` after one ``train_on_batch``.
 
     Args:
-        name: the optimizer; ``spec``: more OptimizerSpec fields.
+        name: the optimizer; ``spec``: more build_optimizer arguments.
         factors: layer name -> learning-rate factor of its kernel.
         eager: run eagerly (fast); False: the compiled train step that ``fit`` uses by default.
     """
     model = _tiny_model()
     before = {v.path: ops.convert_to_numpy(v) for v in model.trainable_variables}
     multipliers = {model.get_layer(layer).kernel.path: f for layer, f in (factors or {}).items()}
-    model.compile(build_optimizer(OptimizerSpec(name, 0.1, **spec), layer_multipliers=multipliers), loss="mse",
-                  run_eagerly=eager)
+    model.compile(build_optimizer(name, 0.1, **spec, layer_multipliers=multipliers), loss="mse", run_eagerly=eager)
     model.train_on_batch(X, Y)
     return {v.path: ops.convert_to_numpy(v) - before[v.path] for v in model.trainable_variables}
 
@@ -62,57 +61,58 @@ def _one_step_updates(name: str, factors: dict | None = None, eager=True, **spec
     ("nadam", keras.optimizers.Nadam), ("lion", keras.optimizers.Lion),
 ])
 def test_optimizer_names_match_ignoring_case_and_underscores(name, expected):
-    optimizer = build_optimizer(OptimizerSpec(name, learning_rate=0.02))
+    optimizer = build_optimizer(name, learning_rate=0.02)
     assert isinstance(optimizer, expected)
     assert float(ops.convert_to_numpy(optimizer.learning_rate)) == pytest.approx(0.02)
 
 
-def test_spec_arguments_reach_the_constructor():
-    spec = OptimizerSpec("sgd", 0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, options={"clipnorm": 2.0})
-    optimizer = build_optimizer(spec, learning_rate=0.5)
+def test_arguments_reach_the_constructor():
+    optimizer = build_optimizer("sgd", 0.5, momentum=0.9, nesterov=True, weight_decay=1e-4, options={"clipnorm": 2.0})
     given = (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay, optimizer.clipnorm)
     assert given == (0.9, True, 1e-4, 2.0)
     assert float(ops.convert_to_numpy(optimizer.learning_rate)) == pytest.approx(0.5)
 
 
-def test_a_schedule_replaces_the_spec_learning_rate():
-    schedule = build_schedule(ScheduleSpec("step", step_epochs=1, gamma=0.5), 0.2, epochs=4, steps_per_epoch=1)
-    optimizer = build_optimizer(OptimizerSpec("adam", 0.001), schedule)
+def test_a_schedule_is_a_learning_rate():
+    schedule = build_schedule("step", 0.2, epochs=4, steps_per_epoch=1, step_epochs=1, gamma=0.5)
+    optimizer = build_optimizer("adam", schedule)
     optimizer.iterations.assign(2)
     assert float(ops.convert_to_numpy(optimizer.learning_rate)) == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("spec, expected", [
-    (OptimizerSpec("adamm"), ["optimizer.name: unknown optimizer 'adamm': did you mean adam?",
-                              "any keras.optimizers class:", "sgd", "rmsprop"]),
-    (OptimizerSpec("adam", momentum=0.9), ["optimizer.momentum: adam takes no momentum",
-                                           "remove optimizer.momentum", "sgd"]),
-    (OptimizerSpec("rmsprop", nesterov=True), ["optimizer.nesterov: rmsprop takes no nesterov", "sgd"]),
-    (OptimizerSpec("adam", options={"beta1": 0.8}), ["optimizer.options.beta1: unknown argument for adam",
-                                                     "did you mean beta_1?", "epsilon", "amsgrad"]),
-    (OptimizerSpec("sgd", options={"momentum": 0.9}), ["optimizer.options.momentum:", "set optimizer.momentum"]),
-    (OptimizerSpec("sgd", options={"clipnorm": 1.0, "clipvalue": 1.0}), ["optimizer: sgd: Only one of"]),
+@pytest.mark.parametrize("fields, expected", [
+    (dict(name="adamm"), ["optimizer.name: unknown optimizer 'adamm': did you mean adam?",
+                          "any keras.optimizers class:", "sgd", "rmsprop"]),
+    (dict(name="adam", momentum=0.9), ["optimizer.momentum: adam takes no momentum",
+                                       "remove optimizer.momentum", "sgd"]),
+    (dict(name="rmsprop", nesterov=True), ["optimizer.nesterov: rmsprop takes no nesterov", "sgd"]),
+    (dict(name="adam", options={"beta1": 0.8}), ["optimizer.options.beta1: unknown argument for adam",
+                                                 "did you mean beta_1?", "epsilon", "amsgrad"]),
+    (dict(name="sgd", options={"momentum": 0.9}), ["optimizer.options.momentum:", "set optimizer.momentum"]),
+    (dict(name="sgd", options={"clipnorm": 1.0, "clipvalue": 1.0}), ["optimizer: sgd: Only one of"]),
 ])
-def test_bad_optimizer_specs_raise_one_line_recipe_errors(spec, expected):
-    with pytest.raises(RecipeError) as error:
-        build_optimizer(spec)
+def test_bad_optimizer_arguments_raise_one_line_recipe_errors(fields, expected):
+    with pytest.raises(RecipeError) as error, RecipeError.under("optimizer"):
+        build_optimizer(learning_rate=1e-3, **fields)
     message = str(error.value)
     assert "\n" not in message
     for part in expected:
         assert part in message
 
 
-def test_check_optimizer_names_the_section():
-    check_optimizer(OptimizerSpec("adamw", weight_decay=1e-4), "finetune.optimizer")
+def test_check_optimizer_errors_take_the_section_of_the_caller():
+    check_optimizer("adamw", 1e-3, weight_decay=1e-4)
     with pytest.raises(RecipeError, match=r"^warmup\.optimizer\.name: unknown optimizer 'adabelief'"):
-        check_optimizer(OptimizerSpec("adabelief"), "warmup.optimizer")
+        with RecipeError.under("warmup.optimizer"):
+            check_optimizer("adabelief", 1e-3)
     with pytest.raises(RecipeError, match=r"^finetune\.optimizer: sgd: Only one of"):
-        check_optimizer(OptimizerSpec("sgd", options={"clipnorm": 1.0, "clipvalue": 1.0}), "finetune.optimizer")
+        with RecipeError.under("finetune.optimizer"):
+            check_optimizer("sgd", 1e-3, options={"clipnorm": 1.0, "clipvalue": 1.0})
 
 
 def test_bad_layer_multiplier_is_rejected():
     with pytest.raises(ValueError, match="layer_multipliers\\['d1/kernel'\\]"):
-        build_optimizer(OptimizerSpec("sgd"), layer_multipliers={"d1/kernel": -1.0})
+        build_optimizer("sgd", 0.01, layer_multipliers={"d1/kernel": -1.0})
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,17 +137,57 @@ def test_factor_scales_the_update_of_its_variable_only(name, spec):
 
 
 def test_factor_optimizer_is_an_instance_of_the_named_class():
-    optimizer = build_optimizer(OptimizerSpec("sgd", momentum=0.9), layer_multipliers={"d1/kernel": 0.25})
+    optimizer = build_optimizer("sgd", 0.01, momentum=0.9, layer_multipliers={"d1/kernel": 0.25})
     assert isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum == 0.9
-    assert type(build_optimizer(OptimizerSpec("sgd"), layer_multipliers={})) is type(keras.optimizers.SGD())
+    assert type(build_optimizer("sgd", 0.01, layer_multipliers={})) is type(keras.optimizers.SGD())
 
 
 def test_layerwise_optimizer_serialises():
-    optimizer = build_optimizer(OptimizerSpec("sgd", momentum=0.9), layer_multipliers={"d1/kernel": 0.25})
+    optimizer = build_optimizer("sgd", 0.01, momentum=0.9, layer_multipliers={"d1/kernel": 0.25})
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert type(restored) is type(optimizer)
     assert restored.get_config()["layer_multipliers"] == {"d1/kernel": 0.25}
     assert restored.momentum == 0.9
+
+
+@pytest.mark.parametrize("name, spec", [("adamw", {"weight_decay": 0.5}), ("nadam", {}), ("sgd", {"momentum": 0.9})])
+def test_factor_optimizer_resumes_exactly_from_its_variables(name, spec):
+    """As the trainer resumes: a new optimizer, built, gets the saved ``optimizer.variables``."""
+    def compiled(weights=None):
+        model = _tiny_model()
+        if weights:
+            model.set_weights(weights)
+        schedule = build_schedule("cosine", 0.1, epochs=4, steps_per_epoch=2, warmup_epochs=1)
+        optimizer = build_optimizer(name, schedule, **spec, layer_multipliers={"d1/kernel": 0.0, "d2/kernel": 0.5})
+        model.compile(optimizer, loss="mse")
+        return model, optimizer
+
+    whole, _ = compiled()
+    whole.fit(X, Y, batch_size=4, epochs=4, verbose=0, shuffle=False)
+    first, optimizer = compiled()
+    first.fit(X, Y, batch_size=4, epochs=2, verbose=0, shuffle=False)
+    state = [ops.convert_to_numpy(v) for v in optimizer.variables]
+    resumed, optimizer = compiled(first.get_weights())
+    optimizer.build(resumed.trainable_variables)
+    assert len(optimizer.variables) == len(state)
+    for variable, value in zip(optimizer.variables, state):
+        variable.assign(value)
+    resumed.fit(X, Y, batch_size=4, epochs=4, initial_epoch=2, verbose=0, shuffle=False)
+    for a, b in zip(whole.get_weights(), resumed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_factor_optimizer_saves_and_loads_with_its_model(tmp_path):
+    model = _tiny_model()
+    model.compile(build_optimizer("adamw", 0.1, weight_decay=0.5, layer_multipliers={"d1/kernel": 0.5}), loss="mse")
+    model.fit(X, Y, batch_size=4, epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(loaded.optimizer) is type(model.optimizer)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables) > 2
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
 
 
 def test_layer_decay_gives_each_earlier_layer_the_next_power():
@@ -176,7 +216,8 @@ def test_layer_decay_flattens_nested_models_and_can_count_frozen_layers():
 
 def test_layer_decay_rejects_a_decay_outside_0_1():
     with pytest.raises(RecipeError, match=r"finetune.layer_decay: expected a number in \(0, 1\], got 1.5"):
-        layer_decay_multipliers(_tiny_model(), 1.5)
+        with RecipeError.under("finetune"):
+            layer_decay_multipliers(_tiny_model(), 1.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,38 +229,38 @@ def _cos(progress, top=0.1, bottom=0.0):
 
 
 @pytest.mark.parametrize("spec, step, expected", [
-    (ScheduleSpec("constant"), 39, 0.1),
-    (ScheduleSpec("step", step_epochs=3, gamma=0.1), 11, 0.1),
-    (ScheduleSpec("step", step_epochs=3, gamma=0.1), 12, 0.01),
-    (ScheduleSpec("step", step_epochs=3, gamma=0.1), 24, 0.001),
-    (ScheduleSpec("exponential", gamma=0.5), 2, 0.1 * 0.5 ** 0.5),
-    (ScheduleSpec("exponential", gamma=0.5), 8, 0.025),
-    (ScheduleSpec("cosine"), 0, 0.1),
-    (ScheduleSpec("cosine"), 10, _cos(0.25)),
-    (ScheduleSpec("cosine", min_learning_rate=0.01), 20, 0.055),
-    (ScheduleSpec("cosine", min_learning_rate=0.01), 40, 0.01),
-    (ScheduleSpec("cosine", min_learning_rate=0.01), 400, 0.01),
+    (dict(kind="constant"), 39, 0.1),
+    (dict(kind="step", step_epochs=3, gamma=0.1), 11, 0.1),
+    (dict(kind="step", step_epochs=3, gamma=0.1), 12, 0.01),
+    (dict(kind="step", step_epochs=3, gamma=0.1), 24, 0.001),
+    (dict(kind="exponential", gamma=0.5), 2, 0.1 * 0.5 ** 0.5),
+    (dict(kind="exponential", gamma=0.5), 8, 0.025),
+    (dict(kind="cosine"), 0, 0.1),
+    (dict(kind="cosine"), 10, _cos(0.25)),
+    (dict(kind="cosine", min_learning_rate=0.01), 20, 0.055),
+    (dict(kind="cosine", min_learning_rate=0.01), 40, 0.01),
+    (dict(kind="cosine", min_learning_rate=0.01), 400, 0.01),
     # warm-up over 2 epochs = 8 steps: base * (step + 1) / 8, then cosine over the other 8 epochs
-    (ScheduleSpec("cosine", warmup_epochs=2), 0, 0.0125),
-    (ScheduleSpec("cosine", warmup_epochs=2), 3, 0.05),
-    (ScheduleSpec("cosine", warmup_epochs=2), 7, 0.1),
-    (ScheduleSpec("cosine", warmup_epochs=2), 8, 0.1),
-    (ScheduleSpec("cosine", warmup_epochs=2), 24, 0.05),
-    (ScheduleSpec("constant", warmup_epochs=1, min_learning_rate=0.05), 0, 0.025),  # warm-up may go below
+    (dict(kind="cosine", warmup_epochs=2), 0, 0.0125),
+    (dict(kind="cosine", warmup_epochs=2), 3, 0.05),
+    (dict(kind="cosine", warmup_epochs=2), 7, 0.1),
+    (dict(kind="cosine", warmup_epochs=2), 8, 0.1),
+    (dict(kind="cosine", warmup_epochs=2), 24, 0.05),
+    (dict(kind="constant", warmup_epochs=1, min_learning_rate=0.05), 0, 0.025),  # warm-up may go below
     # floor: 0.1 * 0.1 ** 2 = 0.001 < 0.005
-    (ScheduleSpec("exponential", gamma=0.1, min_learning_rate=0.005), 4, 0.01),
-    (ScheduleSpec("exponential", gamma=0.1, min_learning_rate=0.005), 8, 0.005),
-    (ScheduleSpec("step", step_epochs=1, gamma=0.1, min_learning_rate=0.005), 39, 0.005),
+    (dict(kind="exponential", gamma=0.1, min_learning_rate=0.005), 4, 0.01),
+    (dict(kind="exponential", gamma=0.1, min_learning_rate=0.005), 8, 0.005),
+    (dict(kind="step", step_epochs=1, gamma=0.1, min_learning_rate=0.005), 39, 0.005),
 ])
 def test_schedule_values_match_the_closed_form(spec, step, expected):
-    schedule = build_schedule(spec, 0.1, epochs=10, steps_per_epoch=4)
+    schedule = build_schedule(**spec, learning_rate=0.1, epochs=10, steps_per_epoch=4)
     assert learning_rate_at(schedule, step) == pytest.approx(expected, rel=1e-5, abs=1e-8)
 
 
 def test_sgdr_restarts_at_the_start_of_each_longer_cycle():
     # cycles of 2, 4, 8 epochs after a 1-epoch warm-up: restarts at epochs 1, 3, 7, 15 = steps 4, 12, 28
-    schedule = build_schedule(ScheduleSpec("sgdr", warmup_epochs=1, restart_epochs=2, restart_mult=2.0,
-                                           min_learning_rate=0.01), 0.1, epochs=20, steps_per_epoch=4)
+    schedule = build_schedule("sgdr", 0.1, epochs=20, steps_per_epoch=4, warmup_epochs=1, restart_epochs=2,
+                              restart_mult=2.0, min_learning_rate=0.01)
     rates = [learning_rate_at(schedule, step) for step in range(80)]
     restarts = [step for step in range(5, 80) if rates[step] > rates[step - 1]]
     assert restarts == [12, 28, 60]
@@ -232,9 +273,9 @@ def test_sgdr_restarts_at_the_start_of_each_longer_cycle():
 
 def test_sgdr_is_computed_per_step_however_many_epochs():
     """No list of cycles: 10000 epochs of equal 1-epoch cycles build and run at once."""
-    spec = ScheduleSpec("sgdr", restart_epochs=1, restart_mult=1.0, min_learning_rate=0.01)
+    spec = dict(kind="sgdr", restart_epochs=1, restart_mult=1.0, min_learning_rate=0.01)
     started = time.monotonic()
-    schedule = build_schedule(spec, 0.1, epochs=10_000, steps_per_epoch=4)
+    schedule = build_schedule(**spec, learning_rate=0.1, epochs=10_000, steps_per_epoch=4)
     rates = [learning_rate_at(schedule, step) for step in (0, 2, 39_996, 39_998, 40_000, 10**9)]
     assert time.monotonic() - started < 5
     assert rates == pytest.approx([0.1, _cos(0.5, bottom=0.01), 0.1, _cos(0.5, bottom=0.01), 0.01, 0.01])
@@ -244,7 +285,8 @@ def test_a_schedule_longer_than_the_epoch_bound_is_refused():
     with pytest.raises(ValueError, match="epochs and warmup_epochs must be in 0..10000"):
         EpochSchedule("cosine", 0.1, epochs=10**9, steps_per_epoch=1)
     with pytest.raises(RecipeError, match="finetune.epochs: expected a whole number >= 0 and <= 10000"):
-        build_schedule(ScheduleSpec("function", function="math:hypot"), 0.1, epochs=10**9, steps_per_epoch=1)
+        with RecipeError.under("finetune"):
+            build_schedule("function", 0.1, epochs=10**9, steps_per_epoch=1, function="math:hypot")
 
 
 @pytest.fixture
@@ -267,16 +309,16 @@ def lr_module(tmp_path, monkeypatch):
 
 
 def test_check_schedule_runs_the_function_over_every_epoch_before_training(lr_module):
-    check_schedule(ScheduleSpec("function", function=f"{lr_module}:halve_on_even_epochs"), 0.1, epochs=50)
+    check_schedule("function", 0.1, epochs=50, function=f"{lr_module}:halve_on_even_epochs")
     with pytest.raises(RecipeError, match="takes \\(epoch\\), not 2 positional arguments: expected a function"):
-        check_schedule(ScheduleSpec("function", function=f"{lr_module}:one_argument"), 0.1, epochs=5)
+        check_schedule("function", 0.1, epochs=5, function=f"{lr_module}:one_argument")
     with pytest.raises(RecipeError, match="returned 'fast' for epoch 0"):
-        check_schedule(ScheduleSpec("function", function=f"{lr_module}:words"), 0.1, epochs=5)
+        check_schedule("function", 0.1, epochs=5, function=f"{lr_module}:words")
 
 
 def test_function_schedule_threads_lr_through_the_epochs(lr_module):
-    spec = ScheduleSpec("function", function=f"{lr_module}:halve_on_even_epochs")
-    schedule = build_schedule(spec, 0.1, epochs=5, steps_per_epoch=3)
+    spec = dict(kind="function", function=f"{lr_module}:halve_on_even_epochs")
+    schedule = build_schedule(**spec, learning_rate=0.1, epochs=5, steps_per_epoch=3)
     assert schedule.table == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
     for step, expected in ((0, 0.1), (5, 0.1), (6, 0.05), (11, 0.05), (12, 0.025), (1000, 0.025)):
         assert learning_rate_at(schedule, step) == pytest.approx(expected), step
@@ -292,18 +334,18 @@ def test_function_schedule_threads_lr_through_the_epochs(lr_module):
 ])
 def test_function_schedule_errors_name_the_key(lr_module, path, expected):
     path = path.format(module=lr_module) if path else path
-    with pytest.raises(RecipeError) as error:
-        build_schedule(ScheduleSpec("function", function=path), 0.1, epochs=3, steps_per_epoch=2)
+    with pytest.raises(RecipeError) as error, RecipeError.under("finetune.schedule"):
+        build_schedule("function", 0.1, epochs=3, steps_per_epoch=2, function=path)
     assert str(error.value).startswith(expected.format(module=lr_module))
 
 
 @pytest.mark.parametrize("spec", [
-    ScheduleSpec("cosine", warmup_epochs=1, min_learning_rate=0.001),
-    ScheduleSpec("sgdr", restart_epochs=1, restart_mult=1.5),
-    ScheduleSpec("step", step_epochs=2, gamma=0.3),
+    dict(kind="cosine", warmup_epochs=1, min_learning_rate=0.001),
+    dict(kind="sgdr", restart_epochs=1, restart_mult=1.5),
+    dict(kind="step", step_epochs=2, gamma=0.3),
 ])
 def test_schedule_config_round_trip(spec):
-    schedule = build_schedule(spec, 0.1, epochs=8, steps_per_epoch=5)
+    schedule = build_schedule(**spec, learning_rate=0.1, epochs=8, steps_per_epoch=5)
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
     assert isinstance(restored, EpochSchedule) and restored.get_config() == schedule.get_config()
     for step in (0, 3, 7, 12, 26, 39, 80):
@@ -311,8 +353,8 @@ def test_schedule_config_round_trip(spec):
 
 
 def test_function_schedule_round_trip_needs_no_import(lr_module):
-    schedule = build_schedule(ScheduleSpec("function", function=f"{lr_module}:halve_on_even_epochs"),
-                              0.1, epochs=5, steps_per_epoch=1)
+    schedule = build_schedule("function", 0.1, epochs=5, steps_per_epoch=1,
+                              function=f"{lr_module}:halve_on_even_epochs")
     config = keras.saving.serialize_keras_object(schedule)
     sys.modules.pop(lr_module)
     restored = keras.saving.deserialize_keras_object(config)
@@ -320,14 +362,14 @@ def test_function_schedule_round_trip_needs_no_import(lr_module):
 
 
 def test_schedule_follows_the_iterations_counter_across_a_resume():
-    spec = ScheduleSpec("cosine", warmup_epochs=1)
-    schedule = build_schedule(spec, 0.1, epochs=4, steps_per_epoch=2)
+    spec = dict(kind="cosine", warmup_epochs=1)
+    schedule = build_schedule(**spec, learning_rate=0.1, epochs=4, steps_per_epoch=2)
     model = _tiny_model()
-    model.compile(build_optimizer(OptimizerSpec("sgd"), schedule), loss="mse")
+    model.compile(build_optimizer("sgd", schedule), loss="mse")
     model.fit(X, Y, batch_size=4, epochs=2, verbose=0)  # 4 steps
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 4
     assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(_cos(2 / 6))
-    resumed = build_optimizer(OptimizerSpec("sgd"), build_schedule(spec, 0.1, epochs=4, steps_per_epoch=2))
+    resumed = build_optimizer("sgd", build_schedule(**spec, learning_rate=0.1, epochs=4, steps_per_epoch=2))
     resumed.iterations.assign(4)
     assert float(ops.convert_to_numpy(resumed.learning_rate)) == pytest.approx(_cos(2 / 6))
 

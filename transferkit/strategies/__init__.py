@@ -77,7 +77,8 @@ def _check_extract(recipe: Recipe) -> None:
 
 def _check_finetune(recipe: Recipe, layers: bool = True) -> None:
     from transferkit.data.augment import check_augmentation
-    from transferkit.training.optim import check_optimizer, check_schedule
+    from transferkit.training.optim import check_optimizer
+    from transferkit.training.schedules import check_schedule
 
     warmup, finetune = recipe.warmup, recipe.finetune
     _check_head(recipe.head, "head")
@@ -90,12 +91,16 @@ def _check_finetune(recipe: Recipe, layers: bool = True) -> None:
         if recipe.head.pooling == "flatten":
             raise RecipeError("warmup.linear_probe: works with head.pooling avg or max, not flatten")
     elif warmup.epochs:
-        check_optimizer(warmup.optimizer, "warmup.optimizer")
+        with RecipeError.under("warmup.optimizer"):
+            check_optimizer(**dataclasses.asdict(warmup.optimizer))
     if finetune.epochs and layers:
         _check_unfreeze(recipe)
     if finetune.epochs:
-        check_optimizer(finetune.optimizer, "finetune.optimizer")
-        check_schedule(finetune.schedule, finetune.optimizer.learning_rate, finetune.epochs)
+        with RecipeError.under("finetune.optimizer"):
+            check_optimizer(**dataclasses.asdict(finetune.optimizer))
+        schedule = dataclasses.asdict(finetune.schedule)
+        with RecipeError.under("finetune.schedule"):
+            check_schedule(schedule.pop("name"), finetune.optimizer.learning_rate, finetune.epochs, **schedule)
         if finetune.early_stopping is not None and finetune.early_stopping.monitor not in MONITORED:
             monitor = finetune.early_stopping.monitor
             raise RecipeError(f"finetune.early_stopping.monitor: {monitor!r} is not logged"

@@ -283,19 +283,20 @@ class Trainer:
                      spec.monitor, self.early_stopping["best"])
 
     def _optimizer(self, phase: Phase, steps_per_epoch: int):
-        from transferkit.training.optim import build_optimizer, build_schedule, layer_decay_multipliers
+        from transferkit.training.optim import build_optimizer, layer_decay_multipliers
+        from transferkit.training.schedules import build_schedule
 
-        try:
-            if phase.name == "warmup":
-                return build_optimizer(phase.optimizer)
-            spec = self.recipe.finetune
-            schedule = build_schedule(spec.schedule, phase.optimizer.learning_rate, spec.epochs, steps_per_epoch)
-            multipliers = layer_decay_multipliers(self.trained, spec.layer_decay) if spec.layer_decay else None
-            return build_optimizer(phase.optimizer, schedule, layer_multipliers=multipliers)
-        except RecipeError as error:
-            message = str(error)
-            raise RecipeError(message if message.startswith(("finetune.", "warmup.")) else
-                              f"{_section(phase)}.{message}") from None
+        fields = asdict(phase.optimizer)
+        if phase.name != "warmup":
+            spec, schedule = self.recipe.finetune, asdict(self.recipe.finetune.schedule)
+            with RecipeError.under("finetune.schedule"):
+                fields["learning_rate"] = build_schedule(schedule.pop("name"), fields["learning_rate"], spec.epochs,
+                                                         steps_per_epoch, **schedule)
+            if spec.layer_decay:
+                with RecipeError.under("finetune"):
+                    fields["layer_multipliers"] = layer_decay_multipliers(self.trained, spec.layer_decay)
+        with RecipeError.under(f"{_section(phase)}.optimizer"):
+            return build_optimizer(**fields)
 
     def _label_smoothing(self, phase: Phase) -> float:
         return self.recipe.finetune.label_smoothing if phase.name != "warmup" else 0.0
