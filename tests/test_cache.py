@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from test_cli import assert_one_line_error, transferkit
-from transferkit.features.cache import cache_entries, clear_cache
+from transferkit.features.cache import cache_entries, clear_cache, format_cache
 from transferkit.features.classifiers import build_classifier, fit_cached
 from transferkit.features.store import FeatureStore
 
@@ -131,3 +131,11 @@ def test_the_names_written_by_the_feature_store_and_the_fit_cache_are_recognised
     assert sorted(e.path.suffix for e in cache_entries(tmp_path)) == [".h5", ".npz", ".skops"]
     assert len(clear_cache(home=tmp_path)) == 3
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_the_listing_gives_each_kind_its_count_size_and_least_recent_use(tmp_path):
+    make_home(tmp_path)
+    assert format_cache(cache_entries(tmp_path), tmp_path).splitlines() == [
+        f"{tmp_path}:",
+        "  features        1 files     0.0 MB, least recently used 40 days ago",
+        "  classifiers     1 files     0.0 MB, least recently used today"]
