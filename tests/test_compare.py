@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from transferkit.reports.compare import compare, paired_difference, run_measures
+from transferkit.reports.compare import paired_difference, run_measures
+from transferkit.strategies.compare import compare
 from transferkit.recipe import load_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends]

@@ -10,8 +10,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before any TensorFlow import
 
-__version__ = "0.1.0"
-
+from transferkit.version import __version__  # noqa: E402,F401
 from transferkit.errors import BackboneError, DataError, RecipeError, ResourceError, TransferkitError  # noqa: E402
 from transferkit.recipe import Recipe, load_recipe  # noqa: E402
 from transferkit.recommend import Recommendation, recommend  # noqa: E402
@@ -20,7 +19,7 @@ _LAZY = {  # imported on first use: these pull in Keras / TensorFlow
     "create_backbone": "transferkit.models.backbones", "list_backbones": "transferkit.models.registry",
     "load_splits": "transferkit.data.splits", "make_dataset": "transferkit.data.pipelines", "scan_folder": "transferkit.data.folders",
     "extract": "transferkit.strategies.extract", "finetune": "transferkit.strategies.finetune",
-    "attach_head": "transferkit.models.heads", "compare": "transferkit.reports.compare", "unfreeze": "transferkit.models.surgery", "Run": "transferkit.run", "cut": "transferkit.models.surgery",
+    "attach_head": "transferkit.models.heads", "compare": "transferkit.strategies.compare", "unfreeze": "transferkit.models.surgery", "Run": "transferkit.run", "cut": "transferkit.models.surgery",
     "FeatureExtractor": "transferkit.features.transformer", "export_model": "transferkit.export",
 }
 

@@ -150,7 +150,8 @@ def compare(recipe, modes, seeds, output, overrides):
     Example:
       transferkit compare recipes/digits8_imag.yaml --modes normal,imag --seeds 3
     """
-    from transferkit.reports.compare import compare as run_compare, to_markdown
+    from transferkit.reports.compare import to_markdown
+    from transferkit.strategies.compare import compare as run_compare
     from transferkit.recipe import load_recipe
 
     recipe = _checked(load_recipe(recipe, overrides=overrides), recipe)

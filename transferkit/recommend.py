@@ -31,7 +31,7 @@ import yaml
 from transferkit.errors import TransferkitError
 from transferkit.io import atomic_write_text
 from transferkit.models.registry import get_backbone_info
-from transferkit.recipe import BUILTIN_PREFIX
+from transferkit.data.sources import BUILTIN_PREFIX
 
 LARGE_IMAGES_PER_CLASS = 1000
 PLACEHOLDER_DATA = "path/to/images"

@@ -332,7 +332,7 @@ class Run:
         import keras
         import sklearn
 
-        from transferkit import __version__
+        from transferkit.version import __version__
 
         return {"strategy": self.strategy, "class_names": self.class_names, "image_size": self.image_size,
                 "metrics": self.metrics, "history": self.history, "info": self.info,

@@ -19,7 +19,9 @@ from PIL import Image
 
 from transferkit.errors import DataError
 from transferkit.io import transferkit_home
-from transferkit.recipe import BUILTIN_PREFIX
+
+#: A data source written ``builtin:<name>`` is one of :data:`BUILTINS`, not a path.
+BUILTIN_PREFIX = "builtin:"
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import h5py
 import numpy as np
 
-from transferkit import __version__
+from transferkit.version import __version__
 from transferkit.features.cache import touch
 from transferkit.errors import TransferkitError
 from transferkit.features.disk import MORE_SPACE, create_features, preallocated, reserve, split_bytes

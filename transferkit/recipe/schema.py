@@ -14,9 +14,8 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from transferkit.data.sources import BUILTIN_PREFIX  # noqa: F401 (part of the schema: a data source that is not a path)
 from transferkit.errors import RecipeError
-
-BUILTIN_PREFIX = "builtin:"
 
 #: Upper bounds, checked when a recipe is loaded (before any slow work).
 MAX_EPOCHS = 10_000

@@ -1,107 +1,24 @@
-"""Compare training modes (normal fine-tuning vs imag) over several seeds on the same split and budget.
-
-Each (mode, seed) is an ordinary run folder under ``<output>/runs/``, so an interrupted comparison
-picks up where it stopped: finished runs are read back, an unfinished one resumes. The summary
-goes to ``compare.json``, ``compare.md`` and ``curves.png`` (mean validation curves with a ±1 std
-band per mode, imag epochs shaded).
+"""The statistics, tables and plot of a comparison of training modes over seeds
+(:func:`transferkit.strategies.compare.compare` trains the runs).
 
 Statistics, per mode: mean ± std over seeds of the final and best validation top-1 and loss. Per
 mode against the first: the paired difference (same seed, same split), its 95% confidence
 interval from Student's t, and the paired t-test's two-sided p-value.
 
 Example:
-    >>> summary = compare("recipes/digits8_imag.yaml", modes=["normal", "imag"], seeds=3)
+    >>> summary = summarize({"normal": histories_a, "imag": histories_b}, seeds=[0, 1, 2])
     >>> summary["differences"]["imag"]["best_top1"]["mean"]
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import RecipeError
-from transferkit.io import atomic_write_json, atomic_write_text, disk_full_is_one_line
-from transferkit.logs import log_to_stderr_unless_configured
-from transferkit.outputs import folder_lock
-from transferkit.recipe import Recipe, load_recipe
 
-log = logging.getLogger("transferkit")
-
-MODES = {"normal": "finetune", "imag": "imag"}
 MEASURES = {"final_top1": "final val top-1", "best_top1": "best val top-1",
             "final_loss": "final val loss", "best_loss": "best val loss"}
-
-
-def compare(recipe: Recipe | str | Path, modes=("normal", "imag"), seeds: int = 3, *, backbone=None, head=None,
-            output: str | Path | None = None, progress: bool = False) -> dict:
-    """Train every mode with ``seeds`` seeds and write the comparison.
-
-    Args:
-        recipe: the recipe (its ``imag`` section configures imag mode); ``strategy`` is set per mode.
-        modes: names from :data:`MODES`.
-        seeds: seeds per mode: the recipe's seed, +1, +2, ...; the split stays the recipe's.
-        backbone, head: as for :func:`transferkit.strategies.finetune.finetune` (give a backbone
-            as a function so that each run starts from fresh weights).
-        output: the comparison folder; default ``<recipe output>/compare``.
-        progress: show Keras' progress bars.
-
-    Returns:
-        The summary written to ``compare.json``.
-
-    Raises:
-        ResourceError: another comparison uses the folder, or the disk is full.
-    """
-    log_to_stderr_unless_configured()
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    modes = list(modes)
-    unknown = [mode for mode in modes if mode not in MODES]
-    if unknown or len(modes) < 2 or len(set(modes)) != len(modes):
-        raise RecipeError(f"compare: modes must be two or more distinct names of {', '.join(MODES)}, got "
-                          f"{','.join(map(str, modes))}")
-    if seeds < 2:
-        raise RecipeError(f"compare: needs at least 2 seeds for a spread and a test, got {seeds}")
-    from transferkit.strategies import check_recipe
-
-    for strategy in sorted({MODES[mode] for mode in modes}):  # every mode, before the first run starts
-        check_recipe(dataclasses.replace(recipe, strategy=strategy), own_backbone=backbone is not None)
-    folder = Path(output or Path(recipe.output) / "compare")
-    with folder_lock(folder):
-        curves = _train_all(recipe, modes, seeds, folder, backbone, head, progress)
-        summary = summarize(curves, seeds=[recipe.seed + i for i in range(seeds)])
-        summary["recipe"] = recipe.to_dict()
-        with disk_full_is_one_line(folder, then=", then run the comparison again (finished runs are reused)"):
-            atomic_write_json(folder / "compare.json", summary)
-            atomic_write_text(folder / "compare.md", to_markdown(summary))
-            plot_comparison(curves, folder / "curves.png")
-    log.info("compare: wrote %s\n%s", folder, to_markdown(summary))
-    return summary
-
-
-def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backbone, head, progress: bool) -> dict:
-    """Each mode's histories, one per seed: finished runs read back, the others trained (an
-    unfinished one resumed); each run is a run folder of its own under ``folder/runs``."""
-    from transferkit.strategies.finetune import finetune, unfinished_run
-
-    split_seed = recipe.seed if recipe.data.split_seed is None else recipe.data.split_seed
-    curves: dict[str, list[dict]] = {mode: [] for mode in modes}
-    for index in range(seeds):
-        seed = recipe.seed + index
-        for mode in modes:
-            run_folder = folder / "runs" / f"{mode}-seed{seed}"
-            log.info("compare: %s, seed %d (%d of %d)", mode, seed, index * len(modes) + modes.index(mode) + 1,
-                     seeds * len(modes))
-            history = _finished_history(run_folder)
-            if history is None:
-                run_recipe = dataclasses.replace(recipe, strategy=MODES[mode], seed=seed, output=str(run_folder),
-                                                 data=dataclasses.replace(recipe.data, split_seed=split_seed))
-                history = finetune(run_recipe, backbone=backbone, head=head, progress=progress,
-                                   resume=unfinished_run(run_folder) is not None).history
-            curves[mode].append(history)
-    return curves
 
 
 def summarize(curves: dict[str, list[dict]], seeds: list[int]) -> dict:
@@ -189,18 +106,6 @@ def plot_comparison(curves: dict[str, list[dict]], path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("validation curves: mean ± 1 std over seeds")
     save_png(fig, path)
-
-
-def _finished_history(run_folder: Path) -> dict | None:
-    """The history of a finished run in ``run_folder``, or None (nothing there, or a newer run unfinished)."""
-    import json
-
-    from transferkit.strategies.finetune import unfinished_run
-
-    summary = run_folder / "run.json"
-    if not summary.is_file() or unfinished_run(run_folder) is not None:
-        return None
-    return json.loads(summary.read_text())["history"]
 
 
 def _mean_std(values) -> dict:
