@@ -213,7 +213,10 @@ class LayerwiseLearningRates:
 
     @property
     def variables(self):
-        return [*super().variables, *(v for updater in self.factor_groups.updaters.values() for v in updater.variables)]
+        """Its own (step counter, learning rate) and the updaters' slots; not their step counters, which
+        ``apply`` sets from its own."""
+        return [*super().variables, *(v for updater in self.factor_groups.updaters.values()
+                                      for v in updater.variables if v is not updater.iterations)]
 
     def apply(self, grads, trainable_variables=None):
         if not len(grads):
