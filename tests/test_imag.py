@@ -47,7 +47,8 @@ def test_swap_and_explicit_mappings():
 
 
 def test_mapping_errors_name_the_problem():
-    with pytest.raises(RecipeError, match="imag.mapping: unknown class 'shp': did you mean ship?"):
+    with pytest.raises(RecipeError, match="imag.mapping: unknown class 'shp': did you mean ship?"), \
+            RecipeError.under("imag"):  # as the strategies call it
         label_mapping({"shp": "cat"}, ["cat", "ship"], 0)
     with pytest.raises(RecipeError, match="at least two classes"):
         label_mapping("derangement", ["only"], 0)

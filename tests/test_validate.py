@@ -202,6 +202,12 @@ def test_data_that_cannot_make_a_run_fails_at_validate(tmp_path, in_process, dat
         assert fragment in error
 
 
+def test_an_imag_mapping_naming_a_class_the_data_lacks_fails_at_validate(tmp_path, in_process):
+    code, _, error = in_process("validate", write(tmp_path, "strategy: imag\nimag: {mapping: {cta: dog}}\n"))
+    assert code == 2 and len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+    assert "imag.mapping: unknown class 'cta': did you mean cat?" in error
+
+
 def test_set_one_unfreeze_mode_replaces_the_recipes_mode(tmp_path, in_process):
     path = write(tmp_path, "strategy: finetune\nfinetune: {unfreeze: {from: block_13_expand}}\n")
     code, out, _ = in_process("validate", path, "--set", "finetune.unfreeze.all=true")
@@ -216,7 +222,7 @@ def test_shipped_recipes_pass_the_whole_check(path):
 
 
 def test_compare_checks_every_mode_before_the_first_run(tmp_path):
-    from transferkit.reports.compare import compare
+    from transferkit.strategies.compare import compare
 
     recipe = load_recipe(write(tmp_path, "strategy: finetune\nimag: {head: {layers: [{dense: 4, activation: nope}]}}\n"))
     with pytest.raises(RecipeError, match=r"imag\.head\.layers\[0\]\.activation"):

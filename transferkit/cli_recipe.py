@@ -33,16 +33,13 @@ def validate(recipe, overrides):
       transferkit validate recipes/digits.yaml --set data.batch_size=16
     """
     from transferkit.recipe import load_recipe
-    from transferkit.recipe import recipe_splits
+    from transferkit.strategies import check_data
 
     checked = _checked(load_recipe(recipe, overrides=overrides), recipe)
     with _naming(recipe):
-        splits = recipe_splits(checked, screen=False)
+        splits = check_data(checked)
     click.echo(checked.to_yaml(), nl=False)
-    counts = ", ".join(f"{name} {len(part)}" for name, part in
-                       (("train", splits.train), ("val", splits.val), ("test", splits.test)) if part is not None)
-    skipped = f"; {len(splits.skipped)} files skipped (listed above)" if splits.skipped else ""
-    click.echo(f"data: {len(splits.class_names)} classes; images: {counts}{skipped}", err=True)
+    click.echo(f"data: {splits.describe()}", err=True)
 
 
 def _checked(recipe, source=None, weights: bool = True):

@@ -105,6 +105,13 @@ class Splits:
                 reasons.setdefault(path, reason)
         return list(reasons.items())
 
+    def describe(self) -> str:
+        """``"2 classes; images: train 18, val 6; 3 files skipped (listed above)"``."""
+        counts = ", ".join(f"{name} {len(part)}" for name, part in
+                           (("train", self.train), ("val", self.val), ("test", self.test)) if part is not None)
+        skipped = f"; {len(self.skipped)} files skipped (listed above)" if self.skipped else ""
+        return f"{len(self.class_names)} classes; images: {counts}{skipped}"
+
 
 # --------------------------------------------------------------------------------------------
 # Sources

@@ -16,7 +16,7 @@ from transferkit.models.backbones import check_layer
 from transferkit.models.registry import get_backbone_info
 from transferkit.models.weights import check_weights
 from transferkit.errors import RecipeError
-from transferkit.recipe import Recipe, did_you_mean
+from transferkit.recipe import Recipe, did_you_mean, recipe_splits
 
 #: What fine-tuning logs each epoch, so what early stopping can monitor (top5 from six classes on).
 MONITORED = ("val_loss", "val_accuracy", "val_top5", "loss", "accuracy", "top5")
@@ -47,6 +47,21 @@ def check_recipe(recipe: Recipe, *, weights: bool = True, own_backbone: bool = F
     else:
         _check_finetune(recipe, layers=not own_backbone)
     return _image_size(recipe)
+
+
+def check_data(recipe: Recipe, *, screen: bool = False):
+    """The recipe's splits, and the checks that need its class names (imag's ``mapping``).
+
+    ``screen=False`` (what `transferkit validate` does) lists the folders without reading an image;
+    the strategies screen the files. Raises DataError or RecipeError, one line each.
+    """
+    splits = recipe_splits(recipe, screen=screen)
+    if recipe.strategy == "imag":
+        from transferkit.training.imag import label_mapping
+
+        with RecipeError.under("imag"):
+            label_mapping(recipe.imag.mapping, splits.class_names, seed=recipe.seed)
+    return splits
 
 
 def check_recipe_weights(recipe: Recipe) -> None:

@@ -44,9 +44,9 @@ from transferkit.errors import RecipeError
 from transferkit.io import atomic_write_text, disk_full_is_one_line
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
-from transferkit.recipe import Recipe, load_recipe, recipe_splits
+from transferkit.recipe import Recipe, load_recipe
 from transferkit.run import KerasPredictor, Run
-from transferkit.strategies import check_recipe, preflight
+from transferkit.strategies import check_data, check_recipe, preflight
 from transferkit.training.accelerator import augment_placement, distribution, dtype_policy, resolve_precision
 from transferkit.training.checkpoints import RESUME_HINT, Checkpoints
 from transferkit.training.trainer import Phase, Trainer, TrainingError, episode_seed
@@ -129,7 +129,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     from transferkit.reports.evaluate import plot_history
 
     checkpoints = Checkpoints.of(folder)
-    splits = recipe_splits(recipe)
+    splits = check_data(recipe, screen=True)
     if splits.val is None:
         raise RecipeError("data.val: fine-tuning needs a validation split to monitor: "
                           "give a fraction (0.2) or a folder")
@@ -246,7 +246,8 @@ def imagined(images, recipe: Recipe, episode: int):
     """``images`` with the imagined labels of imag episode ``episode`` (its own seeded permutation)."""
     from transferkit.training.imag import label_mapping
 
-    mapping = label_mapping(recipe.imag.mapping, images.class_names, seed=episode_seed(recipe.seed, episode))
+    with RecipeError.under("imag"):
+        mapping = label_mapping(recipe.imag.mapping, images.class_names, seed=episode_seed(recipe.seed, episode))
     log.info("imag episode %d: %s", episode, ", ".join(f"{images.class_names[i]}->{images.class_names[j]}"
                                                       for i, j in enumerate(mapping) if i != j))
     return dataclasses.replace(images, labels=mapping[images.labels])

@@ -59,7 +59,7 @@ def label_mapping(mapping, class_names: list[str], seed: int) -> np.ndarray:
     """
     n = len(class_names)
     if n < 2:
-        raise RecipeError("imag.mapping: needs at least two classes to permute")
+        raise RecipeError("needs at least two classes to permute", key="mapping")
     if mapping == "derangement":
         rng = np.random.default_rng(seed)
         while True:
@@ -78,7 +78,7 @@ def label_mapping(mapping, class_names: list[str], seed: int) -> np.ndarray:
         for source, target in mapping.items():
             result[_class_index(source, class_names)] = _class_index(target, class_names)
         return result
-    raise RecipeError(f"imag.mapping: expected derangement, swap or {{class: class}}, got {mapping!r}")
+    raise RecipeError(f"expected derangement, swap or {{class: class}}, got {mapping!r}", key="mapping")
 
 
 def _class_index(name, class_names: list[str]) -> int:
@@ -86,4 +86,4 @@ def _class_index(name, class_names: list[str]) -> int:
         return class_names.index(str(name))
     guess = did_you_mean(name, class_names)
     hint = f": {guess}" if guess else f" (classes: {', '.join(class_names)})"
-    raise RecipeError(f"imag.mapping: unknown class {name!r}{hint}")
+    raise RecipeError(f"unknown class {name!r}{hint}", key="mapping")
