@@ -99,4 +99,5 @@ def test_the_report_and_the_data_path_a_recipe_holds(tmp_path):
     assert lines[0] == f"small dataset, similar to ImageNet -> extract: {rec.summary}"
     assert lines[lines.index("why:") + 1] == f"  - {rec.rationale[0]}" and "settings:" in lines
     assert recipe_data_path(None) is None
+    assert recipe_data_path("builtin:digits") == "builtin:digits"  # runs as written, not a placeholder
     assert recipe_data_path(str(tmp_path / "a" / ".." / "b")) == str((tmp_path / "b").resolve())

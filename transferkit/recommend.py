@@ -220,8 +220,11 @@ def rank_backbones_on(data: str | Path, backbones: list[tuple[str, float | None]
 
 
 def recipe_data_path(data: str | None) -> str | None:
-    """``data`` as a written recipe holds it: an absolute folder; None (the placeholder) for a ``builtin:`` source."""
-    return None if data is None or data.startswith(BUILTIN_PREFIX) else str(Path(data).resolve())
+    """``data`` as a written recipe holds it: an absolute folder, a ``builtin:`` source as it is, None
+    (the placeholder to fill in) without data."""
+    if data is None or data.startswith(BUILTIN_PREFIX):
+        return data
+    return str(Path(data).resolve())
 
 
 def write_recipe(path: str | Path, recipe: dict, rec: Recommendation, placeholder: bool) -> None:
