@@ -138,8 +138,9 @@ def test_tta_is_part_of_the_saved_model_so_predict_matches_training(small_cats_d
     saved = np.array([float(row.split(",")[3]) for row in (run.folder / "val_predictions.csv").read_text().splitlines()[1:]])
     np.testing.assert_allclose(Run.load(run.folder).predict(val).max(axis=1), saved, atol=1e-4)
     image = np.random.default_rng(0).uniform(0, 255, (1, 128, 128, 3)).astype("float32")
-    np.testing.assert_allclose(run.feature_extractor.predict(image, verbose=0),
-                               run.feature_extractor.predict(image[:, :, ::-1], verbose=0), atol=1e-4)
+    features = run.predictor.feature_extractor
+    np.testing.assert_allclose(features.predict(image, verbose=0), features.predict(image[:, :, ::-1], verbose=0),
+                               atol=1e-4)
 
 
 def test_export_command_writes_a_model_that_agrees_with_the_run(first_run, small_cats_dogs):

@@ -23,7 +23,7 @@ from transferkit.data.decode import load_images
 from transferkit.errors import TransferkitError
 from transferkit.features.persistence import load_classifier, save_classifier, saved_classifier
 from transferkit.recipe import ClassifierSpec, load_recipe
-from transferkit.run import Run
+from transferkit.run import FeaturePredictor, Run
 
 SIZE = 32  # pixels: the tiny extractor below pools colour, so small images will do
 
@@ -233,7 +233,7 @@ def run_folder(images, features, tmp_path):
     recipe = load_recipe({"name": "colours", "data": {"train": str(Path(paths[0]).parents[1]), "image_size": SIZE},
                           "strategy": "extract", "output": str(tmp_path / "run")})
     run = Run(recipe=recipe, class_names=["cat", "dog", "banded"], image_size=SIZE,
-              feature_extractor=extractor, classifier=classifier)
+              predictor=FeaturePredictor(extractor, classifier))
     run.save()
     return run
 
@@ -326,23 +326,23 @@ def test_run_of_an_untrusted_classifier_type_loads_only_when_trusted_by_name(run
     from sklearn.svm import SVC
 
     _, pixels, labels = images
-    x = run_folder.feature_extractor.predict(pixels, verbose=0)
-    run_folder.classifier = build_classifier("sklearn.svm:SVC", grid={}, seed=0).fit(x, labels)
+    x = run_folder.predictor.feature_extractor.predict(pixels, verbose=0)
+    run_folder.predictor.classifier = build_classifier("sklearn.svm:SVC", grid={}, seed=0).fit(x, labels)
     run_folder.save()
     assert sorted(p.name for p in (run_folder.folder / "model").iterdir()) == ["classifier.skops",
                                                                               "feature_extractor.keras"]
     with pytest.raises(TransferkitError, match="sklearn.svm._classes.SVC"):
         Run.load(run_folder.folder)
     loaded = Run.load(run_folder.folder, trusted=["sklearn.svm._classes.SVC"])
-    assert isinstance(loaded.classifier.named_steps["classifier"], SVC)
+    assert isinstance(loaded.predictor.classifier.named_steps["classifier"], SVC)
     np.testing.assert_array_equal(loaded.predict(pixels), run_folder.predict(pixels))
 
 
 
 def test_the_commands_open_an_untrusted_classifier_type_only_with_trust(run_folder, images, features, in_process):
     _, pixels, labels = images
-    x = run_folder.feature_extractor.predict(pixels, verbose=0)
-    run_folder.classifier = build_classifier("sklearn.svm:SVC", grid={}, seed=0).fit(x, labels)
+    x = run_folder.predictor.feature_extractor.predict(pixels, verbose=0)
+    run_folder.predictor.classifier = build_classifier("sklearn.svm:SVC", grid={}, seed=0).fit(x, labels)
     run_folder.save()
     code, _, err = in_process("predict", run_folder.folder, images[0][0])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--trust sklearn.svm._classes.SVC" in err

@@ -147,12 +147,6 @@ class FeaturePredictor:
 PREDICTORS = {"extract": FeaturePredictor}
 
 
-def predictor_of(model=None, feature_extractor=None, classifier=None) -> Predictor:
-    """A Keras ``model`` (images -> probabilities), or a ``feature_extractor`` and the ``classifier``
-    fitted on its features, as a predictor."""
-    return KerasPredictor(model) if model is not None else FeaturePredictor(feature_extractor, classifier)
-
-
 def _load_keras_model(path: Path, **options):
     """A run's ``.keras`` model, loaded in safe mode; missing, damaged or unsafe (a Lambda layer): one line."""
     import keras
@@ -193,12 +187,10 @@ class Run:
     info: dict
     folder: Path | None
 
-    def __init__(self, recipe: Recipe, class_names: list[str], image_size: int, predictor: Predictor | None = None,
+    def __init__(self, recipe: Recipe, class_names: list[str], image_size: int, predictor: Predictor,
                  *, metrics: dict | None = None, history: dict | None = None, info: dict | None = None,
-                 folder: Path | None = None, **parts):
-        """``parts``, instead of a ``predictor``: the keyword arguments of :func:`predictor_of`."""
-        self.recipe, self.class_names, self.image_size = recipe, class_names, image_size
-        self.predictor = predictor if predictor is not None else predictor_of(**parts)
+                 folder: Path | None = None):
+        self.recipe, self.class_names, self.image_size, self.predictor = recipe, class_names, image_size, predictor
         self.metrics = {} if metrics is None else metrics
         self.history = {} if history is None else history
         self.info = {} if info is None else info
@@ -206,22 +198,9 @@ class Run:
 
     @property
     def model(self):
-        """The Keras model of a :class:`KerasPredictor` (images -> probabilities), else None."""
+        """A fine-tuned run's Keras model (images -> probabilities); None for an extract run, whose
+        parts are ``run.predictor.feature_extractor`` and ``run.predictor.classifier``."""
         return getattr(self.predictor, "model", None)
-
-    @property
-    def feature_extractor(self):
-        """The feature model of a :class:`FeaturePredictor`, else None."""
-        return getattr(self.predictor, "feature_extractor", None)
-
-    @property
-    def classifier(self):
-        """The scikit-learn classifier of a :class:`FeaturePredictor`, else None."""
-        return getattr(self.predictor, "classifier", None)
-
-    @classifier.setter
-    def classifier(self, classifier) -> None:
-        self.predictor.classifier = classifier
 
     @property
     def strategy(self) -> str:
