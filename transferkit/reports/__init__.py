@@ -1,1 +1,2 @@
-"""Reports: metrics, confusion matrices, predictions and plots of a run; comparisons of modes over seeds."""
+"""Reports: metrics, confusion matrices, predictions and plots of a run; the statistics of modes compared over seeds
+(:mod:`transferkit.strategies.compare` trains them)."""
