@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferkit.features.classifiers import build_classifier, check_classifier, fit_cached, predict_proba
+from transferkit.features.classifiers import (build_classifier, check_classifier, cv_scores, fit_cached,
+                                              negative_log_loss, predict_proba)
 from transferkit.errors import RecipeError
 
 
@@ -44,6 +45,29 @@ def test_any_estimator_by_import_path_with_its_own_grid(imbalanced):
     assert type(model.best_estimator_.named_steps["classifier"]).__name__ == "SVC"
     assert model.best_params_["classifier__C"] in (0.1, 1.0)
     np.testing.assert_allclose(predict_proba(model, x).sum(axis=1), 1, atol=1e-6)
+
+
+def test_the_grid_is_chosen_by_cross_validated_log_loss_unless_accuracy_is_asked(imbalanced, tmp_path):
+    from sklearn.metrics import log_loss
+
+    x, y = imbalanced
+    grid = {"C": [0.001, 0.01, 0.1, 1.0, 10.0]}
+    by_loss = build_classifier(grid=grid, seed=0, n_samples_per_class=10).fit(x, y)
+    by_accuracy = build_classifier(grid=grid, seed=0, n_samples_per_class=10, select_by="accuracy").fit(x, y)
+    losses = -by_loss.cv_results_["mean_test_log_loss"]
+    accuracies = by_accuracy.cv_results_["mean_test_accuracy"]
+    assert by_loss.best_index_ == int(np.argmin(losses)) and by_accuracy.best_index_ == int(np.argmax(accuracies))
+    # 90 vs 10 overlapping samples: every C below 1 predicts the majority class, a tie on accuracy
+    # that goes to the smallest C; log-loss tells the calibrated fit from the over-regularised one
+    assert by_loss.best_params_ != by_accuracy.best_params_
+    assert cv_scores(by_loss) == pytest.approx({"log_loss": losses[by_loss.best_index_],
+                                                "accuracy": by_loss.cv_results_["mean_test_accuracy"][by_loss.best_index_]})
+    assert negative_log_loss(by_loss, x, y) == pytest.approx(-log_loss(y, predict_proba(by_loss, x)))
+    cached, reused = fit_cached(build_classifier(grid=grid, seed=0, n_samples_per_class=10), x, y, tmp_path)
+    again, reused = fit_cached(build_classifier(grid=grid, seed=0, n_samples_per_class=10), x, y, tmp_path)
+    assert reused and cv_scores(again) == pytest.approx(cv_scores(cached)) and cv_scores(again) is not None
+    with pytest.raises(RecipeError, match="^select_by: expected one of log_loss, accuracy, got 'f1'"):
+        build_classifier(grid=grid, select_by="f1")
 
 
 def test_bad_import_path_and_unknown_parameter_are_recipe_errors():
@@ -120,7 +144,7 @@ import numpy as np
 from transferkit.features.classifiers import build_classifier, fit_classifier
 rng = np.random.default_rng(0)
 x, y = rng.normal(size=(3000, 300)), np.arange(3000) % 5
-model = build_classifier(grid={"C": list(np.logspace(-3, 3, 40))}, seed=0, n_samples_per_class=600)
+model = build_classifier(grid={"C": list(np.logspace(-3, 3, 400))}, seed=0, n_samples_per_class=600)
 print("fitting", flush=True)
 fit_classifier(model, x, y)
 """

@@ -18,7 +18,7 @@ import skops.io
 import yaml
 
 from test_cli import assert_one_line_error, transferkit
-from transferkit.features.classifiers import build_classifier, fit_cached, predict_proba
+from transferkit.features.classifiers import build_classifier, cv_scores, fit_cached, predict_proba
 from transferkit.data.decode import load_images
 from transferkit.errors import TransferkitError
 from transferkit.features.persistence import load_classifier, save_classifier, saved_classifier
@@ -91,7 +91,7 @@ def test_linear_classifiers_are_arrays_and_predict_exactly_as_before(name, class
     assert loaded.named_steps["classifier"].get_params() == best.named_steps["classifier"].get_params()
     np.testing.assert_array_equal(predict_proba(loaded, x), predict_proba(model, x))
     np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
-    assert search == ({"best_params": model.best_params_, "best_score": model.best_score_}
+    assert search == ({"best_params": model.best_params_, "best_score": model.best_score_, "cv": cv_scores(model)}
                       if spec.grid != {} else {})
 
 

@@ -106,9 +106,13 @@ def check_classifier(name: str = "logistic_regression", *, params: dict | None =
     return estimator_class, params, grid
 
 
+#: What a grid search can pick the best parameters by; it scores both, so both are reported.
+SELECT_BY = ("log_loss", "accuracy")
+
+
 def build_classifier(name: str = "logistic_regression", *, params: dict | None = None, grid: dict | None = None,
                      class_weight=None, standardize: bool = True, seed: int = 0,
-                     n_samples_per_class: int | None = None):
+                     n_samples_per_class: int | None = None, select_by: str = "log_loss"):
     """A scikit-learn estimator: ``[StandardScaler ->] classifier`` in a Pipeline, inside a
     GridSearchCV when there is a grid.
 
@@ -116,6 +120,9 @@ def build_classifier(name: str = "logistic_regression", *, params: dict | None =
         name, params, grid, class_weight, seed: as in :func:`check_classifier`.
         standardize: scale each feature to zero mean and unit variance first.
         n_samples_per_class: the smallest class size, to pick the number of CV folds (2..5).
+        select_by: ``"log_loss"`` (default: on small folds accuracy ties often, and a tie goes to
+            the first, most regularised value) or ``"accuracy"``; the search scores both
+            (:func:`cv_scores`).
 
     Raises:
         RecipeError: whatever :func:`check_classifier` finds.
@@ -126,13 +133,34 @@ def build_classifier(name: str = "logistic_regression", *, params: dict | None =
 
     estimator_class, params, grid = check_classifier(name, params=params, grid=grid, class_weight=class_weight,
                                                      seed=seed)
+    if select_by not in SELECT_BY:
+        raise RecipeError(f"expected one of {', '.join(SELECT_BY)}, got {select_by!r}", key="select_by")
     steps = [("scale", StandardScaler())] if standardize else []
     model = Pipeline(steps + [("classifier", estimator_class(**params))])
     if not grid:
         return model
     folds = max(2, min(5, n_samples_per_class or 5))
     return GridSearchCV(model, {f"classifier__{k}": list(v) for k, v in grid.items()},
+                        scoring={"log_loss": negative_log_loss, "accuracy": "accuracy"}, refit=select_by,
                         cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=-1)
+
+
+def negative_log_loss(model, features: np.ndarray, labels: np.ndarray) -> float:
+    """A scorer: minus the log-loss of :func:`predict_proba`'s probabilities, the ones a run predicts
+    (for a classifier without ``predict_proba``, the softmax of its decision function)."""
+    from sklearn.metrics import log_loss
+
+    return -float(log_loss(labels, predict_proba(model, features), labels=model.classes_))
+
+
+def cv_scores(search) -> dict | None:
+    """The cross-validated ``{"log_loss": ..., "accuracy": ...}`` of a grid search's best parameters
+    (from a cached fit too); None for a model without a search or a fit cached before both were scored."""
+    if hasattr(search, "cv_results_") and "mean_test_log_loss" in search.cv_results_:
+        best = search.best_index_
+        return {"log_loss": -float(search.cv_results_["mean_test_log_loss"][best]),
+                "accuracy": float(search.cv_results_["mean_test_accuracy"][best])}
+    return getattr(search, "cv_scores_", None)
 
 
 def _estimator_class(name: str, path: str) -> type:
@@ -229,6 +257,7 @@ def _with_best(model, fitted, search: dict):
     if not hasattr(model, "param_grid") or not search:
         return fitted
     model.best_estimator_, model.best_params_, model.best_score_ = fitted, search["best_params"], search["best_score"]
+    model.cv_scores_ = search.get("cv")
     return model
 
 

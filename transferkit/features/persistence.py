@@ -244,5 +244,7 @@ def _best_estimator(estimator):
 def _search_summary(estimator) -> dict:
     if not hasattr(estimator, "best_params_"):
         return {}
-    return json.loads(json.dumps({"best_params": estimator.best_params_,
-                                  "best_score": float(estimator.best_score_)}, default=str))
+    from transferkit.features.classifiers import cv_scores
+
+    return json.loads(json.dumps({"best_params": estimator.best_params_, "best_score": float(estimator.best_score_),
+                                  "cv": cv_scores(estimator)}, default=str))

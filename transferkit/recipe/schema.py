@@ -212,6 +212,8 @@ class ClassifierSpec(_GivenByName):
     grid: Optional[dict] = _spec(None, doc="cross-validated search grid; null: the classifier's default, {}: none")
     class_weight: Union[Literal["balanced"], dict, None] = _spec(None)
     standardize: bool = _spec(True)
+    select_by: Literal["log_loss", "accuracy"] = _spec(
+        "log_loss", doc="what the grid search picks by: cross-validated log-loss or accuracy (both are reported)")
 
 
 @dataclass

@@ -64,7 +64,7 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
 
 def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, started: float) -> Run:
     """Features, the classifier fit and the reports (written to ``folder``); the Run, unsaved."""
-    from transferkit.features.classifiers import build_classifier, fit_cached, predict_proba
+    from transferkit.features.classifiers import build_classifier, cv_scores, fit_cached, predict_proba
     from transferkit.reports.evaluate import format_metrics, write_report
 
     splits = recipe_splits(recipe)
@@ -81,8 +81,10 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
     fitted = time.perf_counter()
     if reused:
         log.info("classifier: the same features and settings were fitted before; reusing that fit")
-    if hasattr(classifier, "best_params_"):
-        log.info("classifier: best %s (cv accuracy %.3f)", classifier.best_params_, classifier.best_score_)
+    scores = cv_scores(classifier)
+    if scores:
+        log.info("classifier: best %s by %s (cv log-loss %.3f, accuracy %.3f)", classifier.best_params_,
+                 recipe.extract.classifier.select_by.replace("_", "-"), scores["log_loss"], scores["accuracy"])
 
     run = Run(recipe=recipe, class_names=splits.class_names, image_size=image_size,
               predictor=FeaturePredictor(extractor, classifier))
@@ -97,7 +99,7 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
                 "images": {name: len(images) for name, images in sets.items()},
                 "skipped_files": [list(item) for item in splits.skipped],  # each once, not once per split
                 "feature_dim": int(train_x.shape[1]),
-                "best_params": getattr(classifier, "best_params_", None)}
+                "best_params": getattr(classifier, "best_params_", None), "cv": scores}
     return run
 
 
