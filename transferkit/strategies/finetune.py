@@ -3,7 +3,8 @@
 Training runs as a list of phases (``warmup``, then ``finetune``; with ``strategy: imag`` the
 fine-tuning epochs alternate ``finetune`` and ``imag`` episodes, see :mod:`transferkit.training.imag`), each
 with its own trainable layers, optimizer and epoch range in one shared epoch count. This module
-plans them and builds the model and data; :mod:`transferkit.training.trainer` runs them,
+builds the model and data; :mod:`transferkit.strategies.phases` maps the recipe onto the phases and
+settings that :mod:`transferkit.training.trainer` runs them with,
 :mod:`transferkit.training.checkpoints` and :mod:`transferkit.training.callbacks` do the per-epoch work.
 
 The run is written into ``<output>.partial`` beside the output folder, which is replaced in one
@@ -47,29 +48,12 @@ from transferkit.outputs import OutputFolder
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run import KerasPredictor, Run
 from transferkit.strategies import check_data, check_recipe, preflight
+from transferkit.strategies.phases import check_optimizers, plan_phases, train_phase, training_settings
 from transferkit.training.accelerator import augment_placement, distribution, dtype_policy, resolve_precision
 from transferkit.training.checkpoints import RESUME_HINT, Checkpoints
 from transferkit.training.trainer import Phase, Trainer, TrainingError, episode_seed
 
 log = logging.getLogger("transferkit")
-
-
-def plan_phases(recipe: Recipe) -> list[Phase]:
-    """The phases a recipe asks for, with their epoch ranges; empty phases are left out."""
-    from transferkit.training.imag import episode_plan
-
-    warmup = 0 if recipe.warmup.linear_probe else recipe.warmup.epochs
-    phases = [Phase("warmup", 0, warmup, recipe.warmup.optimizer)] if warmup else []
-    epochs, imag = recipe.finetune.epochs, recipe.imag
-    episodes = (episode_plan(epochs, imag.normal_epochs, imag.imag_epochs) if recipe.strategy == "imag"
-                else [("finetune", epochs)] if epochs else [])
-    first, imag_count = warmup, 0
-    for kind, length in episodes:
-        imag_count += kind == "imag"
-        phases.append(Phase(kind, first, first + length, recipe.finetune.optimizer,
-                            episode=imag_count if kind == "imag" else 0))
-        first += length
-    return phases
 
 
 def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: bool = False,
@@ -149,10 +133,11 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     if augment is not None:
         log.info("augmentation runs in the %s", "model (training step)" if placement == "model" else "input pipeline")
     val = make_dataset(splits.val, image_size, batch_size, num_classes=len(class_names), cache=recipe.data.cache)
-    trainer = Trainer(recipe, model, checkpoints, folder, phases, val, state, head=head, precision=precision,
-                      augment=augment if placement == "model" else None, plot_history=plot_history)
+    trainer = Trainer(training_settings(recipe, head), model, checkpoints, folder, phases, val, state,
+                      precision=precision, augment=augment if placement == "model" else None,
+                      plot_history=plot_history)
     steps = steps_per_epoch(len(splits.train), batch_size)
-    trainer.check_optimizers(steps)
+    check_optimizers(trainer, phases, steps)
     if state is not None:
         checkpoints.load_weights(model, state["epoch"])
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], trainer.total, state["phase"])
@@ -165,7 +150,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
                 continue
             train = _train_dataset(recipe, phase, splits.train, image_size, batch_size, class_names,
                                    augment if placement == "pipeline" else None, first=trainer.epoch)
-            trainer.run_phase(phase, train, steps, verbose=1 if progress and sys.stderr.isatty() else 0)
+            train_phase(trainer, recipe, phase, train, steps, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
     run = Run(recipe=recipe, class_names=class_names, image_size=image_size, predictor=KerasPredictor(model),
