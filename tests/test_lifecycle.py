@@ -4,7 +4,6 @@ disk is one line, a resumed run equals an uninterrupted one, and scripts see pro
 import errno
 import hashlib
 import json
-import logging
 import os
 import shutil
 import signal
