@@ -3,6 +3,8 @@ down the stages, no module reaches into another's private names, and modules and
 size a reader can take in."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,16 @@ def test_module_and_function_sizes(path):
             if length > MAX_FUNCTION_LINES:
                 long.append(f"{node.name} (line {node.lineno}): {length} lines")
     assert not long, long
+
+
+def test_the_commands_import_no_keras_until_they_start_it_quietly():
+    """TensorFlow prints start-up lines that no setting silences; `logs.start_keras_quietly` captures
+    them, so nothing a command imports before it may import Keras (an error stays one line)."""
+    modules = ["transferkit.cli", "transferkit.cli_recipe", "transferkit.run", "transferkit.export",
+               "transferkit.recommend", *(f"transferkit.strategies.{name}" for name in
+                                          ("extract", "finetune", "phases", "compare")),
+               "transferkit.training.trainer", "transferkit.training.diagnose"]
+    code = (f"import sys; import {', '.join(modules)}; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout

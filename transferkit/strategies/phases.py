@@ -15,8 +15,7 @@ import re
 from transferkit.errors import DeviceMemoryError, RecipeError
 from transferkit.recipe import Recipe
 from transferkit.training.accelerator import out_of_memory
-from transferkit.training.callbacks import LossDiverged
-from transferkit.training.trainer import Phase, Trainer, TrainingError, TrainingSettings
+from transferkit.training.trainer import LossDiverged, Phase, Trainer, TrainingError, TrainingSettings
 
 #: The Trainer's arguments that an error's key can start with, and the recipe keys they come from.
 RECIPE_KEYS = {"unfreeze": "finetune.unfreeze", "schedule": "finetune.schedule", "layer_decay": "finetune.layer_decay",

@@ -29,16 +29,9 @@ import keras
 from transferkit.data.pipelines import MODEL, reseed, reseed_backend, seed_states
 from transferkit.errors import RecipeError
 from transferkit.io import atomic_write_json, atomic_write_text
+from transferkit.training.trainer import LossDiverged
 
 log = logging.getLogger("transferkit")
-
-
-class LossDiverged(Exception):
-    """Raised by :class:`NanGuard` out of ``fit``: the epoch's ``loss`` is not finite."""
-
-    def __init__(self, loss: float):
-        super().__init__(f"the loss became {loss}")
-        self.loss = loss
 
 
 class Reseed(keras.callbacks.Callback):

@@ -35,6 +35,15 @@ class TrainingError(TransferkitError):
     """Training cannot go on (the loss diverged, an unfinished run is in the way)."""
 
 
+class LossDiverged(Exception):
+    """Raised by :class:`~transferkit.training.callbacks.NanGuard` out of ``fit``: the epoch's ``loss``
+    is not finite. Defined here, beside :class:`TrainingError`, so that catching it imports no Keras."""
+
+    def __init__(self, loss: float):
+        super().__init__(f"the loss became {loss}")
+        self.loss = loss
+
+
 @dataclass
 class Phase:
     """A stretch of training with one trainable set and one optimizer."""
@@ -159,7 +168,7 @@ class Trainer:
 
     def run_phase(self, phase: Phase, train, steps: int, verbose: int) -> None:
         """Trains ``phase`` from the current epoch on. A loss that is not finite ends it with
-        :class:`~transferkit.training.callbacks.LossDiverged`; the device running out of memory, with
+        :class:`LossDiverged`; the device running out of memory, with
         the backend's error (see :func:`~transferkit.training.accelerator.out_of_memory`)."""
         fitted = self._prepare(phase, steps)
         callbacks = self.callbacks(phase)
