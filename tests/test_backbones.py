@@ -219,6 +219,8 @@ def test_failed_download_becomes_the_same_one_line_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"name": "resnet50", "alpha": 0.5}, "resnet50 has no width multiplier: drop alpha"),
     ({"name": "mobilenet_v2", "alpha": 0.3}, "alpha 0.35, 0.5, 0.75, 1.0, 1.3, 1.4 only, not 0.3"),
+    ({"name": "mobilenet_v3_small", "alpha": 0.75, "minimalistic": True},
+     "mobilenet_v3_small with minimalistic: true has ImageNet weights for alpha 1.0 only, not 0.75"),
     ({"name": "inception_v3", "image_size": 64}, "image_size 64 is too small for inception_v3: .* 75 px"),
     ({"name": "vgg16", "image_size": 160, "include_top": True}, "needs image_size 224 for vgg16"),
     ({"name": "convnext_tiny", "weights": None, "drop_path_rate": 0.1},

@@ -92,6 +92,9 @@ def weights_plan(info, weights, size, alpha, include_top, kwargs):
     alpha = _check_alpha(info, alpha, weights)
     _check_size(info, size, include_top and weights == "imagenet")
     minimalistic = bool(kwargs.get("minimalistic", False))
+    if minimalistic and weights == "imagenet" and alpha not in (None, 1.0):
+        raise BackboneError(f"{info.name} with minimalistic: true has ImageNet weights for alpha 1.0 only, "
+                            f"not {alpha}: drop alpha, or use weights: null")
     return (alpha, *_plan_weights(info, weights, alpha, size, include_top, minimalistic))
 
 
