@@ -235,8 +235,8 @@ class Trainer:
         values = self.checkpoints.load_optimizer(self.epoch)
         if len(values) != len(optimizer.variables):
             raise TrainingError(f"the checkpoint's optimizer state ({len(values)} variables) does not fit this "
-                                f"recipe's optimizer ({len(optimizer.variables)}): the recipe changed since the "
-                                "run stopped; put it back, or start over with --restart")
+                                f"recipe's optimizer ({len(optimizer.variables)}): the recipe or transferkit changed "
+                                "since the run stopped; put the recipe back, or start over with --restart")
         for variable, value in zip(optimizer.variables, values):
             variable.assign(value)
 
