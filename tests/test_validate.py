@@ -6,6 +6,7 @@ import shutil
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,17 @@ def test_an_imag_mapping_naming_a_class_the_data_lacks_fails_at_validate(tmp_pat
     code, _, error = in_process("validate", write(tmp_path, "strategy: imag\nimag: {mapping: {cta: dog}}\n"))
     assert code == 2 and len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
     assert "imag.mapping: unknown class 'cta': did you mean cat?" in error
+
+
+def test_a_one_way_imag_mapping_is_allowed_with_a_warning(tmp_path, in_process):
+    with pytest.warns(UserWarning, match=r"imag.mapping merges classes in imag episodes \(cat\+dog -> dog\)"):
+        code, out, error = in_process("validate", write(tmp_path, "strategy: imag\nimag: {mapping: {cat: dog}}\n"))
+    assert code == 0 and "mapping:" in out, error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, error = in_process("validate", write(tmp_path, "strategy: imag\nimag: {mapping: {cat: dog, dog: cat}}\n"))
+    assert code == 0, error
+    assert not [w for w in caught if "imag.mapping" in str(w.message)]  # a permutation says nothing
 
 
 def test_set_one_unfreeze_mode_replaces_the_recipes_mode(tmp_path, in_process):

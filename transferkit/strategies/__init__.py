@@ -60,8 +60,23 @@ def check_data(recipe: Recipe, *, screen: bool = False):
         from transferkit.training.imag import label_mapping
 
         with RecipeError.under("imag"):
-            label_mapping(recipe.imag.mapping, splits.class_names, seed=recipe.seed)
+            mapping = label_mapping(recipe.imag.mapping, splits.class_names, seed=recipe.seed)
+        _warn_about_shared_labels(mapping, splits.class_names)
     return splits
+
+
+def _warn_about_shared_labels(mapping, class_names: list[str]) -> None:
+    """A one-way ``{deer: cat}`` gives two classes one imagined label: allowed, but said."""
+    import warnings
+
+    shared = {}
+    for source, target in enumerate(mapping):
+        shared.setdefault(int(target), []).append(class_names[source])
+    merged = ["+".join(names) + f" -> {class_names[target]}" for target, names in shared.items() if len(names) > 1]
+    if merged:
+        warnings.warn(f"imag.mapping merges classes in imag episodes ({'; '.join(merged)}): the fresh head learns "
+                      f"fewer labels than there are classes; map both ways (e.g. {{deer: cat, cat: deer}}) for a "
+                      f"permutation", UserWarning, stacklevel=2)
 
 
 def check_recipe_weights(recipe: Recipe) -> None:
