@@ -26,9 +26,14 @@ def test_paired_difference_without_spread():
 
 
 def test_run_measures_skip_missing_epochs():
-    history = {"val_accuracy": [0.5, 0.9, None, 0.8], "val_loss": [1.0, 0.3, None, 0.4]}
-    assert run_measures(history) == {"final_top1": 0.8, "best_top1": 0.9, "final_loss": 0.4, "best_loss": 0.3,
-                                     "epochs": 4}
+    history = {"val_accuracy": [0.5, 0.9, None, 0.8], "val_loss": [1.0, 0.3, None, 0.4],
+               "accuracy": [0.6, 0.95, 0.97, None], "loss": [0.9, 0.2, 0.1, None]}  # last: an imag epoch
+    measures = run_measures(history)
+    assert {key: measures[key] for key in ("final_top1", "best_top1", "final_loss", "best_loss", "epochs")} == {
+        "final_top1": 0.8, "best_top1": 0.9, "final_loss": 0.4, "best_loss": 0.3, "epochs": 4}
+    assert {key: measures[key] for key in ("final_train_top1", "best_train_top1", "final_train_loss",
+                                           "best_train_loss")} == {"final_train_top1": 0.97, "best_train_top1": 0.97,
+                                                                   "final_train_loss": 0.1, "best_train_loss": 0.1}
 
 
 def test_compare_normal_and_imag_writes_tables_and_curves(small_cats_dogs, home, tmp_path, monkeypatch):
@@ -51,7 +56,12 @@ def test_compare_normal_and_imag_writes_tables_and_curves(small_cats_dogs, home,
     normal = [m["best_top1"] for m in summary["runs"]["normal"]]
     imag = [m["best_top1"] for m in summary["runs"]["imag"]]
     assert difference["mean"] == pytest.approx(np.mean(np.subtract(imag, normal)))
-    assert "| imag |" in (folder / "compare.md").read_text() and "paired t-test p" in (folder / "compare.md").read_text()
+    table = (folder / "compare.md").read_text()
+    assert "| normal | imag |" in table and "paired t-test p" in table
+    for label in ("final train top-1", "best train loss", "final val loss"):  # a row per measure, a CI for each
+        assert table.count(f"| {label} |") == 2, label
+    train = summary["differences"]["imag"]["final_train_loss"]
+    assert train["n"] == 2 and np.isfinite(train["mean"]) and len(train["ci"]) == 2
 
     # A second call reads the finished runs back instead of training again.
     monkeypatch.setattr("transferkit.strategies.finetune.finetune", lambda *a, **k: pytest.fail("retrained"))

@@ -1,7 +1,8 @@
 """The statistics, tables and plot of a comparison of training modes over seeds
 (:func:`transferkit.strategies.compare.compare` trains the runs).
 
-Statistics, per mode: mean ± std over seeds of the final and best validation top-1 and loss. Per
+Statistics, per mode: mean ± std over seeds of the final and best validation and training top-1 and
+loss (training epochs of imag episodes, which train on imagined labels, are left out). Per
 mode against the first: the paired difference (same seed, same split), its 95% confidence
 interval from Student's t, and the paired t-test's two-sided p-value.
 
@@ -18,7 +19,9 @@ import numpy as np
 
 
 MEASURES = {"final_top1": "final val top-1", "best_top1": "best val top-1",
-            "final_loss": "final val loss", "best_loss": "best val loss"}
+            "final_loss": "final val loss", "best_loss": "best val loss",
+            "final_train_top1": "final train top-1", "best_train_top1": "best train top-1",
+            "final_train_loss": "final train loss", "best_train_loss": "best train loss"}
 
 
 def summarize(curves: dict[str, list[dict]], seeds: list[int]) -> dict:
@@ -36,12 +39,28 @@ def summarize(curves: dict[str, list[dict]], seeds: list[int]) -> dict:
 
 
 def run_measures(history: dict) -> dict[str, float]:
-    """Final and best validation top-1 and loss of one run's history (epochs without values skipped)."""
-    top1 = np.array([np.nan if v is None else v for v in history["val_accuracy"]], dtype=float)
-    loss = np.array([np.nan if v is None else v for v in history["val_loss"]], dtype=float)
-    return {"final_top1": float(top1[np.isfinite(top1)][-1]), "best_top1": float(np.nanmax(top1)),
-            "final_loss": float(loss[np.isfinite(loss)][-1]), "best_loss": float(np.nanmin(loss)),
-            "epochs": len(top1)}
+    """Final and best validation and training top-1 and loss of one run's history. Epochs without a
+    value are skipped (training ones in imag episodes, whose own task is logged as ``imag_*``); a run
+    without any training value gets NaN there."""
+    measures = {}
+    for prefix, split in (("val_", ""), ("", "train_")):
+        top1, loss = _values(history, f"{prefix}accuracy"), _values(history, f"{prefix}loss")
+        measures |= {f"final_{split}top1": _last(top1), f"best_{split}top1": _extreme(top1, np.max),
+                     f"final_{split}loss": _last(loss), f"best_{split}loss": _extreme(loss, np.min)}
+    return measures | {"epochs": len(history["val_accuracy"])}
+
+
+def _values(history: dict, key: str) -> np.ndarray:
+    values = np.array([np.nan if v is None else v for v in history.get(key, [])], dtype=float)
+    return values[np.isfinite(values)]
+
+
+def _last(values: np.ndarray) -> float:
+    return float(values[-1]) if len(values) else math.nan
+
+
+def _extreme(values: np.ndarray, pick) -> float:
+    return float(pick(values)) if len(values) else math.nan
 
 
 def paired_difference(first, second, confidence: float = 0.95) -> dict:
@@ -68,10 +87,11 @@ def to_markdown(summary: dict) -> str:
     """The comparison as Markdown tables."""
     modes, first = summary["modes"], summary["modes"][0]
     lines = [f"# Comparison over seeds {', '.join(map(str, summary['seeds']))}", "",
-             "| mode | " + " | ".join(MEASURES.values()) + " |", "|---" * (len(MEASURES) + 1) + "|"]
-    for mode in modes:
-        cells = [f"{s['mean']:.4f} ± {s['std']:.4f}" for s in summary["stats"][mode].values()]
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+             "| measure (mean ± std) | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for key, label in MEASURES.items():
+        cells = [f"{summary['stats'][mode][key]['mean']:.4f} ± {summary['stats'][mode][key]['std']:.4f}"
+                 for mode in modes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for mode in modes[1:]:
         lines += ["", f"## {mode} − {first} (paired by seed)", "",
                   "| measure | mean difference | 95% CI | paired t-test p |", "|---|---|---|---|"]
@@ -82,30 +102,40 @@ def to_markdown(summary: dict) -> str:
 
 
 def plot_comparison(curves: dict[str, list[dict]], path) -> None:
-    """Mean validation top-1 and loss per epoch for each mode, with a ±1 std band over seeds;
-    imag epochs are shaded grey."""
+    """Mean top-1 and loss per epoch for each mode, validation solid and training dashed, with a ±1 std
+    band over seeds; imag epochs are shaded grey."""
     from transferkit.reports.evaluate import new_figure, save_png
 
     fig = new_figure(figsize=(11, 4))
-    for ax, (key, label) in zip(fig.subplots(1, 2), (("val_accuracy", "val top-1"), ("val_loss", "val loss"))):
+    for ax, (key, label) in zip(fig.subplots(1, 2), (("accuracy", "top-1"), ("loss", "loss"))):
         for i, (mode, histories) in enumerate(curves.items()):
-            length = max(len(h[key]) for h in histories)
-            values = np.full((len(histories), length), np.nan)
-            for row, history in zip(values, histories):
-                row[:len(history[key])] = [np.nan if v is None else v for v in history[key]]
-            epochs = np.arange(1, length + 1)
-            mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
-            ax.plot(epochs, mean, marker="o", markersize=3, color=f"C{i}", label=f"{mode} (n={len(histories)})")
-            ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+            for prefix, style in (("val_", "-"), ("", "--")):
+                epochs, mean, std = _mean_curve(histories, prefix + key)
+                ax.plot(epochs, mean, style, marker="o", markersize=3, color=f"C{i}",
+                        label=f"{mode} {'val' if prefix else 'train'} (n={len(histories)})")
+                ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.15 if prefix else 0.08)
         imag = {epoch for histories in curves.values() for h in histories
                 for epoch, phase in enumerate(h.get("phase", []), start=1) if phase == "imag"}
         for epoch in sorted(imag):  # the same episode plan for every seed
             ax.axvspan(epoch - 0.5, epoch + 0.5, color="0.85", zorder=0)
         ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("validation curves: mean ± 1 std over seeds")
+        ax.legend(fontsize=7)
+    fig.suptitle("validation (solid) and training (dashed) curves: mean ± 1 std over seeds")
     save_png(fig, path)
+
+
+def _mean_curve(histories: list[dict], key: str):
+    """Epochs, and the mean and std over runs of ``key`` per epoch (NaN where no run has a value)."""
+    import warnings
+
+    length = max(len(h.get(key, [])) for h in histories)
+    values = np.full((len(histories), length), np.nan)
+    for row, history in zip(values, histories):
+        row[:len(history.get(key, []))] = [np.nan if v is None else v for v in history.get(key, [])]
+    with warnings.catch_warnings():  # an epoch no run has a value for (training in imag episodes) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.arange(1, length + 1), np.nanmean(values, axis=0), np.nanstd(values, axis=0)
 
 
 def _mean_std(values) -> dict:

@@ -3,8 +3,8 @@
 Each (mode, seed) is an ordinary run folder under ``<output>/runs/``, so an interrupted comparison
 picks up where it stopped: finished runs are read back, an unfinished one resumes. The summary
 (:mod:`transferkit.reports.compare`: mean ± std per mode, paired differences with their 95% CI and
-p-value) goes to ``compare.json``, ``compare.md`` and ``curves.png`` (mean validation curves with a
-±1 std band per mode, imag epochs shaded).
+p-value) goes to ``compare.json``, ``compare.md`` and ``curves.png`` (mean validation and training
+curves with a ±1 std band per mode, imag epochs shaded).
 
 Example:
     >>> summary = compare("recipes/digits8_imag.yaml", modes=["normal", "imag"], seeds=3)
@@ -25,7 +25,7 @@ from transferkit.outputs import folder_lock
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.reports.compare import plot_comparison, summarize, to_markdown
 from transferkit.strategies import check_recipe
-from transferkit.strategies.finetune import finetune, unfinished_run
+from transferkit.strategies import finetune as finetuning  # finetuning.finetune: looked up per run
 
 log = logging.getLogger("transferkit")
 
@@ -90,8 +90,8 @@ def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backb
             if history is None:
                 run_recipe = dataclasses.replace(recipe, strategy=MODES[mode], seed=seed, output=str(run_folder),
                                                  data=dataclasses.replace(recipe.data, split_seed=split_seed))
-                history = finetune(run_recipe, backbone=backbone, head=head, progress=progress,
-                                   resume=unfinished_run(run_folder) is not None).history
+                history = finetuning.finetune(run_recipe, backbone=backbone, head=head, progress=progress,
+                                              resume=finetuning.unfinished_run(run_folder) is not None).history
             curves[mode].append(history)
     return curves
 
@@ -99,6 +99,6 @@ def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backb
 def _finished_history(run_folder: Path) -> dict | None:
     """The history of a finished run in ``run_folder``, or None (nothing there, or a newer run unfinished)."""
     summary = run_folder / "run.json"
-    if not summary.is_file() or unfinished_run(run_folder) is not None:
+    if not summary.is_file() or finetuning.unfinished_run(run_folder) is not None:
         return None
     return json.loads(summary.read_text())["history"]
