@@ -26,9 +26,8 @@ from transferkit.features.transformer import FeatureExtractor, pixels_of, predic
 from transferkit.io import disk_full_is_one_line, transferkit_home
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
-from transferkit.recipe import Recipe, load_recipe
+from transferkit.recipe import Recipe, load_recipe, recipe_splits
 from transferkit.run import FeaturePredictor, Run
-from transferkit.recipe import recipe_splits
 from transferkit.strategies import preflight
 
 log = logging.getLogger("transferkit")
