@@ -33,12 +33,14 @@ from transferkit.strategies import preflight
 log = logging.getLogger("transferkit")
 
 
-def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
+def extract(recipe: Recipe | str | Path, *, progress: bool = True, evaluate_test: bool = True) -> Run:
     """Train the extract strategy end to end and write its run folder.
 
     Args:
         recipe: a :class:`Recipe` or the path of a recipe file.
         progress: show extraction progress on stderr.
+        evaluate_test: evaluate the recipe's test split; False keeps it held out, its features not
+            even extracted (the tuner's trials: only the winner sees it).
 
     Returns:
         The :class:`Run`, already saved to ``recipe.output``, with ``metrics["val"]`` (and
@@ -53,7 +55,7 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     started = time.perf_counter()
     image_size = preflight(recipe)
     with OutputFolder(recipe.output) as out, disk_full_is_one_line(out.partial, then=", then run again"):
-        run = _extract(recipe, image_size, out.partial, progress, started)
+        run = _extract(recipe, image_size, out.partial, progress, started, evaluate_test)
         run.save(out.partial)
         out.commit()
     run.folder = out.path
@@ -61,7 +63,8 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True) -> Run:
     return run
 
 
-def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, started: float) -> Run:
+def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, started: float,
+             evaluate_test: bool = True) -> Run:
     """Features, the classifier fit and the reports (written to ``folder``); the Run, unsaved."""
     from transferkit.features.classifiers import build_classifier, cv_scores, fit_cached, predict_proba
     from transferkit.reports.evaluate import format_metrics, write_report
@@ -69,6 +72,8 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
     splits = recipe_splits(recipe)
     extractor = feature_extractor(recipe, image_size)
     sets = _named_sets(splits)
+    if not evaluate_test:
+        sets.pop("test", None)
     features = cached_features(recipe, extractor, image_size, sets, progress)
     extracted = time.perf_counter()
 

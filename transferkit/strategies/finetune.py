@@ -57,7 +57,7 @@ log = logging.getLogger("transferkit")
 
 
 def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: bool = False,
-             restart: bool = False, progress: bool = True) -> Run:
+             restart: bool = False, progress: bool = True, callbacks=(), evaluate_test: bool = True) -> Run:
     """Train the fine-tuning strategy (``finetune`` or ``imag``) end to end and write its run folder.
 
     Args:
@@ -70,6 +70,9 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
         resume: continue an interrupted run from its last finished epoch.
         restart: throw an interrupted run's checkpoint away and start over.
         progress: show Keras' per-batch progress bar on a terminal (an epoch summary is always logged).
+        callbacks: Keras callbacks of your own, called after each epoch is recorded and checkpointed.
+        evaluate_test: evaluate the recipe's test split at the end; False keeps it held out (the
+            tuner's trials: only the winner sees it).
 
     Returns:
         The :class:`Run`, saved to ``recipe.output``, with ``metrics``, ``history`` (one entry per
@@ -97,7 +100,8 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
                       restart=restart) as out, disk_full_is_one_line(out.partial, then=RESUME_HINT):
         _adopt_earlier_checkpoint(out, restart)
         state = _starting_state(Checkpoints.of(out.partial), out.path, resume)
-        run = _train(recipe, out.partial, state, image_size, head=head, backbone=backbone, progress=progress)
+        run = _train(recipe, out.partial, state, image_size, head=head, backbone=backbone, progress=progress,
+                     callbacks=callbacks, evaluate_test=evaluate_test)
         run.info["seconds"]["this_session"] = round(time.perf_counter() - started, 2)
         run.save(out.partial)
         out.commit(drop=("checkpoint",))
@@ -106,7 +110,8 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
     return run
 
 
-def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, head, backbone, progress: bool) -> Run:
+def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, head, backbone, progress: bool,
+           callbacks=(), evaluate_test: bool = True) -> Run:
     """Train (or go on training) in ``folder``, write the reports there and return the unsaved Run."""
     import keras
 
@@ -135,7 +140,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     val = make_dataset(splits.val, image_size, batch_size, num_classes=len(class_names), cache=recipe.data.cache)
     trainer = Trainer(training_settings(recipe, head), model, checkpoints, folder, phases, val, state,
                       precision=precision, augment=augment if placement == "model" else None,
-                      plot_history=plot_history)
+                      plot_history=plot_history, callbacks=callbacks)
     steps = steps_per_epoch(len(splits.train), batch_size)
     check_optimizers(trainer, phases, steps)
     if state is not None:
@@ -155,7 +160,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
 
     run = Run(recipe=recipe, class_names=class_names, image_size=image_size, predictor=KerasPredictor(model),
               history={**trainer.history, "phase": trainer.phases})
-    diagnosis = _write_reports(run, trainer, splits, folder, batch_size)
+    diagnosis = _write_reports(run, trainer, splits, folder, batch_size, evaluate_test)
     run.info = {"seconds": {"train": round(trainer.seconds, 2)},
                 "images": {name: len(images) for name, images in
                            (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images},
@@ -167,13 +172,13 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     return run
 
 
-def _write_reports(run: Run, trainer: Trainer, splits, folder: Path, batch_size: int):
-    """The val and test reports (their metrics into ``run``) and the diagnosis of the training curves,
-    which is returned (None without a trained epoch)."""
+def _write_reports(run: Run, trainer: Trainer, splits, folder: Path, batch_size: int, evaluate_test: bool = True):
+    """The val and test reports (test only with ``evaluate_test``; their metrics into ``run``) and the
+    diagnosis of the training curves, which is returned (None without a trained epoch)."""
     from transferkit.reports.evaluate import format_metrics, write_report
     from transferkit.training.diagnose import diagnose
 
-    for name, images in (("val", splits.val), ("test", splits.test)):
+    for name, images in (("val", splits.val), ("test", splits.test if evaluate_test else None)):
         if images is not None:
             data = make_dataset(images, run.image_size, fitting_batch_size(batch_size, len(images), name))
             probabilities = run.model.predict(data, verbose=0).astype("float64")

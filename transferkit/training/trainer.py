@@ -129,8 +129,10 @@ class Trainer:
     """Runs the phases and keeps the shared epoch count, history, early stopping and checkpoints."""
 
     def __init__(self, settings: TrainingSettings, model, checkpoints: Checkpoints, folder: Path,
-                 phases: list[Phase], val, state, precision: str = "float32", augment=None, plot_history=None):
+                 phases: list[Phase], val, state, precision: str = "float32", augment=None, plot_history=None,
+                 callbacks=()):
         state = state or {}
+        self.extra_callbacks = list(callbacks)  # the caller's Keras callbacks, after the Trainer's own
         self.settings, self.model, self.checkpoints, self.folder, self.val = settings, model, checkpoints, folder, val
         self.precision, self.augment = precision, augment  # augment: in-model augmentation
         self.plot_history = plot_history  # draws curves.png: plot_history(curves, path, phases=..., title=...)
@@ -193,7 +195,7 @@ class Trainer:
             cb.SaveCheckpoint(self.checkpoints, self.model, self.optimizer, functools.partial(self._state, phase),
                               head=(lambda: get_head_weights(self.trained)) if imag else None, head_until=phase.last),
             cb.WriteHistory(self.folder, self.record, self.settings.title, plot=self.plot_history),
-            cb.LogEpoch(self.record, self.total)]
+            cb.LogEpoch(self.record, self.total), *self.extra_callbacks]
 
     def _imag_logs(self, logs: dict) -> dict:
         """An imag epoch's logs: its own (on the imagined labels) as ``imag_*``, ``val_*`` with the normal head."""
