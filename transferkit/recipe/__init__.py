@@ -12,6 +12,7 @@ The package, in the order a recipe goes through it:
 - ``validation.py``: the walk over the type hints that builds the specs;
 - ``loading.py``: :func:`load_recipe`, which puts them together, and :func:`recipe_splits`;
 - ``imports.py``: the functions and classes a recipe names by import path;
+- ``search.py``: the ``tune:`` section's search space and budget;
 - ``messages.py``: the wording errors share (did-you-mean tails).
 
 Example:
@@ -23,16 +24,18 @@ Example:
 from transferkit.recipe.imports import check_arguments, import_object
 from transferkit.recipe.loading import load_recipe, recipe_splits
 from transferkit.recipe.messages import did_you_mean
+from transferkit.recipe.search import Parameter, parse_duration, parse_space, with_values
 from transferkit.recipe.schema import (
     BUILTIN_PREFIX, MAX_BATCH_SIZE, MAX_DENSE_UNITS, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_RECIPE_BYTES, MAX_SEED,
     MAX_YAML_VALUES, UNFREEZE_MODES, BackboneSpec, ClassifierSpec, DataSpec, DenseSpec, EarlyStoppingSpec,
-    ExtractSpec, FinetuneSpec, HeadSpec, ImagSpec, OptimizerSpec, Recipe, ScheduleSpec, UnfreezeSpec, WarmupSpec,
+    ExtractSpec, FinetuneSpec, HeadSpec, ImagSpec, OptimizerSpec, Recipe, ScheduleSpec, TuneSpec, UnfreezeSpec, WarmupSpec,
 )
 
 __all__ = [
     "BUILTIN_PREFIX", "MAX_BATCH_SIZE", "MAX_DENSE_UNITS", "MAX_EPOCHS", "MAX_IMAGE_SIZE", "MAX_RECIPE_BYTES",
     "MAX_SEED", "MAX_YAML_VALUES", "UNFREEZE_MODES",
     "BackboneSpec", "ClassifierSpec", "DataSpec", "DenseSpec", "EarlyStoppingSpec", "ExtractSpec", "FinetuneSpec",
-    "HeadSpec", "ImagSpec", "OptimizerSpec", "Recipe", "ScheduleSpec", "UnfreezeSpec", "WarmupSpec",
-    "check_arguments", "did_you_mean", "import_object", "load_recipe", "recipe_splits",
+    "HeadSpec", "ImagSpec", "OptimizerSpec", "Parameter", "Recipe", "ScheduleSpec", "TuneSpec", "UnfreezeSpec",
+    "WarmupSpec", "check_arguments", "did_you_mean", "import_object", "load_recipe", "parse_duration", "parse_space",
+    "recipe_splits", "with_values",
 ]

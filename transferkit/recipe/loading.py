@@ -9,6 +9,7 @@ from transferkit.errors import RecipeError
 from transferkit.recipe.messages import did_you_mean, kind_of
 from transferkit.recipe.reading import apply_overrides, parse_yaml, read_recipe_text
 from transferkit.recipe.schema import Recipe
+from transferkit.recipe.search import check_space, parse_duration
 from transferkit.recipe.validation import build_spec
 
 
@@ -48,8 +49,10 @@ def load_recipe(source: str | Path | dict, *, overrides: list[str] = (), base_di
         raise RecipeError(f"{where}: expected a mapping of keys (data:, backbone:, ...), got {kind_of(raw)}")
     raw = apply_overrides(dict(raw), overrides)
     try:
-        recipe = build_spec(Recipe, raw, "", Path(base_dir or Path.cwd()).resolve())
+        base = Path(base_dir or Path.cwd()).resolve()
+        recipe = build_spec(Recipe, raw, "", base)
         _check_consistency(recipe)
+        _check_tune(recipe, raw, base)
     except RecipeError as e:
         raise RecipeError(f"{where}: {e}") from None
     if recipe.name is None:
@@ -70,6 +73,13 @@ def _check_consistency(recipe: Recipe) -> None:
         if name not in AUGMENTATIONS:
             raise RecipeError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}",
                               key=f"data.augment[{i}]")
+
+
+def _check_tune(recipe: Recipe, raw: dict, base: Path) -> None:
+    """The tune section: a duration, and every value of the search space one the recipe accepts."""
+    parse_duration(recipe.tune.budget)
+    if recipe.tune.space:
+        check_space(raw, lambda variant: _check_consistency(build_spec(Recipe, variant, "", base)))
 
 
 def recipe_splits(recipe: Recipe, screen: bool = True):

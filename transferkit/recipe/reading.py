@@ -119,19 +119,30 @@ def apply_overrides(raw: dict, overrides) -> dict:
 
     An override that sets an unfreeze mode removes the recipe's other modes: overrides replace.
     """
-    modes_set = []
+    values = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r}: expected key.path=value, e.g. finetune.epochs=2")
+        values[key.strip()] = parse_yaml(text, f"override {item!r}: the value",
+                                         fix=" (write a whole YAML value, e.g. [a, b], or quote text)")
+    return set_keys(raw, values)
+
+
+def set_keys(raw: dict, values: dict) -> dict:
+    """``raw`` with each dotted ``key: value`` of ``values`` set (copies along each path).
+
+    Setting an unfreeze mode (``finetune.unfreeze.fraction``) removes the other modes; setting two is an error.
+    """
+    modes_set = []
+    for key, value in values.items():
         node = raw
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for part in parents:
             child = node.get(part)
             node[part] = child = dict(child) if isinstance(child, dict) else {}
             node = child
-        node[leaf] = value = parse_yaml(text, f"override {item!r}: the value",
-                                        fix=" (write a whole YAML value, e.g. [a, b], or quote text)")
+        node[leaf] = value
         if parents == ["finetune", "unfreeze"] and leaf in UNFREEZE_MODES and value not in (None, False):
             modes_set.append(leaf)
     if len(set(modes_set)) > 1:

@@ -227,6 +227,20 @@ class ExtractSpec:
 
 
 @dataclass
+class TuneSpec:
+    """The hyper-parameter search of `transferkit tune` (see :mod:`transferkit.recipe.search`)."""
+    budget: Union[str, float] = _spec("30m", doc="wall-clock time for the whole search: 90s, 25m, 2h, 1h30m")
+    trials: Optional[int] = _spec(None, ge=1, le=100_000, why="a study that long never ends",
+                                  doc="at most this many trials; null: as many as the budget allows")
+    metric: Literal["log_loss", "accuracy"] = _spec(
+        "log_loss", doc="what picks the winner on the validation split: log-loss (lower) or top-1 (higher)")
+    space: dict = _spec({}, doc="recipe key -> [choices] or {low, high, log, step}")
+    defaults: bool = _spec(True, doc="also search the strategy's default space (space's keys replace its entries)")
+    pruner: Literal["hyperband", "successive_halving", "median", "none"] = _spec(
+        "hyperband", doc="stops weak fine-tuning trials early, by validation error per epoch")
+
+
+@dataclass
 class Recipe:
     """A whole training recipe."""
     data: DataSpec = _spec()
@@ -239,6 +253,7 @@ class Recipe:
     finetune: FinetuneSpec = _spec(FinetuneSpec())
     imag: ImagSpec = _spec(ImagSpec())
     extract: ExtractSpec = _spec(ExtractSpec())
+    tune: TuneSpec = _spec(TuneSpec())
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = _spec(
         "auto", doc="auto: mixed_bfloat16 on a GPU, float32 on the CPU")
     jit_compile: Union[bool, Literal["auto"]] = _spec("auto", doc="XLA; auto: on a GPU and under JAX")
