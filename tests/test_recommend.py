@@ -28,11 +28,11 @@ def test_small_different_extracts_from_an_earlier_layer():
     assert layer == info.mid_cut and layer in info.cut_points[:-1]
 
 
-def test_large_similar_warms_up_then_unfreezes_the_top_blocks():
+def test_large_similar_starts_the_head_from_a_linear_probe_then_unfreezes_the_top_blocks():
     settings = recommend(size="large", similar=True, backbone="resnet50").settings
-    assert settings["warmup"]["epochs"] > 0
+    assert settings["warmup"]["linear_probe"] is True
     assert settings["finetune"]["unfreeze"]["from"] == get_backbone_info("resnet50").finetune_from
-    assert settings["finetune"]["optimizer"]["learning_rate"] < settings["warmup"]["optimizer"]["learning_rate"] * 10
+    assert settings["finetune"]["optimizer"]["learning_rate"] <= 1e-3
 
 
 def test_large_different_unfreezes_everything():

@@ -16,7 +16,8 @@ import warnings
 
 import click
 
-from transferkit.cli_recipe import compare, extract, finetune, recommend, validate
+from transferkit.cli_recipe import compare, extract, finetune, tune, validate
+from transferkit.cli_recommend import recommend
 from transferkit.errors import TransferkitError
 from transferkit.logs import start_keras_quietly
 
@@ -28,6 +29,8 @@ Examples:
   transferkit extract recipes/digits.yaml
   transferkit finetune recipes/flowers5_finetune.yaml
   transferkit compare recipes/digits8_imag.yaml --seeds 3
+  transferkit tune recipes/flowers5_finetune.yaml --budget 30m
+  transferkit recommend --data photos/ --budget 20m --write recipe.yaml
   transferkit predict runs/digits image.png folder/
   transferkit evaluate runs/digits --data other_images/
   transferkit export runs/digits
@@ -45,7 +48,7 @@ def cli(verbose):
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
-for _command in (validate, extract, finetune, compare, recommend):  # from cli_recipe.py
+for _command in (validate, extract, finetune, compare, tune, recommend):  # from cli_recipe.py, cli_recommend.py
     cli.add_command(_command)
 
 

@@ -1,4 +1,4 @@
-"""The commands that take a recipe (validate, extract, finetune, compare) or write one (recommend).
+"""The commands that take a recipe: validate, extract, finetune, compare, tune.
 
 Each checks its recipe as `transferkit validate` does before any slow work, and names the recipe
 file at the start of an error about it. :mod:`transferkit.cli` adds them to the `transferkit` group.
@@ -7,7 +7,6 @@ file at the start of an error about it. :mod:`transferkit.cli` adds them to the 
 from __future__ import annotations
 
 import contextlib
-import json
 
 import click
 
@@ -35,14 +34,21 @@ def validate(recipe, overrides):
     from transferkit.recipe import load_recipe
     from transferkit.strategies import check_data
 
-    checked = _checked(load_recipe(recipe, overrides=overrides), recipe)
+    from transferkit.recipe import TuneSpec
+
+    loaded = checked(load_recipe(recipe, overrides=overrides), recipe)
     with _naming(recipe):
-        splits = check_data(checked)
-    click.echo(checked.to_yaml(), nl=False)
+        splits = check_data(loaded)
+        if loaded.tune != TuneSpec():  # a search is configured: every value it may try, checked too
+            from transferkit.strategies.space import check_tune
+
+            start_keras_quietly()
+            check_tune(loaded)
+    click.echo(loaded.to_yaml(), nl=False)
     click.echo(f"data: {splits.describe()}", err=True)
 
 
-def _checked(recipe, source=None, weights: bool = True):
+def checked(recipe, source=None, weights: bool = True):
     """``recipe``, checked as `transferkit validate` checks it (the start of every command that runs one).
 
     Args:
@@ -89,7 +95,7 @@ def extract(recipe, overrides, quiet):
     from transferkit.recipe import load_recipe
     from transferkit.strategies.extract import extract as run_extract
 
-    recipe = _checked(load_recipe(recipe, overrides=overrides), recipe)
+    recipe = checked(load_recipe(recipe, overrides=overrides), recipe)
     start_keras_quietly()
     run = run_extract(recipe, progress=not quiet)
     click.echo(f"run folder: {run.folder}")
@@ -124,7 +130,7 @@ def finetune(recipe, overrides, resume, restart, quiet):
     if recipe.strategy == "extract":
         raise click.UsageError("the recipe's strategy is extract: run `transferkit extract RECIPE`, "
                                "or --set strategy=finetune")
-    _checked(recipe, source)
+    checked(recipe, source)
     run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)
     click.echo(f"run folder: {run.folder}")
 
@@ -151,93 +157,51 @@ def compare(recipe, modes, seeds, output, overrides):
     from transferkit.strategies.compare import compare as run_compare
     from transferkit.recipe import load_recipe
 
-    recipe = _checked(load_recipe(recipe, overrides=overrides), recipe)
+    recipe = checked(load_recipe(recipe, overrides=overrides), recipe)
     start_keras_quietly()
     summary = run_compare(recipe, modes=[m.strip() for m in modes.split(",") if m.strip()], seeds=seeds,
                           output=output)  # checks the recipe for every mode before the first run
     click.echo(to_markdown(summary), nl=False)
 
 
-class SizeType(click.ParamType):
-    """small, large, or a number of images per class."""
-    name = "small|large|N"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) or value in ("small", "large"):
-            return value
-        if str(value).isdigit() and int(value) > 0:
-            return int(value)
-        self.fail(f"{value!r}: expected small, large or a number of images per class (e.g. 300)", param, ctx)
-
-
 @click.command()
-@click.option("--size", type=SizeType(), help="small, large, or images per class (large from 1000). "
-              "Default: counted in --data.")
-@click.option("--similar", type=click.Choice(["yes", "no"]), help="Do the images look like ImageNet's photos? "
-              "Default with --data: measured.")
-@click.option("--data", type=str, help="Class-per-folder images (or builtin:digits): counts the images, "
-              "measures similarity and the best layer, and goes into the written recipe.")
-@click.option("--backbone", default="mobilenet_v2", show_default=True, help="Backbone the settings refer to.")
-@click.option("--alpha", type=float, help="The backbone's width multiplier (MobileNet families).")
-@click.option("--backbones", "candidates", help="Rank these backbones on --data by LogME and by the probe, "
-              "e.g. mobilenet_v2,mobilenet_v2:0.35,mobilenet:0.25 (name:alpha).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write the accuracy-vs-depth PNG here "
-              "(default with --write: beside the recipe).")
-@click.option("--write", "write_to", type=click.Path(dir_okay=False), help="Write a runnable recipe here.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, as_json):
-    """Recommend a strategy from dataset size x similarity to ImageNet, measured from --data.
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--budget", help="Wall-clock time for the whole search: 90s, 25m, 2h, 1h30m. "
+              "Default: the recipe's tune.budget (30m).")
+@click.option("--trials", type=click.IntRange(1), help="At most this many trials.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set tune.metric=accuracy (repeatable).")
+@click.option("--output", type=click.Path(file_okay=False), help="The study folder. Default: the recipe's output/tune.")
+@click.option("--resume", is_flag=True, help="Go on with the study in the folder: finished trials are kept, an "
+              "interrupted one runs again (fine-tuning from its last epoch).")
+@click.option("--restart", is_flag=True, help="Start a new study in the folder (finished trial runs are reused).")
+@click.option("--progress", is_flag=True, help="Show each trial's own output (epochs, reports), not one line per trial.")
+def tune(recipe, budget, trials, overrides, output, resume, restart, progress):
+    """Search the recipe's plans within a time budget and keep the one that wins on the validation split.
+
+    Optuna's TPE sampler over each strategy's default space around the recipe (and the recipe's
+    tune.space), a pruner for weak fine-tuning trials, the study in OUTPUT/study.db (SQLite). Every
+    trial is a run folder under OUTPUT/trials/; a test split is evaluated once, on the winner.
+    Writes tune.md, tune.json, history.png and best.yaml (the winning recipe).
 
     \b
     Examples:
-      transferkit recommend --size small --similar yes
-      transferkit recommend --size 2000 --similar no --json
-      transferkit recommend --data photos/ --write recipe.yaml      # measures size, similarity, layer
-      transferkit recommend --data photos/ --backbones mobilenet_v2,mobilenet:0.25
+      transferkit tune recipes/flowers5_finetune.yaml --budget 30m
+      transferkit tune recipe.yaml --budget 2h --resume
+      transferkit tune recipe.yaml --set "tune.space={strategy: [extract, finetune]}"
     """
-    from pathlib import Path
+    from transferkit.recipe import load_recipe, parse_duration
+    from transferkit.reports.tune import to_markdown
+    from transferkit.strategies.tune import tune as run_tune
 
-    from transferkit.recipe import load_recipe
-    from transferkit.recommend import command_for, format_recommendation, rank_backbones_on, recipe_data_path
-    from transferkit.recommend import recommend as recommend_strategy, write_recipe
-
-    if data is not None and (similar is None or candidates):
-        start_keras_quietly()
-    rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone, alpha=alpha)
-    recipe = rec.recipe(data=recipe_data_path(data), name=Path(write_to).stem if write_to else "my-run")
-    ranking = rank_backbones_on(data, _backbones_option(candidates, data)) if candidates else None
-    plot = plot or (str(Path(write_to).with_suffix(".depth.png")) if write_to and rec.measurement else None)
-    if plot and rec.measurement:
-        from transferkit.features.measure import Measurement, plot_depth
-        plot_depth(Measurement(**rec.measurement), plot)
-    if write_to:  # what it writes runs: checked like any recipe (but for the weights file, which may come later)
-        _checked(load_recipe(recipe, base_dir=Path(write_to).resolve().parent), weights=False)
-        write_recipe(write_to, recipe, rec, placeholder=data is None)
-        if data is not None and rec.strategy == "extract":
-            from transferkit.strategies.extract import cache_features
-            cache_features(load_recipe(write_to), progress=not as_json)
-    if as_json:
-        click.echo(json.dumps({**rec.to_dict(), "recipe": recipe, "written_to": write_to, "plot": plot,
-                               "backbone_ranking": ranking}, indent=2))
-        return
-    click.echo(format_recommendation(rec, ranking))
-    if plot and rec.measurement:
-        click.echo(f"wrote {plot}")
-    if write_to:
-        hint = " (fill in data.train first)" if data is None else ""
-        cached = "; its features are cached" if data is not None and rec.strategy == "extract" else ""
-        click.echo(f"wrote {write_to}{hint}{cached}; run it with: transferkit {command_for(rec.strategy)} {write_to}")
-
-
-def _backbones_option(candidates: str, data) -> list[tuple[str, float | None]]:
-    """``--backbones`` (``name`` or ``name:alpha``, comma-separated) as ``(name, alpha)`` pairs."""
-    if data is None:
-        raise click.UsageError("--backbones ranks backbones on your images: give --data too")
-    parsed = []
-    for item in filter(None, (c.strip() for c in candidates.split(","))):
-        name, _, alpha = item.partition(":")
-        try:
-            parsed.append((name, float(alpha) if alpha else None))
-        except ValueError:
-            raise click.UsageError(f"--backbones: {item!r}: expected name or name:alpha, e.g. mobilenet:0.25") from None
-    return parsed
+    if resume and restart:
+        raise click.UsageError("give --resume or --restart, not both")
+    if budget is not None:
+        parse_duration(budget, key="--budget")
+    loaded = checked(load_recipe(recipe, overrides=overrides), recipe)
+    start_keras_quietly()
+    with _naming(recipe):
+        result = run_tune(loaded, budget=budget, trials=trials, resume=resume, restart=restart, output=output,
+                          progress=progress)
+    click.echo(to_markdown(result.summary, recipe_text=False), nl=False)
+    click.echo(f"study folder: {result.folder}; the winning recipe: {result.folder / 'best.yaml'}")

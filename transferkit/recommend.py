@@ -95,7 +95,7 @@ def count_images(data: str | Path) -> dict:
 
 def recommend(size: str | int | None = None, similar: bool | str | None = None, *,
               data: str | Path | None = None, backbone: str = "mobilenet_v2", alpha: float | None = None,
-              seed: int = 0, progress: bool = True) -> Recommendation:
+              seed: int = 0, progress: bool = True, measure_on=None) -> Recommendation:
     """Pick a strategy from the decision table, measuring what is not given.
 
     Args:
@@ -110,6 +110,8 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
         alpha: the backbone's width multiplier, for measuring.
         seed: seeds the measurement's subsample.
         progress: log what the measurement is doing (to stderr, unless logging is configured).
+        measure_on: the images to measure similarity on (an ImageSet), instead of all of ``data``: its
+            train and val splits, so that a held-out test split is not looked at.
 
     Returns:
         A :class:`Recommendation`; ``.recipe(data)`` turns it into a runnable recipe.
@@ -134,7 +136,8 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
 
         if progress:
             log_to_stderr_unless_configured()
-        measurement = measure(scan_folder(resolve_source(data), screen=False), info.name, alpha, seed=seed)
+        images = measure_on if measure_on is not None else scan_folder(resolve_source(data), screen=False)
+        measurement = measure(images, info.name, alpha, seed=seed)
         similar = measurement.similar
         evidence.update(_similarity_evidence(measurement))
     similar = _parse_similar(similar)
@@ -238,6 +241,44 @@ def write_recipe(path: str | Path, recipe: dict, rec: Recommendation, placeholde
     atomic_write_text(path, text)
 
 
+def search_recipe(rec: Recommendation, data: str, *, name: str, budget, overrides=()):
+    """The recipe `recommend --budget` searches: the table's answer (``strategy`` and its settings) plus
+    the table's settings for the other strategy, with ``strategy`` searched between the two. Returns
+    a loaded :class:`~transferkit.recipe.Recipe`; ``overrides`` as ``--set`` (e.g. ``data.test=0.2``)."""
+    from transferkit.recipe import load_recipe
+
+    info = get_backbone_info(rec.backbone)
+    other = "finetune" if rec.strategy == "extract" else "extract"
+    plain = rec.recipe(data=recipe_data_path(data), name=name, backbone=rec.backbone)
+    other_cell = _TABLE[("large" if other == "finetune" else "small", rec.similar)]["settings"](info)
+    if other == "extract" and rec.measurement:  # the measured cut point, as a recipe writes it
+        best, layers = rec.measurement["best_layer"], rec.measurement["layers"]
+        other_cell["extract"]["layer"] = "top" if best == layers[-1] else best
+    plain.update(other_cell)
+    plain["data"].setdefault("augment", ["random_flip"])
+    plain["tune"] = {"budget": budget, "space": {"strategy": [rec.strategy, other]}}
+    return load_recipe(plain, overrides=overrides)
+
+
+def write_searched_recipe(path: str | Path, tuning, rec: Recommendation) -> None:
+    """Write the search's winning recipe headed by the evidence: the table's answer and the leaderboard."""
+    summary = tuning.summary
+    rows = [row for row in summary["trials"] if row["state"] == "complete"][:5]
+    tried = [row for row in summary["trials"] if not row["note"].startswith("not run")]
+    header = [f"# transferkit recipe: the best of {len(tried)} plans tried in "
+              f"{summary['seconds_spent'] / 60:.1f} min, picked by validation {summary['metric'].replace('_', '-')}",
+              f"# the table said: {rec.strategy} ({rec.summary})",
+              *(f"# - trial {row['trial']} {row['strategy']}: val top-1 {row['val_top1']:.3f}, loss "
+                f"{row['val_loss']:.3f}, {row['seconds']:.0f}s" for row in rows)]
+    if summary.get("test"):
+        header.append(f"# test split, evaluated once on the winner: top-1 {summary['test']['top1']:.3f} "
+                      f"(n={summary['test']['n']})")
+    header.append(f"# the study and every trial's run folder: {tuning.folder}")
+    plain = {key: Path(path).stem if key == "name" else value
+             for key, value in tuning.best_recipe.to_dict().items() if key not in ("output", "tune")}
+    atomic_write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(plain, sort_keys=False))
+
+
 def command_for(strategy: str) -> str:
     """The `transferkit` command that runs a recipe of ``strategy``."""
     return "extract" if strategy == "extract" else "finetune"
@@ -248,13 +289,15 @@ def _linear_probe(layer: str) -> dict:
 
 
 def _finetune(unfreeze, epochs: int, train_batchnorm: bool) -> dict:
+    """LP-FT: the new head starts from a logistic regression on cached features (no warm-up epochs),
+    then AdamW on a cosine schedule fine-tunes the unfrozen part."""
     return {
         "head": {"pooling": "avg", "dropout": 0.2},
-        "warmup": {"epochs": 3, "optimizer": {"name": "rmsprop", "learning_rate": 1e-3}},
+        "warmup": {"linear_probe": True},
         "finetune": {"unfreeze": {**unfreeze, "train_batchnorm": train_batchnorm}, "epochs": epochs,
-                     "optimizer": {"name": "sgd", "learning_rate": 1e-3, "momentum": 0.9, "nesterov": True},
+                     "optimizer": {"name": "adamw", "learning_rate": 3e-4, "weight_decay": 1e-4},
                      "schedule": {"name": "cosine", "warmup_epochs": 1},
-                     "label_smoothing": 0.1, "early_stopping": {"patience": 3}},
+                     "label_smoothing": 0.1, "early_stopping": {"monitor": "val_accuracy", "patience": 3}},
     }
 
 
@@ -286,7 +329,8 @@ _TABLE = {
         "rationale": [
             "Enough images to adapt the top blocks without over-fitting.",
             "The images look like ImageNet's, so the lower layers stay frozen as they are.",
-            "The new head warms up first so its random gradients do not wreck the pretrained features.",
+            "The new head starts from a linear probe on the frozen features (LP-FT), so no random gradients "
+            "wreck the pretrained features.",
         ],
         "settings": lambda info: _finetune({"from": info.finetune_from}, epochs=10, train_batchnorm=False),
     },
@@ -297,8 +341,9 @@ _TABLE = {
             "Enough images to retrain the whole network; the images differ from ImageNet's, "
             "so every layer has something to learn.",
             "Starting from ImageNet weights still converges faster than training from scratch.",
-            "BatchNorm statistics adapt to the new images too (train_batchnorm: true).",
+            "BatchNorm layers stay in inference mode: with Keras' slow moving averages, training them for a "
+            "few epochs leaves validation running on stale statistics (train_batchnorm: true for long runs).",
         ],
-        "settings": lambda info: _finetune({"all": True}, epochs=20, train_batchnorm=True),
+        "settings": lambda info: _finetune({"all": True}, epochs=20, train_batchnorm=False),
     },
 }
