@@ -219,9 +219,10 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(small_cats_dogs
 
 
 def _second_trial_checkpointed(folder) -> bool:
-    """The second trial has finished an epoch (its checkpoint state is written)."""
-    return any(path.name.endswith(".partial") and (path / "checkpoint" / "state.json").is_file()
-               for path in (folder / "trials").glob("*")) if (folder / "trials").is_dir() else False
+    """One trial has finished and the next has finished an epoch (its checkpoint state is written)."""
+    trials = list((folder / "trials").glob("*")) if (folder / "trials").is_dir() else []
+    return any((path / "run.json").is_file() for path in trials) and any(
+        path.name.endswith(".partial") and (path / "checkpoint" / "state.json").is_file() for path in trials)
 
 
 @pytest.mark.slow
@@ -238,5 +239,5 @@ def test_recommend_with_a_budget_writes_the_winner_with_its_evidence(datasets, h
     assert recipe.data.test == 0.25 and recipe.data.image_size == 64 and recipe.strategy in ("extract", "finetune")
     summary = json.loads((tmp_path / "runs" / "picked" / "tune" / "tune.json").read_text())
     plans = {row["trial"]: row for row in summary["trials"]}
-    assert plans[0]["plan"] == "the recipe's (extract)" and plans[1]["plan"] == "the recipe's (finetune)"
+    assert plans[0]["plan"] == "the table's (extract)" and plans[1]["plan"] == "the table's (finetune)"
     assert summary["test"]["n"] == 125 and summary["seconds_spent"] <= 75

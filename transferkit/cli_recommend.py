@@ -125,7 +125,7 @@ def _recommend_by_search(size, similar, data, backbone, alpha, write_to, budget,
     rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone, alpha=alpha, measure_on=measure_on)
     left = seconds - (time.monotonic() - started)
     recipe = checked(search_recipe(rec, data, name=name, budget=max(left, 1.0), overrides=overrides))
-    tuning = run_tune(recipe, budget=max(left, 1.0), resume=resume, restart=restart)
+    tuning = run_tune(recipe, budget=max(left, 1.0), resume=resume, restart=restart, prior="the table's")
     click.echo(format_recommendation(rec))
     click.echo(to_markdown(tuning.summary, recipe_text=False), nl=False)
     if write_to:

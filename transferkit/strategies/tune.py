@@ -64,7 +64,7 @@ class Tuning:
 
 def tune(recipe: Recipe | str | Path, *, budget: str | float | None = None, trials: int | None = None,
          resume: bool = False, restart: bool = False, output: str | Path | None = None,
-         progress: bool = False) -> Tuning:
+         progress: bool = False, prior: str = "the recipe's") -> Tuning:
     """Search the recipe's plans within ``budget`` and write the study's reports.
 
     Args:
@@ -75,6 +75,7 @@ def tune(recipe: Recipe | str | Path, *, budget: str | float | None = None, tria
         restart: start a new study in the folder (finished trial runs are still reused).
         output: the study folder; default ``<recipe output>/tune``.
         progress: show each trial's own progress bars (one line per trial is always logged).
+        prior: what the leaderboard calls the recipe's own plans (the first trials).
 
     Returns:
         A :class:`Tuning`.
@@ -91,7 +92,7 @@ def tune(recipe: Recipe | str | Path, *, budget: str | float | None = None, tria
     folder = Path(output or Path(recipe.output) / "tune")
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder), disk_full_is_one_line(folder, then=", then run the search again with --resume"):
-        study = open_study(folder, recipe, space, resume=resume, restart=restart)
+        study = open_study(folder, recipe, space, resume=resume, restart=restart, prior=prior)
         search = _Search(study, recipe, space, folder, seconds, trials or recipe.tune.trials, progress)
         search.run()
         return _finish(study, recipe, space, folder, search)
@@ -105,7 +106,7 @@ def require_optuna() -> None:
         raise TransferkitError("searching plans needs Optuna: pip install 'transferkit[tune]' (or pip install optuna)")
 
 
-def open_study(folder: Path, recipe: Recipe, space: dict, *, resume: bool, restart: bool):
+def open_study(folder: Path, recipe: Recipe, space: dict, *, resume: bool, restart: bool, prior: str = "the recipe's"):
     """The Optuna study in ``folder/study.db``: a new one (its first trials the recipe's own plans), or
     the one there (with ``resume``), whose interrupted trials are queued to run again."""
     import optuna
@@ -134,7 +135,7 @@ def open_study(folder: Path, recipe: Recipe, space: dict, *, resume: bool, resta
     if not existing:
         study.set_user_attr("metric", recipe.tune.metric)
         for strategy in strategies_of(space, recipe):
-            study.enqueue_trial(centre(recipe, space, strategy), user_attrs={"plan": f"the recipe's ({strategy})"})
+            study.enqueue_trial(centre(recipe, space, strategy), user_attrs={"plan": f"{prior} ({strategy})"})
     _requeue_interrupted(study)
     return study
 
@@ -308,7 +309,8 @@ def _finish(study, recipe: Recipe, space: dict, folder: Path, search: _Search) -
                         "params": best.params},
                "test": _test_once(best_folder, recipe),
                "importances": _importances(study), "recipe": best_recipe.to_dict()}
-    atomic_write_text(folder / "best.yaml", f"# the winner of {len(complete)} trials (tune.md)\n" + best_recipe.to_yaml())
+    atomic_write_text(folder / "best.yaml",
+                      f"# the winner of {len(complete)} finished trials (tune.md)\n" + best_recipe.to_yaml())
     atomic_write_json(folder / "tune.json", summary)
     atomic_write_text(folder / "tune.md", to_markdown(summary))
     plot_history(summary["trials"], folder / "history.png", maximize=study.direction.name == "MAXIMIZE",
