@@ -171,6 +171,10 @@ def test_a_search_holds_the_test_split_out_of_every_trial_but_the_winner(small_c
     assert (folder / "history.png").stat().st_size > 0 and "Winner: trial" in (folder / "tune.md").read_text()
     assert (folder / "study.db").is_file()
 
+    from transferkit.strategies.extract import extract
+    run = extract(best)  # the winning recipe runs into the recipe's output, which holds the search: kept
+    assert run.folder == tmp_path / "run" and (folder / "study.db").is_file() and (folder / "tune.json").is_file()
+
     with pytest.raises(TransferkitError, match="--resume to go on"):
         tune(recipe)
     tested = (with_test[0] / "test_metrics.json").stat().st_mtime
