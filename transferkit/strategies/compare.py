@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -86,7 +85,8 @@ def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backb
             run_folder = folder / "runs" / f"{mode}-seed{seed}"
             log.info("compare: %s, seed %d (%d of %d)", mode, seed, index * len(modes) + modes.index(mode) + 1,
                      seeds * len(modes))
-            history = _finished_history(run_folder)
+            finished = finetuning.finished_run(run_folder)
+            history = None if finished is None else finished["history"]
             if history is None:
                 run_recipe = dataclasses.replace(recipe, strategy=MODES[mode], seed=seed, output=str(run_folder),
                                                  data=dataclasses.replace(recipe.data, split_seed=split_seed))
@@ -94,11 +94,3 @@ def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backb
                                               resume=finetuning.unfinished_run(run_folder) is not None).history
             curves[mode].append(history)
     return curves
-
-
-def _finished_history(run_folder: Path) -> dict | None:
-    """The history of a finished run in ``run_folder``, or None (nothing there, or a newer run unfinished)."""
-    summary = run_folder / "run.json"
-    if not summary.is_file() or finetuning.unfinished_run(run_folder) is not None:
-        return None
-    return json.loads(summary.read_text())["history"]

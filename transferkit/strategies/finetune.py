@@ -198,6 +198,16 @@ def unfinished_run(output: str | Path) -> dict | None:
     return Checkpoints.of(output.with_name(f"{output.name}.partial")).state()
 
 
+def finished_run(output: str | Path) -> dict | None:
+    """The ``run.json`` of a finished run in ``output``, or None (nothing there, or a newer run unfinished)."""
+    import json
+
+    summary = Path(output) / "run.json"
+    if not summary.is_file() or unfinished_run(output) is not None:
+        return None
+    return json.loads(summary.read_text())
+
+
 # --------------------------------------------------------------------------------------------
 # Model and data
 # --------------------------------------------------------------------------------------------

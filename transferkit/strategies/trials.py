@@ -9,12 +9,11 @@ interrupted fine-tuning trial resumes from its last epoch.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -42,7 +41,6 @@ class Outcome:
     epochs: int = 0
     reused: bool = False
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def trial_folder(folder: Path, recipe: Recipe, values: dict) -> Path:
@@ -60,13 +58,12 @@ def make_trial_recipe(recipe: Recipe, values: dict, output: Path) -> Recipe:
 
 def finished_metrics(folder: Path) -> dict | None:
     """The validation metrics and epochs of a finished run in ``folder`` (None: none, or one unfinished)."""
-    from transferkit.strategies.finetune import unfinished_run
+    from transferkit.strategies.finetune import finished_run
 
-    summary = folder / "run.json"
-    if not summary.is_file() or unfinished_run(folder) is not None:
+    summary = finished_run(folder)
+    if summary is None:
         return None
-    data = json.loads(summary.read_text())
-    return {"val": data.get("metrics", {}).get("val"), "epochs": len(data.get("history", {}).get("phase", []))}
+    return {"val": summary.get("metrics", {}).get("val"), "epochs": len(summary.get("history", {}).get("phase", []))}
 
 
 def run_trial(recipe: Recipe, folder: Path, epoch_hook, progress: bool) -> Outcome:
