@@ -124,8 +124,7 @@ def _neighbour_layers(recipe: Recipe, layer: str) -> list[str]:
 
 def _finetune_space(recipe: Recipe) -> dict[str, Parameter]:
     info, warmup, spec = get_backbone_info(recipe.backbone.name), recipe.warmup, recipe.finetune
-    unfreeze = {key: value for key, value in recipe.to_dict()["finetune"]["unfreeze"].items()
-                if value not in (None, False) or key == "train_batchnorm"}
+    unfreeze = _unfreeze_as_chosen(recipe.to_dict()["finetune"]["unfreeze"])
     batchnorm = {"train_batchnorm": spec.unfreeze.train_batchnorm}
     space = {"finetune.unfreeze": _choices("finetune.unfreeze", unfreeze, {"from": info.finetune_from, **batchnorm},
                                            {"fraction": 0.5, **batchnorm}, {"all": True, **batchnorm}),
@@ -225,6 +224,11 @@ def _value_at(plain: dict, key: str):
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
-    if key == "finetune.unfreeze" and isinstance(node, dict):  # as the default space writes it
-        return {k: v for k, v in node.items() if v not in (None, False) or k == "train_batchnorm"}
+    if key == "finetune.unfreeze" and isinstance(node, dict):
+        return _unfreeze_as_chosen(node)
     return node
+
+
+def _unfreeze_as_chosen(unfreeze: dict) -> dict:
+    """A plain ``finetune.unfreeze`` as the default space's choices write it: the mode set, and train_batchnorm."""
+    return {key: value for key, value in unfreeze.items() if value not in (None, False) or key == "train_batchnorm"}

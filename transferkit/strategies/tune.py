@@ -181,13 +181,14 @@ class _Search:
         skips = 0
         while skips < MAX_SKIPS and time.monotonic() < self.deadline and not self._enough():
             trial = self.study.ask()
-            values = self._fit(trial, suggest(trial, self.space, self.recipe.strategy))
-            if values is None:
+            fitted = self._fit(trial, suggest(trial, self.space, self.recipe.strategy))
+            if fitted is None:
                 skips += 1
                 continue
             skips = 0
+            values, plan = fitted
             output = trial_folder(self.folder, self.recipe, values)
-            self._run(trial, values, make_trial_recipe(self.recipe, values, output), output)
+            self._run(trial, values, dataclasses.replace(plan, output=str(output.resolve())), output)
         self.study.set_user_attr("seconds_spent", round(self.spent, 1))
 
     def _enough(self) -> bool:
@@ -199,17 +200,18 @@ class _Search:
     def _rows(self) -> list[dict]:
         return [dict(t.user_attrs) for t in self.study.get_trials(deepcopy=False) if "seconds" in t.user_attrs]
 
-    def _fit(self, trial, values: dict) -> dict | None:
-        """``values``, or fewer fine-tuning epochs where the plan would overrun the budget (see
-        :data:`FIT_INTO`); None, and the trial told as not run, where no plan that short would fit."""
-        plan = make_trial_recipe(self.recipe, values, self.folder)
-        estimate, left = estimate_seconds(plan, self._rows()), self.deadline - time.monotonic()
+    def _fit(self, trial, values: dict) -> tuple[dict, Recipe] | None:
+        """``values`` and their recipe, with fewer fine-tuning epochs where the plan would overrun the
+        budget (see :data:`FIT_INTO`); None, and the trial told as not run, where no plan that short would fit."""
+        plan, rows = make_trial_recipe(self.recipe, values, self.folder), self._rows()
+        estimate, left = estimate_seconds(plan, rows), self.deadline - time.monotonic()
         if estimate is None or estimate <= left:
-            return values
-        epochs = fitted_epochs(plan, self._rows(), FIT_INTO * left) if plan.strategy != "extract" else None
+            return values, plan
+        epochs = fitted_epochs(plan, rows, FIT_INTO * left) if plan.strategy != "extract" else None
         if epochs is not None and max(2, math.ceil(plan.finetune.epochs / 4)) <= epochs < plan.finetune.epochs:
             trial.set_user_attr("fitted", f"finetune.epochs {plan.finetune.epochs} -> {epochs} to fit the budget")
-            return {**values, "finetune.epochs": epochs}
+            return ({**values, "finetune.epochs": epochs},
+                    dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, epochs=epochs)))
         self._skip(trial, values, estimate)
         return None
 
