@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transferkit.data.augment import AUGMENTATIONS
+from transferkit.data.augment import AUGMENTATIONS, is_import_path
 from transferkit.errors import RecipeError
 from transferkit.recipe.messages import did_you_mean, kind_of
 from transferkit.recipe.reading import apply_overrides, parse_yaml, read_recipe_text
@@ -70,7 +70,7 @@ def _check_consistency(recipe: Recipe) -> None:
         if not isinstance(name, str):
             raise RecipeError(f"expected a name or {{name: arguments}}, e.g. random_flip or {{random_rotation: 0.1}}, "
                               f"got {spec!r}", key=f"data.augment[{i}]")
-        if name not in AUGMENTATIONS:
+        if name not in AUGMENTATIONS and not is_import_path(name):  # a path is imported by validate
             raise RecipeError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}",
                               key=f"data.augment[{i}]")
 
