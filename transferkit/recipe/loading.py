@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from transferkit.data.augment import AUGMENTATIONS, is_import_path
+from transferkit.data.balance import check_class_weight
 from transferkit.errors import RecipeError
 from transferkit.recipe.messages import did_you_mean, kind_of
 from transferkit.recipe.reading import apply_overrides, parse_yaml, read_recipe_text
@@ -63,8 +64,9 @@ def load_recipe(source: str | Path | dict, *, overrides: list[str] = (), base_di
 
 
 def _check_consistency(recipe: Recipe) -> None:
-    """Rules that involve more than one key: one unfreeze mode, known augmentation names."""
+    """Rules that involve more than one key: one unfreeze mode, one class weight key, known augmentation names."""
     recipe.finetune.unfreeze.mode()
+    _one_class_weight_key(recipe)
     for i, spec in enumerate(recipe.data.augment):
         name = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else spec
         if not isinstance(name, str):
@@ -73,6 +75,19 @@ def _check_consistency(recipe: Recipe) -> None:
         if name not in AUGMENTATIONS and not is_import_path(name):  # a path is imported by validate
             raise RecipeError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}",
                               key=f"data.augment[{i}]")
+
+
+def _one_class_weight_key(recipe: Recipe) -> None:
+    """``data.class_weight``, checked; ``extract.classifier.class_weight``, its older name, is moved
+    there (older recipes keep working) unless both are given."""
+    older = recipe.extract.classifier.class_weight
+    if older is not None:
+        if recipe.data.class_weight is not None:
+            raise RecipeError("data.class_weight is the one key for both strategies: give it alone, not both",
+                              key="extract.classifier.class_weight")
+        recipe.data.class_weight, recipe.extract.classifier.class_weight = older, None
+    with RecipeError.under("data.class_weight"):
+        check_class_weight(recipe.data.class_weight)
 
 
 def _check_tune(recipe: Recipe, raw: dict, base: Path) -> None:

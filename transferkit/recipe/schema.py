@@ -75,6 +75,9 @@ class DataSpec:
     augment_on: Literal["auto", "pipeline", "model"] = _spec(
         "auto", doc="where augmentation runs: pipeline (input pipeline, CPU), model (in the training step, "
                     "on the accelerator); auto: model on a GPU, else pipeline")
+    class_weight: Union[Literal["balanced"], dict, None] = _spec(
+        None, doc="weigh the classes in fine-tuning's loss and in extract's classifier: balanced (n_images / "
+                  "(n_classes * the class's images), counted on the training split) or {class name: weight}")
 
 
 @dataclass
@@ -210,7 +213,8 @@ class ClassifierSpec(_GivenByName):
     name: str = _spec("logistic_regression")
     params: dict = _spec({})
     grid: Optional[dict] = _spec(None, doc="cross-validated search grid; null: the classifier's default, {}: none")
-    class_weight: Union[Literal["balanced"], dict, None] = _spec(None)
+    class_weight: Union[Literal["balanced"], dict, None] = _spec(
+        None, doc="the older name of data.class_weight, still read (it moves there when the recipe is loaded)")
     standardize: bool = _spec(True)
     select_by: Literal["log_loss", "accuracy"] = _spec(
         "log_loss", doc="what the grid search picks by: cross-validated log-loss or accuracy (both are reported)")

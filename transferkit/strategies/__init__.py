@@ -50,12 +50,16 @@ def check_recipe(recipe: Recipe, *, weights: bool = True, own_backbone: bool = F
 
 
 def check_data(recipe: Recipe, *, screen: bool = False):
-    """The recipe's splits, and the checks that need its class names (imag's ``mapping``).
+    """The recipe's splits, and the checks that need its class names (``data.class_weight``, imag's ``mapping``).
 
     ``screen=False`` (what `transferkit validate` does) lists the folders without reading an image;
     the strategies screen the files. Raises DataError or RecipeError, one line each.
     """
+    from transferkit.data.balance import check_class_weight
+
     splits = recipe_splits(recipe, screen=screen)
+    with RecipeError.under("data.class_weight"):
+        check_class_weight(recipe.data.class_weight, splits.class_names)
     if recipe.strategy == "imag":
         from transferkit.training.imag import label_mapping
 
@@ -102,7 +106,10 @@ def _check_extract(recipe: Recipe) -> None:
         _check_layer(recipe, layer, "extract.layer" if isinstance(layers, str) else f"extract.layer[{i}]")
     spec = recipe.extract.classifier
     with RecipeError.under("extract.classifier"):  # name, estimator class, parameters, grid: short of fitting
-        check_classifier(spec.name, params=spec.params, grid=spec.grid, class_weight=spec.class_weight)
+        check_classifier(spec.name, params=spec.params, grid=spec.grid)
+    if recipe.data.class_weight is not None:  # the classifier must take the weights data.class_weight gives
+        with RecipeError.under("data"):
+            check_classifier(spec.name, params=spec.params, grid=spec.grid, class_weight=recipe.data.class_weight)
 
 
 def _check_finetune(recipe: Recipe, layers: bool = True) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.training.accelerator import out_of_memory
+from transferkit.data.balance import class_weights
 from transferkit.data.sources import ImageSet
 from transferkit.errors import DeviceMemoryError, RecipeError
 from transferkit.features.store import FeatureStore, cache_key
@@ -26,9 +27,9 @@ from transferkit.features.transformer import FeatureExtractor, pixels_of, predic
 from transferkit.io import disk_full_is_one_line, transferkit_home
 from transferkit.logs import log_to_stderr_unless_configured
 from transferkit.outputs import OutputFolder
-from transferkit.recipe import Recipe, load_recipe, recipe_splits
+from transferkit.recipe import ClassifierSpec, Recipe, load_recipe, recipe_splits
 from transferkit.run import FeaturePredictor, Run
-from transferkit.strategies import preflight
+from transferkit.strategies import check_data, preflight
 
 log = logging.getLogger("transferkit")
 
@@ -66,10 +67,10 @@ def extract(recipe: Recipe | str | Path, *, progress: bool = True, evaluate_test
 def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, started: float,
              evaluate_test: bool = True) -> Run:
     """Features, the classifier fit and the reports (written to ``folder``); the Run, unsaved."""
-    from transferkit.features.classifiers import build_classifier, cv_scores, fit_cached, predict_proba
+    from transferkit.features.classifiers import cv_scores, fit_cached, predict_proba
     from transferkit.reports.evaluate import format_metrics, write_report
 
-    splits = recipe_splits(recipe)
+    splits = check_data(recipe, screen=True)
     extractor = feature_extractor(recipe, image_size)
     sets = _named_sets(splits)
     if not evaluate_test:
@@ -78,9 +79,7 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
     extracted = time.perf_counter()
 
     train_x, train_y = features["train"]
-    with RecipeError.under("extract.classifier"):
-        classifier = build_classifier(**dataclasses.asdict(recipe.extract.classifier), seed=recipe.seed,
-                                      n_samples_per_class=int(np.bincount(train_y).min()))
+    classifier = recipe_classifier(recipe, recipe.extract.classifier, train_y, splits.class_names)
     classifier, reused = fit_cached(classifier, train_x, train_y, transferkit_home() / "classifiers")
     fitted = time.perf_counter()
     if reused:
@@ -105,6 +104,21 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
                 "feature_dim": int(train_x.shape[1]),
                 "best_params": getattr(classifier, "best_params_", None), "cv": scores}
     return run
+
+
+def recipe_classifier(recipe: Recipe, spec: ClassifierSpec, labels: np.ndarray, class_names: list[str]):
+    """The unfitted classifier ``spec`` describes, for training images of class ``labels``, with the
+    weights of ``data.class_weight`` (``balanced``: counted on ``labels``) as ``{label: weight}``."""
+    from transferkit.features.classifiers import build_classifier
+
+    setting = recipe.data.class_weight if recipe.data.class_weight is not None else spec.class_weight
+    weights = class_weights(setting, labels, class_names)
+    if weights is not None:
+        log.info("class weights: %s", ", ".join(f"{name} {w:.3g}" for name, w in zip(class_names, weights)))
+    with RecipeError.under("extract.classifier"):  # checked before (preflight): data.class_weight's support too
+        return build_classifier(**{**dataclasses.asdict(spec), "class_weight": None if weights is None else
+                                   dict(enumerate(weights.tolist()))},
+                                seed=recipe.seed, n_samples_per_class=int(np.bincount(labels).min()))
 
 
 def feature_extractor(recipe: Recipe, image_size: int):
