@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from transferkit.data.balance import sample_weights
 from transferkit.data.decode import load_image
 from transferkit.data.sources import ImageSet
 
@@ -36,8 +37,8 @@ ORDER, AUGMENT, MIX, MODEL, BACKEND = range(5)
 
 def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shuffle: bool = False,
                  augment=None, seed: int = 0, pipeline: str = "auto", num_classes: int | None = None,
-                 mix=None, cache: bool | int | str = False, epochs: range | None = None):
-    """Batches of ``(pixels float32 [B, S, S, 3] in 0..255, labels int32 [B])`` for Keras.
+                 mix=None, cache: bool | int | str = False, epochs: range | None = None, class_weight=None):
+    """Batches of ``(pixels float32 [B, S, S, 3] in 0..255, labels int32 [B][, sample weights float32 [B]])`` for Keras.
 
     Args:
         images: the images.
@@ -60,6 +61,7 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         epochs: training epochs, e.g. ``range(2, 6)`` (0-based): the dataset yields those epochs'
             batches back to back, shuffled, each epoch a function of ``(seed, epoch)`` alone; give
             ``Model.fit`` ``steps_per_epoch=steps_per_epoch(len(images), batch_size)``.
+        class_weight: one weight per label: batches then carry the samples' weights (``sample_weights``).
 
     Returns:
         A ``tf.data.Dataset`` or a ``keras.utils.PyDataset``; both work with ``Model.fit`` and
@@ -72,7 +74,8 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
     if mix is not None and num_classes is None:
         raise ValueError("mix needs one-hot labels: give num_classes too")
     build = _tf_dataset if pipeline == "tf" else _image_batches_class()
-    return build(_Source(images, image_size, batch_size, seed, cache_limit(cache, len(images), image_size)),
+    return build(_Source(images, image_size, batch_size, seed, cache_limit(cache, len(images), image_size),
+                         None if class_weight is None else np.asarray(class_weight, np.float32)),
                  shuffle=shuffle or epochs is not None, augment=augment, num_classes=num_classes, mix=mix,
                  epochs=None if epochs is None else list(epochs))
 
@@ -152,8 +155,8 @@ def _tensorflow_backend() -> bool:
 class _Source:
     """What both pipelines share: the images, their order per epoch, and the decoded-image cache."""
 
-    def __init__(self, images: ImageSet, image_size: int, batch_size: int, seed: int, cache: int):
-        self.images, self.image_size, self.seed = images, image_size, seed
+    def __init__(self, images: ImageSet, image_size: int, batch_size: int, seed: int, cache: int, class_weight=None):
+        self.images, self.image_size, self.seed, self.class_weight = images, image_size, seed, class_weight
         # a batch larger than the set is the whole set: the same batches, no pipeline asked for more
         self.batch_size = max(1, min(int(batch_size), len(images)))
         self.labels = np.asarray(images.labels, dtype=np.int32)
@@ -188,8 +191,8 @@ class _Source:
 
 
 def _tf_dataset(source: _Source, *, shuffle, augment, num_classes, mix, epochs):
-    """batches of indices -> Pillow decode (threads, cache) -> float32 -> augment -> one-hot, mix ->
-    prefetch. With ``epochs`` each batch carries ``(epoch, batch)`` and every draw is keyed by it."""
+    """batches of indices -> Pillow decode (threads, cache) -> float32 -> augment -> one-hot, mix -> weights
+    -> prefetch. With ``epochs`` each batch carries ``(epoch, batch)`` and every draw is keyed by it."""
     import tensorflow as tf
 
     count, batch_size, labels = len(source), source.batch_size, source.labels
@@ -229,7 +232,11 @@ def _tf_dataset(source: _Source, *, shuffle, augment, num_classes, mix, epochs):
             y.set_shape((None, num_classes))
             return e, b, x, y
         ds = ds.map(mixed, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.map(lambda e, b, x, y: (x, y)).prefetch(tf.data.AUTOTUNE)
+    if source.class_weight is not None:  # a third element: the samples' weights, which Model.fit reads as such
+        weigh = functools.partial(sample_weights, class_weight=source.class_weight)
+        ds = ds.map(lambda e, b, x, y: (e, b, x, y, tf.ensure_shape(
+            tf.numpy_function(weigh, [y], tf.float32, stateful=False), (None,))), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda e, b, x, y, *weights: (x, y, *weights)).prefetch(tf.data.AUTOTUNE)
 
 
 def _tf_augment(augment, seed: int, keyed: bool):
@@ -290,7 +297,8 @@ class _Batches:
         if self._mix is not None:
             mixer = self._mixer or self._mix(seed=self.source.mix_seed(epoch, batch))
             pixels, labels = mixer(pixels, labels)
-        return pixels, labels
+        weights = self.source.class_weight
+        return (pixels, labels) if weights is None else (pixels, labels, sample_weights(labels, weights))
 
     def _decoded(self, index) -> np.ndarray:
         """The uint8 pixels of batch ``index``, once the batches after it are decoding in the background."""

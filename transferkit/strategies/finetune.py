@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.data.augment import build_augmentation
+from transferkit.data.balance import class_weights, label_weights
 from transferkit.data.pipelines import fitting_batch_size, make_dataset, steps_per_epoch
 from transferkit.errors import RecipeError
 from transferkit.io import atomic_write_text, disk_full_is_one_line
@@ -228,18 +229,36 @@ def build_model(recipe: Recipe, num_classes: int, image_size: int, head=None, ba
 def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_size: int, class_names: list[str],
                    augment=None, first: int = 0):
     """The phase's epochs from ``first`` on: shuffled one-hot batches, augmented by ``augment``;
-    MixUp/CutMix after warm-up; imagined labels in imag episodes. Each epoch's draws depend on the
-    recipe's seed and the epoch alone (see :func:`transferkit.data.pipelines.make_dataset`)."""
+    MixUp/CutMix after warm-up; imagined labels in imag episodes; with ``data.class_weight`` each
+    sample weighed by its class (:func:`_label_weights`). Each epoch's draws depend on the recipe's seed
+    and the epoch alone (see :func:`transferkit.data.pipelines.make_dataset`)."""
     from transferkit.data.augment import BatchMixer
 
-    if phase.name == "imag":
-        images = imagined(images, recipe, phase.episode)
+    trained = imagined(images, recipe, phase.episode) if phase.name == "imag" else images
     spec = recipe.finetune
     mix = (functools.partial(BatchMixer, spec.mixup, spec.cutmix)
            if phase.name != "warmup" and (spec.mixup or spec.cutmix) else None)
-    return make_dataset(images, image_size, batch_size, augment=augment, seed=recipe.seed,
+    return make_dataset(trained, image_size, batch_size, augment=augment, seed=recipe.seed,
                         num_classes=len(class_names), mix=mix, cache=recipe.data.cache,
-                        epochs=range(max(first, phase.first), phase.last))
+                        epochs=range(max(first, phase.first), phase.last),
+                        class_weight=_label_weights(recipe, phase, images, trained.labels))
+
+
+def _label_weights(recipe: Recipe, phase: Phase, images, targets: np.ndarray) -> np.ndarray | None:
+    """The loss weight of each label the phase trains on: ``data.class_weight`` (``balanced``: counted
+    on the training split ``images``); in an imag episode, where the images of a class learn
+    ``targets`` instead, the weight of the class that carries each target.
+
+    The pipeline gives the weights as sample weights (``Model.fit``'s ``class_weight`` weighs a
+    MixUp/CutMix label as its largest class only): a mixed label weighs as its classes mix, label
+    smoothing (inside the loss) leaves them be, and every backend and both pipelines read them."""
+    weights = class_weights(recipe.data.class_weight, images.labels, images.class_names)
+    if weights is None:
+        return None
+    weights = label_weights(weights, images.labels, targets)
+    log.info("%s: loss weight per label: %s", phase.name,
+             ", ".join(f"{name} {w:.3g}" for name, w in zip(images.class_names, weights)))
+    return weights
 
 
 def imagined(images, recipe: Recipe, episode: int):
@@ -257,10 +276,10 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
     """LP-FT: set ``head_logits`` to a logistic regression fitted on cached pooled features."""
     import keras
 
-    from transferkit.features.classifiers import build_classifier, fit_cached, fold_linear_classifier
+    from transferkit.features.classifiers import fit_cached, fold_linear_classifier
     from transferkit.io import transferkit_home
     from transferkit.recipe import ExtractSpec
-    from transferkit.strategies.extract import cached_features
+    from transferkit.strategies.extract import cached_features, recipe_classifier
     from transferkit.models.surgery import HEAD_POOL
 
     names = [layer.name for layer in model.layers]
@@ -273,8 +292,7 @@ def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool
     extractor = keras.Model(model.input, model.get_layer(HEAD_POOL).output)
     features = cached_features(probe, extractor, image_size, {"train": splits.train}, progress)
     x, y = features["train"]
-    classifier = build_classifier(**dataclasses.asdict(probe.extract.classifier), seed=recipe.seed,
-                                  n_samples_per_class=int(np.bincount(y).min()))
+    classifier = recipe_classifier(probe, probe.extract.classifier, y, splits.class_names)
     classifier, _ = fit_cached(classifier, x, y, transferkit_home() / "classifiers")
     kernel, bias, classes = fold_linear_classifier(classifier, "logistic_regression")
     order = np.argsort(classes)
