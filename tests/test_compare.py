@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from transferkit.reports.compare import paired_difference, run_measures
+from transferkit.reports.compare import paired_difference, run_measures, summarize, to_markdown
 from transferkit.strategies.compare import compare
 from transferkit.recipe import load_recipe
 
@@ -36,6 +36,16 @@ def test_run_measures_skip_missing_epochs():
                                                                    "final_train_loss": 0.1, "best_train_loss": 0.1}
 
 
+def test_the_runs_val_balanced_accuracy_is_a_row_of_the_comparison():
+    history = {"val_accuracy": [0.5, 0.8], "val_loss": [1.0, 0.5], "accuracy": [0.6, 0.9], "loss": [0.9, 0.3]}
+    balanced = {"normal": [{"balanced_accuracy": 0.5}, {"balanced_accuracy": 0.7}],
+                "imag": [{"balanced_accuracy": 0.6}, {"balanced_accuracy": 0.9}]}
+    summary = summarize({"normal": [history] * 2, "imag": [history] * 2}, seeds=[0, 1], val_metrics=balanced)
+    assert summary["stats"]["normal"]["balanced_accuracy"]["mean"] == pytest.approx(0.6)
+    assert summary["differences"]["imag"]["balanced_accuracy"]["mean"] == pytest.approx(0.15)
+    assert "| val balanced accuracy of the run's model | 0.6000 ± 0.1414 | 0.7500 ± 0.2121 |" in to_markdown(summary)
+
+
 def test_compare_normal_and_imag_writes_tables_and_curves(small_cats_dogs, home, tmp_path, monkeypatch):
     recipe = load_recipe({
         "name": "cd-compare", "seed": 0, "strategy": "imag",
@@ -58,7 +68,7 @@ def test_compare_normal_and_imag_writes_tables_and_curves(small_cats_dogs, home,
     assert difference["mean"] == pytest.approx(np.mean(np.subtract(imag, normal)))
     table = (folder / "compare.md").read_text()
     assert "| normal | imag |" in table and "paired t-test p" in table
-    for label in ("final train top-1", "best train loss", "final val loss"):  # a row per measure, a CI for each
+    for label in ("final train top-1", "best train loss", "final val loss", "val balanced accuracy of the run's model"):
         assert table.count(f"| {label} |") == 2, label
     train = summary["differences"]["imag"]["final_train_loss"]
     assert train["n"] == 2 and np.isfinite(train["mean"]) and len(train["ci"]) == 2

@@ -86,8 +86,10 @@ def test_bad_input_is_refused_with_a_message_that_says_what(y_true, probs, match
 def test_format_metrics_gives_the_headline_and_weakest_classes():
     text = format_metrics(evaluate_predictions(Y_TRUE, PROBS, NAMES))
     headline, weakest = text.splitlines()
-    assert headline == f"top-1 0.667  loss {np.mean(-np.log(P_TRUE)):.3f}  (n=6)"
+    assert headline == f"top-1 0.667  balanced accuracy 0.667  loss {np.mean(-np.log(P_TRUE)):.3f}  (n=6)"
     assert weakest.startswith("weakest by F1: bee 0.500, ant 0.667")
+    always_first = format_metrics(evaluate_predictions([0, 0, 0, 1], [[0.9, 0.1]] * 4, ["a", "b"]))
+    assert always_first.startswith("top-1 0.750  balanced accuracy 0.500  loss")  # beside top-1, apart from it
 
 
 def test_write_report_writes_six_files_that_read_back(tmp_path):

@@ -149,6 +149,21 @@ def _extract_recipe(small_cats_dogs, tmp_path, **tune):
                         "tune": tune, "output": str(tmp_path / "run")})
 
 
+def test_tune_md_gives_balanced_accuracy_beside_top1():
+    from transferkit.reports.tune import to_markdown
+
+    val = {"top1": 0.75, "balanced_accuracy": 0.5, "loss": 0.4, "n": 20}
+    row = {"trial": 0, "state": "complete", "strategy": "extract", "params": {}, "plan": None, "val_top1": 0.75,
+           "val_balanced_accuracy": 0.5, "val_loss": 0.4, "seconds": 3, "epochs": None, "note": "", "reused": False,
+           "fitted": None, "asked": 1}
+    text = to_markdown({"name": "xray", "metric": "log_loss", "seconds_spent": 10, "budget_seconds": 60,
+                        "trials": [row], "best": {"trial": 0, "plan": None, "params": {}, "val": val},
+                        "test": {"top1": 0.7, "balanced_accuracy": 0.6, "loss": 0.5, "n": 30}}, recipe_text=False)
+    assert "val top-1 0.750, balanced accuracy 0.500, loss 0.400 (n=20)" in text
+    assert "top-1 0.700, balanced accuracy 0.600, loss 0.500 (n=30)" in text
+    assert "| val top-1 | val balanced acc. | val loss |" in text and "| 0.750 | 0.500 | 0.400 |" in text
+
+
 @pytest.mark.slow
 def test_a_search_holds_the_test_split_out_of_every_trial_but_the_winner(small_cats_dogs, home, tmp_path):
     recipe = _extract_recipe(small_cats_dogs, tmp_path, budget="10m", trials=4)

@@ -2,7 +2,8 @@
 (:func:`transferkit.strategies.compare.compare` trains the runs).
 
 Statistics, per mode: mean ± std over seeds of the final and best validation and training top-1 and
-loss (training epochs of imag episodes, which train on imagined labels, are left out). Per
+loss (training epochs of imag episodes, which train on imagined labels, are left out), and the validation
+balanced accuracy of each run's model (given the runs' validation metrics). Per
 mode against the first: the paired difference (same seed, same split), its 95% confidence
 interval from Student's t, and the paired t-test's two-sided p-value.
 
@@ -19,14 +20,20 @@ import numpy as np
 
 
 MEASURES = {"final_top1": "final val top-1", "best_top1": "best val top-1",
+            "balanced_accuracy": "val balanced accuracy of the run's model",
             "final_loss": "final val loss", "best_loss": "best val loss",
             "final_train_top1": "final train top-1", "best_train_top1": "best train top-1",
             "final_train_loss": "final train loss", "best_train_loss": "best train loss"}
 
 
-def summarize(curves: dict[str, list[dict]], seeds: list[int]) -> dict:
-    """Per-run measures, per-mode mean/std, and paired differences against the first mode."""
-    measures = {mode: [run_measures(history) for history in histories] for mode, histories in curves.items()}
+def summarize(curves: dict[str, list[dict]], seeds: list[int], val_metrics: dict[str, list] | None = None) -> dict:
+    """Per-run measures, per-mode mean/std, and paired differences against the first mode; ``val_metrics``
+    holds each run's validation metrics (:func:`transferkit.reports.evaluate.evaluate_predictions`) in
+    the order of ``curves``."""
+    val_metrics = val_metrics or {}
+    measures = {mode: [run_measures(history, metrics) for history, metrics in
+                       zip(histories, val_metrics.get(mode) or [None] * len(histories))]
+                for mode, histories in curves.items()}
     modes = list(curves)
     summary = {"seeds": seeds, "modes": modes, "runs": measures, "stats": {}, "differences": {}}
     for mode in modes:
@@ -38,16 +45,17 @@ def summarize(curves: dict[str, list[dict]], seeds: list[int]) -> dict:
     return summary
 
 
-def run_measures(history: dict) -> dict[str, float]:
+def run_measures(history: dict, val_metrics: dict | None = None) -> dict[str, float]:
     """Final and best validation and training top-1 and loss of one run's history. Epochs without a
     value are skipped (training ones in imag episodes, whose own task is logged as ``imag_*``); a run
-    without any training value gets NaN there."""
+    without any training value gets NaN there. The balanced accuracy comes from ``val_metrics`` (NaN without)."""
     measures = {}
     for prefix, split in (("val_", ""), ("", "train_")):
         top1, loss = _values(history, f"{prefix}accuracy"), _values(history, f"{prefix}loss")
         measures |= {f"final_{split}top1": _last(top1), f"best_{split}top1": _extreme(top1, np.max),
                      f"final_{split}loss": _last(loss), f"best_{split}loss": _extreme(loss, np.min)}
-    return measures | {"epochs": len(history["val_accuracy"])}
+    balanced = val_metrics.get("balanced_accuracy", math.nan) if val_metrics else math.nan
+    return measures | {"balanced_accuracy": balanced, "epochs": len(history["val_accuracy"])}
 
 
 def _values(history: dict, key: str) -> np.ndarray:

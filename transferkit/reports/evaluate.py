@@ -91,15 +91,17 @@ def write_report(folder, y_true, probabilities, class_names, paths=None, *, pref
 
 
 def format_metrics(metrics: dict, weakest: int = 3) -> str:
-    """A few console lines: top-1, top-5, loss and n, then the weakest classes by F1.
+    """A few console lines: top-1, balanced accuracy (the mean recall over classes, which an imbalanced
+    split tells apart from top-1), top-5, loss and n, then the weakest classes by F1.
 
     Args:
         metrics: a dict from :func:`evaluate_predictions`.
         weakest: how many of the lowest-F1 classes to name.
     Returns:
-        e.g. ``"top-1 0.912  top-5 0.998  loss 0.281  (n=863)\\nweakest by F1: rose 0.801, ..."``.
+        e.g. ``"top-1 0.912  balanced accuracy 0.897  top-5 0.998  loss 0.281  (n=863)\\nweakest by F1: rose
+        0.801, ..."``.
     """
-    parts = [f"top-1 {metrics['top1']:.3f}"]
+    parts = [f"top-1 {metrics['top1']:.3f}", f"balanced accuracy {metrics['balanced_accuracy']:.3f}"]
     if "top5" in metrics:
         parts.append(f"top-5 {metrics['top5']:.3f}")
     parts += [f"loss {metrics['loss']:.3f}", f"(n={metrics['n']})"]
@@ -199,9 +201,7 @@ def _write_csv(path, header, rows) -> None:
 def _report_text(metrics, mistakes, prefix) -> str:
     """The human-readable summary: headline, per-class table, worst mistakes."""
     width = max(12, *(len(name) for name in metrics["per_class"]))
-    lines = [f"{prefix} evaluation", format_metrics(metrics),
-             f"balanced accuracy {metrics['balanced_accuracy']:.3f}  "
-             f"macro-F1 {metrics['macro_f1']:.3f}", "",
+    lines = [f"{prefix} evaluation", format_metrics(metrics), f"macro-F1 {metrics['macro_f1']:.3f}", "",
              f"{'':>{width}}  precision  recall  f1-score  support"]
     lines += [f"{name:>{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:8.3f}  "
               f"{c['support']:7d}" for name, c in metrics["per_class"].items()]

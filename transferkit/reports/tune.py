@@ -25,7 +25,8 @@ def leaderboard_rows(trials, maximize: bool) -> list[dict]:
         rows.append({"trial": trial.number, "state": trial.state.name.lower(), "strategy": attrs.get("strategy"),
                      "params": {k: v for k, v in trial.params.items() if k != "strategy"},
                      "value": trial.value if trial.state.name == "COMPLETE" else None,
-                     "val_top1": attrs.get("val_top1"), "val_loss": attrs.get("val_loss"),
+                     "val_top1": attrs.get("val_top1"), "val_balanced_accuracy": attrs.get("val_balanced_accuracy"),
+                     "val_loss": attrs.get("val_loss"),
                      "seconds": attrs.get("seconds"), "epochs": attrs.get("epochs"), "reused": attrs.get("reused"),
                      "plan": attrs.get("plan"), "note": attrs.get("note") or "", "folder": attrs.get("folder"),
                      "fitted": attrs.get("fitted"),
@@ -48,17 +49,18 @@ def to_markdown(summary: dict, recipe_text: bool = True, top: int = 15) -> str:
              f"{summary['budget_seconds']:.0f} s budget, picked by validation {metric}; "
              f"{len(summary['trials']) - len(ran)} more sampled but not run (too long for the time left).", "",
              f"**Winner: trial {best['trial']}** ({_describe(best.get('plan'), best['params'])}"
-             f"{'; ' + best['fitted'] if best.get('fitted') else ''}): val top-1 "
-             f"{_f(best['val']['top1'])}, loss {_f(best['val']['loss'])} (n={best['val']['n']})."]
+             f"{'; ' + best['fitted'] if best.get('fitted') else ''}): val top-1 {_f(best['val']['top1'])}, "
+             f"balanced accuracy {_f(best['val'].get('balanced_accuracy'))}, loss {_f(best['val']['loss'])} "
+             f"(n={best['val']['n']})."]
     if test:
-        lines += ["", f"Test split, evaluated once on the winner: top-1 {_f(test['top1'])}, loss {_f(test['loss'])} "
-                      f"(n={test['n']})."]
-    lines += ["", "| trial | strategy | plan | val top-1 | val loss | seconds | epochs | note |",
-              "|---|---|---|---|---|---|---|---|"]  # seconds: the trial's own (0 where a finished run was reused)
+        lines += ["", f"Test split, evaluated once on the winner: top-1 {_f(test['top1'])}, balanced accuracy "
+                      f"{_f(test.get('balanced_accuracy'))}, loss {_f(test['loss'])} (n={test['n']})."]
+    lines += ["", "| trial | strategy | plan | val top-1 | val balanced acc. | val loss | seconds | epochs | note |",
+              "|---|---|---|---|---|---|---|---|---|"]  # seconds: the trial's own (0 where a finished run was reused)
     for row in ran[:top]:
         lines.append(f"| {row['trial']} | {row['strategy'] or '-'} | {_describe(row['plan'], row['params'])} | "
-                     f"{_f(row['val_top1'])} | {_f(row['val_loss'])} | {_f(row['seconds'], '.0f')} | "
-                     f"{row['epochs'] or '-'} | {_note(row)} |")
+                     f"{_f(row['val_top1'])} | {_f(row.get('val_balanced_accuracy'))} | {_f(row['val_loss'])} | "
+                     f"{_f(row['seconds'], '.0f')} | {row['epochs'] or '-'} | {_note(row)} |")
     if len(ran) > top:
         lines.append(f"\n{len(ran) - top} more in tune.json.")
     important = {key: value for key, value in (summary.get("importances") or {}).items() if value >= 0.01}

@@ -63,8 +63,8 @@ def compare(recipe: Recipe | str | Path, modes=("normal", "imag"), seeds: int = 
         check_recipe(dataclasses.replace(recipe, strategy=strategy), own_backbone=backbone is not None)
     folder = Path(output or Path(recipe.output) / "compare")
     with folder_lock(folder):
-        curves = _train_all(recipe, modes, seeds, folder, backbone, head, progress)
-        summary = summarize(curves, seeds=[recipe.seed + i for i in range(seeds)])
+        curves, val_metrics = _train_all(recipe, modes, seeds, folder, backbone, head, progress)
+        summary = summarize(curves, seeds=[recipe.seed + i for i in range(seeds)], val_metrics=val_metrics)
         summary["recipe"] = recipe.to_dict()
         with disk_full_is_one_line(folder, then=", then run the comparison again (finished runs are reused)"):
             atomic_write_json(folder / "compare.json", summary)
@@ -74,11 +74,13 @@ def compare(recipe: Recipe | str | Path, modes=("normal", "imag"), seeds: int = 
     return summary
 
 
-def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backbone, head, progress: bool) -> dict:
-    """Each mode's histories, one per seed: finished runs read back, the others trained (an
-    unfinished one resumed); each run is a run folder of its own under ``folder/runs``."""
+def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backbone, head,
+               progress: bool) -> tuple[dict, dict]:
+    """Each mode's histories and validation metrics, one per seed: finished runs read back, the others
+    trained (an unfinished one resumed); each run is a run folder of its own under ``folder/runs``."""
     split_seed = recipe.seed if recipe.data.split_seed is None else recipe.data.split_seed
     curves: dict[str, list[dict]] = {mode: [] for mode in modes}
+    val_metrics: dict[str, list[dict]] = {mode: [] for mode in modes}
     for index in range(seeds):
         seed = recipe.seed + index
         for mode in modes:
@@ -86,11 +88,12 @@ def _train_all(recipe: Recipe, modes: list[str], seeds: int, folder: Path, backb
             log.info("compare: %s, seed %d (%d of %d)", mode, seed, index * len(modes) + modes.index(mode) + 1,
                      seeds * len(modes))
             finished = finetuning.finished_run(run_folder)
-            history = None if finished is None else finished["history"]
-            if history is None:
+            if finished is None:
                 run_recipe = dataclasses.replace(recipe, strategy=MODES[mode], seed=seed, output=str(run_folder),
                                                  data=dataclasses.replace(recipe.data, split_seed=split_seed))
-                history = finetuning.finetune(run_recipe, backbone=backbone, head=head, progress=progress,
-                                              resume=finetuning.unfinished_run(run_folder) is not None).history
-            curves[mode].append(history)
-    return curves
+                run = finetuning.finetune(run_recipe, backbone=backbone, head=head, progress=progress,
+                                          resume=finetuning.unfinished_run(run_folder) is not None)
+                finished = {"history": run.history, "metrics": run.metrics}
+            curves[mode].append(finished["history"])
+            val_metrics[mode].append(finished.get("metrics", {}).get("val"))
+    return curves, val_metrics

@@ -256,8 +256,8 @@ class _Search:
         self._log(trial.number, outcome)
 
     def _log(self, number: int, outcome: Outcome) -> None:
-        result = (f"val loss {outcome.metrics['loss']:.3f}, top-1 {outcome.metrics['top1']:.3f}"
-                  if outcome.metrics else outcome.note)
+        result = (f"val loss {outcome.metrics['loss']:.3f}, top-1 {outcome.metrics['top1']:.3f}, balanced accuracy "
+                  f"{outcome.metrics['balanced_accuracy']:.3f}" if outcome.metrics else outcome.note)
         best = self.study.best_trial if _any_complete(self.study) else None
         left = max(self.deadline - time.monotonic(), 0)
         log.info("tune: trial %d (%.0fs%s): %s; best so far: trial %s; %.0fs of the budget left", number,
@@ -288,7 +288,8 @@ def _trial_logging(progress: bool):
 
 
 def _val_attrs(metrics: dict | None) -> dict:
-    return {} if metrics is None else {"val_top1": metrics["top1"], "val_loss": metrics["loss"], "val_n": metrics["n"]}
+    keys = {"val_top1": "top1", "val_balanced_accuracy": "balanced_accuracy", "val_loss": "loss", "val_n": "n"}
+    return {} if metrics is None else {attr: metrics[key] for attr, key in keys.items()}
 
 
 def _finish(study, recipe: Recipe, space: dict, folder: Path, search: _Search) -> Tuning:
@@ -307,7 +308,7 @@ def _finish(study, recipe: Recipe, space: dict, folder: Path, search: _Search) -
                "trials": leaderboard_rows(study.get_trials(deepcopy=False), study.direction.name == "MAXIMIZE"),
                "best": {"trial": best.number, "folder": str(best_folder), "plan": best.user_attrs.get("plan"),
                         "fitted": best.user_attrs.get("fitted"),
-                        "val": {k: best.user_attrs.get(f"val_{k}") for k in ("top1", "loss", "n")},
+                        "val": {k: best.user_attrs.get(f"val_{k}") for k in ("top1", "balanced_accuracy", "loss", "n")},
                         "params": best.params},
                "test": _test_once(best_folder, recipe),
                "importances": _importances(study), "recipe": best_recipe.to_dict()}
