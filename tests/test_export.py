@@ -71,7 +71,8 @@ def runs(folders, home, tmp_path_factory):
 @pytest.mark.parametrize("name", [name for name in CASES if name != "knn"])
 def test_exported_model_predicts_like_the_run(runs, name):
     run, held_out = runs(name)
-    assert sorted(p.name for p in (run.folder / "model").iterdir()) == ["classifier.npz", "feature_extractor.keras"]
+    assert sorted(p.name for p in (run.folder / "model").iterdir()) == [
+        "calibration.json", "classifier.npz", "feature_extractor.keras"]
     path = export_model(run.folder if name == "svm_binary" else run)  # a run or its folder
     assert path == run.folder / "model" / "model.keras" and path.is_file()
     model, class_names = load_exported_model(path)

@@ -20,7 +20,7 @@ STAGES = [
     {"reports"},
     {"features"},
     {"training"},
-    {"run"},
+    {"run", "predictors"},
     {"strategies"},
     {"export", "recommend", "cli", "cli_recipe", "cli_recommend", "__main__", "__init__"},
 ]

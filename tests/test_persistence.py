@@ -329,8 +329,8 @@ def test_run_of_an_untrusted_classifier_type_loads_only_when_trusted_by_name(run
     x = run_folder.predictor.feature_extractor.predict(pixels, verbose=0)
     run_folder.predictor.classifier = build_classifier("sklearn.svm:SVC", grid={}, seed=0).fit(x, labels)
     run_folder.save()
-    assert sorted(p.name for p in (run_folder.folder / "model").iterdir()) == ["classifier.skops",
-                                                                              "feature_extractor.keras"]
+    assert sorted(p.name for p in (run_folder.folder / "model").iterdir()) == [
+        "calibration.json", "classifier.skops", "feature_extractor.keras"]
     with pytest.raises(TransferkitError, match="sklearn.svm._classes.SVC"):
         Run.load(run_folder.folder)
     loaded = Run.load(run_folder.folder, trusted=["sklearn.svm._classes.SVC"])

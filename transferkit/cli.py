@@ -101,20 +101,23 @@ _TRUST = click.option("--trust", "trusted", multiple=True, metavar="TYPE",
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(1), help="Classes listed per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines for machines.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV for machines.")
-def predict(run_folder, images, trusted, top_k, as_json, as_csv):
+@click.option("--min-confidence", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Call an image 'uncertain' when its top probability is below this, instead of guessing.")
+def predict(run_folder, images, trusted, top_k, as_json, as_csv, min_confidence):
     """Classify images (files or folders, searched recursively) with a trained run.
 
     \b
     Examples:
       transferkit predict runs/digits photo1.png photo2.png
       transferkit predict runs/flowers new_photos/ --csv > predictions.csv
+      transferkit predict runs/flowers new_photos/ --min-confidence 0.8
     """
     import csv
 
     from transferkit.run import Run
 
     start_keras_quietly()
-    rows, _ = Run.load(run_folder, trusted=trusted).classify(images, top_k=top_k)
+    rows, _ = Run.load(run_folder, trusted=trusted).classify(images, top_k=top_k, min_confidence=min_confidence)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

@@ -5,14 +5,15 @@ Run folder layout::
     runs/<name>/
       recipe.yaml                  the resolved recipe
       run.json                     strategy, class names, input size, metrics, timings, versions
-      model/feature_extractor.keras + model/classifier.npz | .skops    (extract)
+      model/feature_extractor.keras + model/classifier.npz | .skops + model/calibration.json  (extract)
       model/model.keras            images -> class probabilities (finetune, imag; extract after export)
       history.json, history.csv, curves.png, diagnosis.txt       (finetune, imag)
       val_*.{json,csv,png,txt}, test_*...                       evaluation reports
     runs/<name>.partial/           a run being written (and a fine-tuning run's checkpoints)
     runs/.<name>.lock              locked while a process writes runs/<name>
 
-A run's :class:`Predictor` turns images into class probabilities and knows its files under ``model/``.
+A run's :class:`~transferkit.predictors.Predictor` turns images into class probabilities and knows its
+files under ``model/``.
 
 A run is written into ``<name>.partial`` and replaces ``<name>`` whole when it is complete (see
 :mod:`transferkit.outputs`), so a run folder is never half old, half new.
@@ -34,133 +35,18 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Iterable
 
 import numpy as np
 
 from transferkit.errors import TransferkitError
-from transferkit.io import atomic_path, atomic_write_json, atomic_write_text
+from transferkit.io import atomic_write_json, atomic_write_text
+from transferkit.predictors import PREDICTORS, FeaturePredictor, KerasPredictor, Predictor  # noqa: F401
 from transferkit.recipe import Recipe, load_recipe
 
 
-class Predictor(Protocol):
-    """Raw images -> class probabilities, kept in a run folder's ``model/``: what a :class:`Run` holds,
-    whatever the strategy (:class:`KerasPredictor` or :class:`FeaturePredictor`)."""
-
-    def predict(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-        """float64 ``[N, classes]`` for float32 pixels ``[N, S, S, 3]`` in 0..255."""
-
-    def save(self, folder: Path) -> None:
-        """Write its files into ``model/`` of the run folder ``folder``, each atomically."""
-
-    def keras_model(self, classifier_name: str) -> tuple[Any, list[int]]:
-        """One Keras model, raw images -> probabilities, and the class index of each of its outputs."""
-
-    @classmethod
-    def load(cls, folder: Path, trusted: Iterable[str] = ()) -> "Predictor":
-        """What :meth:`save` wrote into the run folder ``folder``; nothing in it is run as code."""
-
-
-@dataclass
-class KerasPredictor:
-    """A Keras model, raw images -> class probabilities (the fine-tuning strategies): ``model/model.keras``."""
-    model: Any
-
-    def predict(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-        from transferkit.features.transformer import predict_in_batches
-
-        return predict_in_batches(self.model, pixels, batch_size).astype("float64")
-
-    def save(self, folder: Path) -> None:
-        with atomic_path(folder / "model" / "model.keras") as tmp:
-            self.keras_model()[0].save(tmp)
-
-    def keras_model(self, classifier_name: str = "") -> tuple[Any, list[int]]:
-        """An uncompiled twin of the model, sharing its layers: its file holds no optimizer state."""
-        import keras
-
-        twin = keras.Model(self.model.input, self.model.output, name=self.model.name)
-        return twin, list(range(int(self.model.output.shape[-1])))
-
-    @classmethod
-    def load(cls, folder: Path, trusted: Iterable[str] = ()) -> "KerasPredictor":
-        return cls(_load_keras_model(folder / "model" / "model.keras", compile=False))
-
-
-@dataclass
-class FeaturePredictor:
-    """A Keras model, raw images -> features, and the scikit-learn classifier fitted on them (the extract
-    strategy): ``model/feature_extractor.keras`` and ``model/classifier.npz`` or ``.skops``."""
-    feature_extractor: Any
-    classifier: Any
-
-    def predict(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-        from transferkit.features.classifiers import predict_proba
-        from transferkit.features.transformer import predict_in_batches
-
-        return predict_proba(self.classifier, predict_in_batches(self.feature_extractor, pixels, batch_size))
-
-    def save(self, folder: Path) -> None:
-        """Raises TransferkitError: the classifier cannot be saved without pickle."""
-        from transferkit.features.persistence import save_classifier
-
-        with atomic_path(folder / "model" / "feature_extractor.keras") as tmp:
-            self.feature_extractor.save(tmp)
-        save_classifier(self.classifier, folder / "model" / "classifier")
-
-    def keras_model(self, classifier_name: str = "this classifier") -> tuple[Any, list[int]]:
-        """The feature model with the classifier folded into a ``Dense`` layer named "classifier" and a
-        softmax (see :mod:`transferkit.export`).
-
-        Raises:
-            TransferkitError: the classifier is not linear (named ``classifier_name`` in the message).
-        """
-        import keras
-
-        from transferkit.features.classifiers import fold_linear_classifier
-
-        kernel, bias, classes = fold_linear_classifier(self.classifier, classifier_name)
-        extractor = self.feature_extractor
-        classifier = keras.layers.Dense(len(bias), name="classifier")
-        probabilities = keras.layers.Softmax(name="probabilities")(classifier(extractor.output))
-        model = keras.Model(extractor.inputs[0], probabilities, name=f"{extractor.name}_classifier")
-        classifier.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-        return model, [int(c) for c in classes]
-
-    @classmethod
-    def load(cls, folder: Path, trusted: Iterable[str] = ()) -> "FeaturePredictor":
-        """Raises TransferkitError: no classifier, one pickled by an older transferkit, or one holding
-        types that are not trusted."""
-        from transferkit.features.persistence import load_classifier, saved_classifier
-
-        model = folder / "model"
-        path = saved_classifier(model / "classifier")
-        if path is None:
-            old = " a pickle (model/classifier.joblib), which is never opened because it could run code" if (
-                model / "classifier.joblib").exists() else " no classifier"
-            raise TransferkitError(f"{folder} holds{old}: re-run `transferkit extract` with its recipe.yaml "
-                                   f"to save the classifier safely")
-        return cls(_load_keras_model(model / "feature_extractor.keras"), load_classifier(path, trusted)[0])
-
-
-#: The predictor a strategy's run folder holds; the other strategies' is a :class:`KerasPredictor`.
-PREDICTORS = {"extract": FeaturePredictor}
-
-
-def _load_keras_model(path: Path, **options):
-    """A run's ``.keras`` model, loaded in safe mode; missing, damaged or unsafe (a Lambda layer): one line."""
-    import keras
-
-    import transferkit.models.layers  # noqa: F401  (registers transferkit's layers for deserialisation)
-
-    if not path.is_file():
-        raise TransferkitError(f"{path} is missing: train the run again")
-    try:
-        return keras.saving.load_model(path, safe_mode=True, **options)
-    except Exception as error:  # noqa: BLE001 - a damaged or crafted file is a one-line error, never a traceback
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "damaged file"
-        raise TransferkitError(f"{path}: cannot be loaded safely ({type(error).__name__}: {first}): "
-                               f"train the run again") from None
+#: The class :meth:`Run.classify` gives an image whose top probability is below ``min_confidence``.
+UNCERTAIN = "uncertain"
 
 
 @dataclass(init=False)
@@ -214,8 +100,14 @@ class Run:
             images = load_images(list(map(str, images)), self.image_size)
         return self.predictor.predict(images, batch_size)
 
-    def classify(self, inputs, top_k: int = 5) -> tuple[list[dict], list[tuple[str, str]]]:
+    def classify(self, inputs, top_k: int = 5, min_confidence: float = 0.0) -> tuple[list[dict], list[tuple[str, str]]]:
         """Predict image files and folders (searched recursively); unreadable files are skipped.
+
+        Args:
+            inputs: image files and folders.
+            top_k: classes listed per image.
+            min_confidence: an image whose top probability is below this gets the class
+                :data:`UNCERTAIN` instead of a guess (its ``top`` still lists the candidates).
 
         Returns:
             ``(rows, skipped)``: per image ``{"path", "class", "probability", "top": [[class, p], ...]}``,
@@ -223,13 +115,15 @@ class Run:
         """
         from transferkit.data.folders import find_images
 
+        if not 0.0 <= min_confidence <= 1.0:
+            raise TransferkitError(f"min_confidence must be within 0..1, got {min_confidence}: e.g. 0.8")
         paths, skipped = find_images(inputs)
         if not paths:
             raise TransferkitError(f"no readable images in {', '.join(map(str, inputs))}")
         probabilities = self.predict(paths)
         order = np.argsort(-probabilities, axis=1)[:, :top_k]
-        rows = [{"path": path, "class": self.class_names[best[0]], "probability": float(p[best[0]]),
-                 "top": [[self.class_names[i], float(p[i])] for i in best]}
+        rows = [{"path": path, "class": self.class_names[best[0]] if p[best[0]] >= min_confidence else UNCERTAIN,
+                 "probability": float(p[best[0]]), "top": [[self.class_names[i], float(p[i])] for i in best]}
                 for path, p, best in zip(paths, probabilities, order)]
         return rows, skipped
 

@@ -74,3 +74,28 @@ class SignedSqrt(keras.layers.Layer):
 
     def call(self, inputs):
         return keras.ops.sign(inputs) * keras.ops.sqrt(keras.ops.abs(inputs))
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class TemperatureScaling(keras.layers.Layer):
+    """Calibrates class probabilities: ``softmax(log p / temperature)``, computed in float32.
+
+    For a softmax model ``log p`` is the logits up to a constant, so this is temperature scaling of
+    the logits, put after the model's output (see :mod:`transferkit.reports.calibration`).
+    """
+
+    def __init__(self, temperature=1.0, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        if not temperature > 0:
+            raise ValueError(f"TemperatureScaling temperature must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def call(self, inputs):
+        x = ops.log(ops.clip(ops.cast(inputs, "float32"), 1e-12, 1.0)) / self.temperature
+        return ops.softmax(x, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
