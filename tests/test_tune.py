@@ -19,7 +19,9 @@ from test_validate import write
 from transferkit.errors import TransferkitError
 from transferkit.recipe import load_recipe
 from transferkit.strategies.space import centre, search_space
-from transferkit.strategies.trials import BudgetSpent, EpochHook, estimate_seconds, fitted_epochs, make_trial_recipe
+from transferkit.strategies.trials import (
+    BudgetSpent, EpochHook, estimate_seconds, fitted_epochs, full_length, make_trial_recipe, shortened_note,
+)
 from transferkit.strategies.tune import tune
 
 SMALL = ("seed: 3\nbackbone: {name: mobilenet_v2, alpha: 0.35}\n"
@@ -138,6 +140,16 @@ def test_estimates_scale_with_epochs_and_pixels(tmp_path):
     assert fitted_epochs(recipe, earlier, seconds_left=13.0 + 40.0 * 6 + 1) == 5  # 5 fine-tuning + the warm-up
     extract = load_recipe(write(tmp_path, SMALL + "data: {train: photos, image_size: 64}\n"))
     assert estimate_seconds(extract, earlier) == pytest.approx(5.0)
+
+
+def test_a_winner_shortened_to_fit_the_budget_is_written_at_its_planned_epochs(tmp_path):
+    recipe = load_recipe(write(tmp_path, SMALL + "strategy: finetune\ndata: {train: photos}\n"))
+    attrs = {"fitted": "finetune.epochs 8 -> 2 to fit the budget", "planned_epochs": 8}
+    written = full_length(recipe, attrs, output=str(tmp_path / "next"))
+    assert (written.finetune.epochs, written.output) == (8, str(tmp_path / "next"))
+    assert full_length(recipe, {"epochs": 2}).finetune.epochs == 2  # a trial run as planned stays as it is
+    assert "8 -> 2" in shortened_note(attrs)[0] and "runs all 8" in shortened_note(attrs)[1]
+    assert shortened_note({}) == []
 
 
 # --- real searches on small data -----------------------------------------------------------------

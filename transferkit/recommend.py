@@ -262,18 +262,18 @@ def search_recipe(rec: Recommendation, data: str, *, name: str, budget, override
 
 def write_searched_recipe(path: str | Path, tuning, rec: Recommendation) -> None:
     """Write the search's winning recipe headed by the evidence: the table's answer and the leaderboard."""
-    summary = tuning.summary
+    summary, test = tuning.summary, tuning.summary.get("test")
     rows = [row for row in summary["trials"] if row["state"] == "complete"][:5]
     tried = [row for row in summary["trials"] if not row["note"].startswith("not run")]
     header = [f"# transferkit recipe: the best of {len(tried)} plans tried in "
               f"{summary['seconds_spent'] / 60:.1f} min, picked by validation {summary['metric'].replace('_', '-')}",
               f"# the table said: {rec.strategy} ({rec.summary})",
               *(f"# - trial {row['trial']} {row['strategy']}: val top-1 {row['val_top1']:.3f}, loss "
-                f"{row['val_loss']:.3f}, {row['seconds']:.0f}s" for row in rows)]
-    if summary.get("test"):
-        header.append(f"# test split, evaluated once on the winner: top-1 {summary['test']['top1']:.3f} "
-                      f"(n={summary['test']['n']})")
-    header.append(f"# the study and every trial's run folder: {tuning.folder}")
+                f"{row['val_loss']:.3f}, {row['seconds']:.0f}s" for row in rows),
+              *([f"# test split, evaluated once on the winner: top-1 {test['top1']:.3f} (n={test['n']})"]
+                if test else []),
+              *(f"# {line}" for line in summary["best"].get("shortened", [])),
+              f"# the study and every trial's run folder: {tuning.folder}"]
     plain = {key: Path(path).stem if key == "name" else value
              for key, value in tuning.best_recipe.to_dict().items() if key not in ("output", "tune")}
     atomic_write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(plain, sort_keys=False))

@@ -13,6 +13,7 @@ import logging
 import shutil
 import statistics
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,3 +209,20 @@ class EpochHook:
         if left > 0 and (now + self.seconds[-1] > self.deadline or now + left * pace > self.deadline):
             raise BudgetSpent(f"stopped after epoch {epoch + 1} of {self.epochs}: the other {left} would take about "
                               f"{left * pace:.0f}s or more, {max(self.deadline - now, 0):.0f}s of the budget left")
+
+
+def full_length(recipe: Recipe, attrs: dict, **changes) -> Recipe:
+    """The winner (with ``changes``) at its planned fine-tuning epochs where the search ran it shorter to
+    fit the budget: the trial is evidence for the plan, and the plan is what a user runs next."""
+    recipe, epochs = dataclasses.replace(recipe, **changes), attrs.get("planned_epochs")
+    if epochs is None:
+        return recipe
+    return dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, epochs=epochs))
+
+
+def shortened_note(attrs: dict) -> list[str]:
+    """What the winning recipe's header says where its trial ran fewer epochs than the recipe does."""
+    if not attrs.get("planned_epochs"):
+        return []
+    return [f"the search ran this plan for fewer fine-tuning epochs to fit its budget ({attrs['fitted']});",
+            f"this recipe runs all {attrs['planned_epochs']} (its validation figures come from the shorter run)"]

@@ -42,7 +42,7 @@ from transferkit.reports.tune import describe_values, leaderboard_rows, plot_his
 from transferkit.strategies.space import centre, check_tune, strategies_of, suggest
 from transferkit.strategies.trials import (
     TRIAL_ERRORS, BudgetSpent, EpochHook, Outcome, estimate_seconds, fitted_epochs, image_size_of,
-    make_trial_recipe, planned_epochs, run_trial, trial_folder,
+    full_length, make_trial_recipe, planned_epochs, run_trial, shortened_note, trial_folder,
 )
 
 log = logging.getLogger("transferkit")
@@ -210,6 +210,7 @@ class _Search:
         epochs = fitted_epochs(plan, rows, FIT_INTO * left) if plan.strategy != "extract" else None
         if epochs is not None and max(2, math.ceil(plan.finetune.epochs / 4)) <= epochs < plan.finetune.epochs:
             trial.set_user_attr("fitted", f"finetune.epochs {plan.finetune.epochs} -> {epochs} to fit the budget")
+            trial.set_user_attr("planned_epochs", plan.finetune.epochs)
             return ({**values, "finetune.epochs": epochs},
                     dataclasses.replace(plan, finetune=dataclasses.replace(plan.finetune, epochs=epochs)))
         self._skip(trial, values, estimate)
@@ -302,18 +303,19 @@ def _finish(study, recipe: Recipe, space: dict, folder: Path, search: _Search) -
                                f"more time (--budget), then --resume; the study is in {folder / 'study.db'}")
     best = study.best_trial
     best_folder = folder / best.user_attrs["folder"]
-    best_recipe = dataclasses.replace(load_recipe(best_folder / "recipe.yaml"), output=recipe.output)
+    best_recipe = full_length(load_recipe(best_folder / "recipe.yaml"), best.user_attrs, output=recipe.output)
     summary = {"name": recipe.name, "metric": recipe.tune.metric, "budget_seconds": search.budget,
                "seconds_spent": round(search.spent, 1), "space": {k: p.describe() for k, p in space.items()},
                "trials": leaderboard_rows(study.get_trials(deepcopy=False), study.direction.name == "MAXIMIZE"),
                "best": {"trial": best.number, "folder": str(best_folder), "plan": best.user_attrs.get("plan"),
                         "fitted": best.user_attrs.get("fitted"),
+                        "shortened": shortened_note(best.user_attrs),
                         "val": {k: best.user_attrs.get(f"val_{k}") for k in ("top1", "balanced_accuracy", "loss", "n")},
                         "params": best.params},
                "test": _test_once(best_folder, recipe),
                "importances": _importances(study), "recipe": best_recipe.to_dict()}
-    atomic_write_text(folder / "best.yaml",
-                      f"# the winner of {len(complete)} finished trials (tune.md)\n" + best_recipe.to_yaml())
+    atomic_write_text(folder / "best.yaml", f"# the winner of {len(complete)} finished trials (tune.md)\n"
+                      + "".join(f"# {line}\n" for line in summary["best"]["shortened"]) + best_recipe.to_yaml())
     atomic_write_json(folder / "tune.json", summary)
     atomic_write_text(folder / "tune.md", to_markdown(summary))
     plot_history(summary["trials"], folder / "history.png", maximize=study.direction.name == "MAXIMIZE",
