@@ -374,6 +374,29 @@ def test_schedule_follows_the_iterations_counter_across_a_resume():
     assert float(ops.convert_to_numpy(resumed.learning_rate)) == pytest.approx(_cos(2 / 6))
 
 
+@pytest.mark.parametrize("factor", [None, 0.5])
+def test_a_plateau_scale_set_between_epochs_reaches_the_compiled_step_with_or_without_a_factor(factor):
+    """As ReduceOnPlateau does, halve the scale after each epoch: each epoch's one step follows it."""
+    model = _tiny_model()
+    bias = model.get_layer("d3").bias
+    schedule = build_schedule("plateau", 0.1, epochs=3, steps_per_epoch=1)
+    optimizer = build_optimizer("sgd", schedule, layer_multipliers={bias.path: factor} if factor else None)
+    schedule.attach(optimizer, scale=0.5)
+    model.compile(optimizer, loss=lambda _, predicted: ops.sum(predicted, axis=-1))  # each bias' gradient: 1
+    steps = []
+
+    class HalveTheScale(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.before = ops.convert_to_numpy(bias).copy()
+
+        def on_epoch_end(self, epoch, logs=None):
+            steps.append(float(np.mean(self.before - ops.convert_to_numpy(bias))))
+            schedule.scale.assign(ops.convert_to_numpy(schedule.scale) * 0.5)
+
+    model.fit(X, Y, batch_size=8, epochs=3, verbose=0, callbacks=[HalveTheScale()])
+    assert steps == pytest.approx([rate * (factor or 1.0) for rate in (0.05, 0.025, 0.0125)])
+
+
 # --------------------------------------------------------------------------------------------
 # Other backends: rerun this module's "factor" (layer-wise learning rate) tests under jax and torch
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 - :class:`RecordEpoch`: adds the epoch's logs to the trainer's record (the run's history);
 - :class:`EarlyStopping`: its state a plain dict, checkpointed in ``state.json``, so that a resumed
   run stops where an uninterrupted one does;
+- :class:`ReduceOnPlateau`: lowers a ``plateau`` schedule's rate, its state checkpointed the same way;
 - :class:`SaveCheckpoint`: the epoch's weights, optimizer state and record, into ``checkpoint/``;
 - :class:`WriteHistory`: ``history.json``, ``history.csv`` and ``curves.png``, rewritten each epoch;
 - :class:`LogEpoch`: the one-line summary of the epoch.
@@ -29,7 +30,7 @@ import keras
 from transferkit.data.pipelines import MODEL, reseed, reseed_backend, seed_states
 from transferkit.errors import RecipeError
 from transferkit.io import atomic_write_json, atomic_write_text
-from transferkit.training.trainer import LossDiverged
+from transferkit.training.trainer import LossDiverged, TrainingError
 
 log = logging.getLogger("transferkit")
 
@@ -106,11 +107,9 @@ class EarlyStopping(keras.callbacks.Callback):
         """Judges epoch ``epoch`` by ``logs``: True when it is the best so far (its weights are kept);
         otherwise counts it against the patience, and sets ``stopped`` when that runs out."""
         if self.monitor not in logs:
-            raise RecipeError(f"{self.monitor!r} is not logged; give one of "
-                              f"{', '.join(sorted(k for k in logs if k != 'learning_rate'))}", key="monitor")
+            raise RecipeError(f"{self.monitor!r} is not logged; give one of {logged_metrics(logs)}", key="monitor")
         value, state = logs[self.monitor], self.state
-        sign = 1 if "loss" in self.monitor else -1  # losses fall, accuracies rise
-        if "best" not in state or sign * (value - state["best"]) < -self.min_delta:
+        if improves(self.monitor, value, state.get("best"), self.min_delta):
             state.update(best=value, best_epoch=epoch, wait=0)
             self.keep_best()
             return True
@@ -120,6 +119,65 @@ class EarlyStopping(keras.callbacks.Callback):
             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
                      self.monitor, state["wait"], state["best"], state["best_epoch"])
         return False
+
+
+class ReduceOnPlateau(keras.callbacks.Callback):
+    """Multiplies the rate of a ``plateau`` schedule by its ``gamma`` once its ``monitor`` (in the epoch's
+    logs in ``record``) has not improved by more than ``min_delta`` for ``patience`` epochs, never below
+    its ``min_learning_rate``; the ``cooldown`` epochs after a drop are not counted (Keras'
+    ``ReduceLROnPlateau`` counts the last of them).
+
+    ``schedule`` is the :class:`~transferkit.training.schedules.EpochSchedule` the optimizer runs on,
+    attached to it (its ``scale`` an optimizer variable). Its state is ``state``, the dict that is
+    checkpointed: ``scale`` (the factor on the rate), ``best``, ``wait`` and ``cooldown`` (epochs left).
+    """
+
+    def __init__(self, record, state: dict, schedule):
+        super().__init__()
+        self.record, self.state, self.schedule = record, state, schedule
+
+    def on_epoch_end(self, epoch, logs=None):
+        schedule, state, logs = self.schedule, self.state, self.record.last
+        if schedule.monitor not in logs:  # raised as it is: fit's RecipeErrors are early stopping's
+            raise TrainingError(f"schedule.monitor: {schedule.monitor!r} is not logged; give one of "
+                                f"{logged_metrics(logs)}")
+        state.setdefault("scale", 1.0)
+        state.setdefault("wait", 0)
+        cooling = state.get("cooldown", 0) > 0  # an epoch of the cooldown: not counted
+        if cooling:
+            state["cooldown"] -= 1
+        value = logs[schedule.monitor]
+        if improves(schedule.monitor, value, state.get("best"), schedule.min_delta):
+            state.update(best=value, wait=0)
+        elif not cooling:
+            state["wait"] += 1
+            if state["wait"] >= schedule.patience:
+                self.drop()
+
+    def drop(self) -> None:
+        """Lowers the rate by ``gamma`` (to the floor at most), unless it is at the floor already."""
+        schedule, state = self.schedule, self.state
+        floor = schedule.min_learning_rate / schedule.learning_rate
+        if state["scale"] <= floor:
+            return
+        scale = max(state["scale"] * schedule.gamma, floor)
+        log.info("plateau: %s has not improved for %d epochs (best %.4f): learning rate %.2e -> %.2e",
+                 schedule.monitor, state["wait"], state["best"], schedule.learning_rate * state["scale"],
+                 schedule.learning_rate * scale)
+        schedule.scale.assign(scale)
+        state.update(scale=scale, wait=0, cooldown=schedule.cooldown)
+
+
+def improves(monitor: str, value: float, best: float | None, min_delta: float) -> bool:
+    """Whether ``value`` of ``monitor`` beats ``best`` (None: nothing yet) by more than ``min_delta``:
+    losses fall, other metrics rise."""
+    sign = 1 if "loss" in monitor else -1
+    return best is None or sign * (value - best) < -min_delta
+
+
+def logged_metrics(logs: dict) -> str:
+    """The metrics an epoch logged, for an error about one that it did not."""
+    return ", ".join(sorted(key for key in logs if key not in ("learning_rate", "seconds")))
 
 
 class SaveCheckpoint(keras.callbacks.Callback):

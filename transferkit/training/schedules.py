@@ -1,7 +1,7 @@
 """Learning-rate schedules over epochs, for the optimizers of :mod:`transferkit.training.optim`.
 
-* :class:`EpochSchedule`: warm-up then constant, step, exponential, cosine, SGDR or a table of
-  rates per epoch, as one serialisable ``LearningRateSchedule``.
+* :class:`EpochSchedule`: warm-up then constant, step, exponential, cosine, SGDR, one cycle, a rate
+  lowered on plateaus or a table of rates per epoch, as one serialisable ``LearningRateSchedule``.
 * :func:`build_schedule`: an :class:`EpochSchedule` from a schedule's kind and fields, a
   ``function`` kind's Keras-style ``lr(epoch, lr)`` turned into its table.
 * :func:`check_schedule`: the same without steps, to find a bad schedule before training.
@@ -9,7 +9,9 @@
 
 Everything is written with ``keras`` and ``keras.ops`` only and runs on the TensorFlow, JAX and
 torch backends. A schedule is a pure function of the optimizer's ``iterations`` counter, so it
-stays right across a checkpoint and resume.
+stays right across a checkpoint and resume; ``plateau``'s rate is that times a scale, a variable of
+the optimizer that :class:`~transferkit.training.callbacks.ReduceOnPlateau` lowers and the trainer
+checkpoints.
 
 Import this module before ``keras.saving.load_model(...)`` on a model compiled with an
 :class:`EpochSchedule`, so that it is registered (as ``transferkit>EpochSchedule``).
@@ -30,7 +32,7 @@ from keras import ops
 from transferkit.errors import RecipeError
 from transferkit.recipe import MAX_EPOCHS, import_object
 
-SCHEDULES = ("constant", "step", "exponential", "cosine", "sgdr", "function")
+SCHEDULES = ("constant", "step", "exponential", "cosine", "sgdr", "one_cycle", "plateau", "function")
 
 
 @keras.saving.register_keras_serializable(package="transferkit")
@@ -49,6 +51,14 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
     * ``sgdr``: the same cosine over cycles of ``restart_epochs``, ``restart_epochs *
       restart_mult``, ... epochs, restarting at the full rate; flat at the minimum after the
       last cycle that starts before ``T``;
+    * ``one_cycle`` (one-cycle policy): over the ``T * steps_per_epoch`` steps, up from ``learning_rate /
+      div_factor`` to ``learning_rate`` until step ``pct_start * steps - 1``, then down to ``learning_rate /
+      (div_factor * final_div_factor)`` at the last step, both halves cosine; it warms up by itself, so
+      it takes no ``warmup_epochs``. The learning rate cycles, the optimizer's momentum does not;
+    * ``plateau``: ``learning_rate * scale`` (the warm-up's ramp too); ``scale`` starts at 1, and once :meth:`attach` has made it
+      a variable of the optimizer, :class:`~transferkit.training.callbacks.ReduceOnPlateau` multiplies it
+      by ``gamma`` when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs,
+      then waits ``cooldown`` epochs before counting again;
     * ``function``: ``table[epoch]``, the absolute epoch (warm-up included) clamped to the table.
 
     After warm-up the rate never goes below ``min_learning_rate``. Every kind but ``function`` is a
@@ -63,14 +73,21 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         warmup_epochs: epochs of linear warm-up, counted in ``epochs``.
         min_learning_rate: the floor after warm-up, and where ``cosine`` and ``sgdr`` end.
         step_epochs, gamma: ``step``: epochs between drops and the factor of each; ``exponential``:
-            ``gamma`` is the factor per epoch.
+            ``gamma`` is the factor per epoch; ``plateau``: the factor of each drop.
         restart_epochs, restart_mult: ``sgdr``: the first cycle's length, and each next one's growth.
+        pct_start, div_factor, final_div_factor: ``one_cycle``: the fraction of the steps spent rising,
+            the start rate's divisor and the end rate's further divisor.
+        monitor, patience, cooldown, min_delta: ``plateau``: what ``ReduceOnPlateau`` watches and how.
         table: ``function`` only: the rate of each epoch.
+
+    Raises:
+        RecipeError: (key ``warmup_epochs``) warm-up epochs for ``one_cycle``.
     """
 
     def __init__(self, kind, learning_rate, epochs, steps_per_epoch, *, warmup_epochs=0,
                  min_learning_rate=0.0, step_epochs=3, gamma=0.1, restart_epochs=2, restart_mult=2.0,
-                 table=None):
+                 pct_start=0.3, div_factor=25.0, final_div_factor=1e4, monitor="val_loss", patience=2,
+                 cooldown=0, min_delta=0.0, table=None):
         if kind not in SCHEDULES:
             raise ValueError(f"EpochSchedule kind must be one of {SCHEDULES}, got {kind!r}")
         if steps_per_epoch < 1:
@@ -83,6 +100,12 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if not restart_epochs > 0 or not restart_mult >= 1:
             raise ValueError(f"EpochSchedule needs restart_epochs > 0 and restart_mult >= 1, "
                              f"got {restart_epochs!r} and {restart_mult!r}")
+        if not 0 < pct_start < 1 or not div_factor >= 1 or not final_div_factor >= 1:
+            raise ValueError(f"EpochSchedule needs 0 < pct_start < 1, div_factor >= 1 and final_div_factor >= 1, "
+                             f"got {pct_start!r}, {div_factor!r} and {final_div_factor!r}")
+        if kind == "one_cycle" and warmup_epochs:
+            raise RecipeError(f"one_cycle warms up by itself over its first pct_start of the steps: set "
+                              f"warmup_epochs to 0 (got {warmup_epochs!r}), or pct_start", key="warmup_epochs")
         self.kind = kind
         self.learning_rate = float(learning_rate)
         self.epochs = int(epochs)
@@ -93,8 +116,16 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.gamma = float(gamma)
         self.restart_epochs = float(restart_epochs)
         self.restart_mult = float(restart_mult)
+        self.pct_start = float(pct_start)
+        self.div_factor = float(div_factor)
+        self.final_div_factor = float(final_div_factor)
+        self.monitor = str(monitor)
+        self.patience = int(patience)
+        self.cooldown = int(cooldown)
+        self.min_delta = float(min_delta)
         self.table = [float(rate) for rate in table] if table else None
         self.decay_epochs = max(self.epochs - self.warmup_epochs, 1)
+        self.scale = 1.0  # plateau: the factor on the rate, an optimizer variable once attached
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
@@ -103,7 +134,8 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         rate = ops.maximum(self._after_warmup(epoch, since_warmup), self.min_learning_rate)
         if self.warmup_epochs:
             warmup_steps = float(self.warmup_epochs * self.steps_per_epoch)
-            rate = ops.where(step < warmup_steps, self.learning_rate * (step + 1.0) / warmup_steps, rate)
+            ramp = self.learning_rate * ops.cast(self.scale, "float32") * (step + 1.0) / warmup_steps
+            rate = ops.where(step < warmup_steps, ramp, rate)
         return rate
 
     def _after_warmup(self, epoch, t):
@@ -115,20 +147,37 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if self.kind == "exponential":
             return self.learning_rate * ops.power(self.gamma, t)
         if self.kind == "cosine":
-            return self._cosine(t / self.decay_epochs)
+            return cosine_anneal(self.learning_rate, self.min_learning_rate, t / self.decay_epochs)
         if self.kind == "sgdr":
             cycle = ops.minimum(self._cycle_of(t), float(self._last_cycle()))
             start = self._cycle_start(cycle)
-            return self._cosine((t - start) / (self.restart_epochs * ops.power(self.restart_mult, cycle)))
+            progress = (t - start) / (self.restart_epochs * ops.power(self.restart_mult, cycle))
+            return cosine_anneal(self.learning_rate, self.min_learning_rate, progress)
+        if self.kind == "one_cycle":
+            return self._one_cycle(t * self.steps_per_epoch)
+        if self.kind == "plateau":
+            return ops.full_like(t, self.learning_rate) * ops.cast(self.scale, "float32")
         last = len(self.table) - 1
         index = ops.clip(ops.cast(ops.floor(epoch), "int32"), 0, last)
         return ops.take(ops.convert_to_tensor(self.table, "float32"), index)
 
-    def _cosine(self, progress):
-        """``learning_rate`` at progress 0 down to ``min_learning_rate`` at 1 and beyond."""
-        progress = ops.clip(progress, 0.0, 1.0)
-        span = self.learning_rate - self.min_learning_rate
-        return self.min_learning_rate + span * 0.5 * (1.0 + ops.cos(math.pi * progress))
+    def _one_cycle(self, step):
+        """The one-cycle rate at ``step`` (a float tensor) after the start of the schedule."""
+        steps = float(self.decay_epochs * self.steps_per_epoch)
+        peak = max(self.pct_start * steps - 1.0, 0.0)  # the step of the full rate
+        start = self.learning_rate / self.div_factor
+        rising = cosine_anneal(start, self.learning_rate, step / max(peak, 1.0))
+        falling = cosine_anneal(self.learning_rate, start / self.final_div_factor,
+                                (step - peak) / max(steps - 1.0 - peak, 1.0))
+        return ops.where(step < peak, rising, falling)
+
+    def attach(self, optimizer, scale: float = 1.0) -> None:
+        """Makes a ``plateau`` schedule's scale a variable of ``optimizer``, starting at ``scale``; other
+        kinds have none. As an optimizer variable it is part of every backend's compiled step and of
+        the optimizer's checkpoint. Call it before the optimizer is built or restored."""
+        if self.kind == "plateau":
+            self.scale = optimizer.add_variable((), initializer=keras.initializers.Constant(scale), dtype="float32",
+                                                aggregation="only_first_replica", name="plateau_scale")
 
     def _cycle_start(self, cycle):
         """Where SGDR cycle ``cycle`` (0, 1, ...) starts, in epochs after warm-up (a float or a tensor).
@@ -174,7 +223,15 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "steps_per_epoch": self.steps_per_epoch, "warmup_epochs": self.warmup_epochs,
                 "min_learning_rate": self.min_learning_rate, "step_epochs": self.step_epochs,
                 "gamma": self.gamma, "restart_epochs": self.restart_epochs,
-                "restart_mult": self.restart_mult, "table": self.table}
+                "restart_mult": self.restart_mult, "pct_start": self.pct_start, "div_factor": self.div_factor,
+                "final_div_factor": self.final_div_factor, "monitor": self.monitor, "patience": self.patience,
+                "cooldown": self.cooldown, "min_delta": self.min_delta, "table": self.table}
+
+
+def cosine_anneal(start, end, progress):
+    """From ``start`` at progress 0 to ``end`` at 1 (and beyond) along half a cosine."""
+    progress = ops.clip(progress, 0.0, 1.0)
+    return end + (start - end) * 0.5 * (1.0 + ops.cos(math.pi * progress))
 
 
 def build_schedule(kind: str, learning_rate: float, epochs: int, steps_per_epoch: int, *,
@@ -188,8 +245,9 @@ def build_schedule(kind: str, learning_rate: float, epochs: int, steps_per_epoch
         steps_per_epoch: optimizer steps (batches) per epoch.
         function: ``function`` only: the import path ``pkg.mod:fn`` of a Keras-style
             ``fn(epoch, lr) -> lr``, threaded from ``learning_rate`` over the epochs.
-        shape: ``warmup_epochs``, ``min_learning_rate``, ``step_epochs``, ``gamma``,
-            ``restart_epochs``, ``restart_mult``, as :class:`EpochSchedule` takes them.
+        shape: ``warmup_epochs``, ``min_learning_rate``, ``step_epochs``, ``gamma``, ``restart_epochs``,
+            ``restart_mult``, ``pct_start``, ``div_factor``, ``final_div_factor``, ``monitor``, ``patience``,
+            ``cooldown``, ``min_delta``, as :class:`EpochSchedule` takes them.
 
     Returns:
         An :class:`EpochSchedule` to pass as the optimizer's learning rate.
@@ -197,7 +255,8 @@ def build_schedule(kind: str, learning_rate: float, epochs: int, steps_per_epoch
     Raises:
         RecipeError: for ``function`` (key ``function``): a missing or unimportable import path,
             or a function that returns something other than a non-negative number; ``epochs``
-            beyond :data:`~transferkit.recipe.MAX_EPOCHS` (key ``epochs``).
+            beyond :data:`~transferkit.recipe.MAX_EPOCHS` (key ``epochs``); warm-up epochs for
+            ``one_cycle`` (key ``warmup_epochs``).
     """
     table = _function_table(function, learning_rate, epochs) if kind == "function" else None
     return EpochSchedule(kind, learning_rate, epochs, steps_per_epoch, table=table, **shape)

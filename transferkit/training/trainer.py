@@ -141,10 +141,13 @@ class Trainer:
         self.budget_first = next((phase.first for phase in phases if phase.name != "warmup"), 0)
         self.trained = model  # the model being trained: ``model``, or in an imag episode the imag model
         self.optimizer = None  # the current phase's
+        self.schedule = None  # the current phase's learning-rate schedule; None in the warm-up
         self.jit_compile = False
         self.record = TrainingRecord(state)
         # early stopping's state (checkpointed): ``best``, ``best_epoch``, ``wait``, ``stopped``
         self.early_stopping: dict = state.get("early_stopping", {})
+        # a plateau schedule's state (checkpointed): ``scale``, ``best``, ``wait``, ``cooldown``
+        self.plateau: dict = state.get("plateau", {})
         self.parameters: dict = state.get("parameters", {})
         self.num_classes = model.output.shape[-1]
 
@@ -191,6 +194,8 @@ class Trainer:
             callbacks.append(cb.EarlyStopping(self.record, self.early_stopping, monitor=spec["monitor"],
                                               min_delta=spec["min_delta"], patience=spec["patience"],
                                               keep_best=lambda: self.checkpoints.save_best(self.model)))
+        if phase.name == "finetune" and self.schedule.kind == "plateau":
+            callbacks.append(cb.ReduceOnPlateau(self.record, self.plateau, self.schedule))
         return callbacks + [
             cb.SaveCheckpoint(self.checkpoints, self.model, self.optimizer, functools.partial(self._state, phase),
                               head=(lambda: get_head_weights(self.trained)) if imag else None, head_until=phase.last),
@@ -221,7 +226,8 @@ class Trainer:
         self.parameters[phase.name] = counts
         log.info("%s: epochs %d-%d, %s trainable of %s parameters", phase.name, phase.first + 1, phase.last,
                  f"{counts['trainable']:,}", f"{counts['total']:,}")
-        optimizer = self.optimizer = self.build_optimizer(phase, steps)
+        self.schedule = None if phase.name == "warmup" else self.build_schedule(phase, steps)
+        optimizer = self.optimizer = self.build_optimizer(phase, steps, self.schedule)
         self._compile(fitted, phase, optimizer)
         if phase.name == "imag":  # the normal model only validates, in end_epoch
             self._compile(self.model, phase, "sgd")
@@ -280,26 +286,37 @@ class Trainer:
             log.info("restored the weights of epoch %d (best %s %.4f)", self.early_stopping["best_epoch"],
                      spec["monitor"], self.early_stopping["best"])
 
-    def build_optimizer(self, phase: Phase, steps_per_epoch: int):
-        """``phase``'s optimizer; after the warm-up on the schedule, with the layer decay."""
+    def build_optimizer(self, phase: Phase, steps_per_epoch: int, schedule=None):
+        """``phase``'s optimizer; after the warm-up on ``schedule`` (None: a new :meth:`build_schedule`),
+        attached to it, with the layer decay."""
         from transferkit.training.optim import build_optimizer, layer_decay_multipliers
-        from transferkit.training.schedules import build_schedule
 
         fields, settings = dict(phase.optimizer), self.settings
         if phase.name != "warmup":
-            schedule = dict(settings.schedule)
-            with RecipeError.under("schedule"):
-                fields["learning_rate"] = build_schedule(schedule.pop("name"), fields["learning_rate"],
-                                                         settings.epochs, steps_per_epoch, **schedule)
+            if schedule is None:
+                schedule = self.build_schedule(phase, steps_per_epoch)
+            fields["learning_rate"] = schedule
             if settings.layer_decay:  # its error's key: layer_decay
                 fields["layer_multipliers"] = layer_decay_multipliers(self.trained, settings.layer_decay)
         with RecipeError.under("optimizer"):
-            return build_optimizer(**fields)
+            optimizer = build_optimizer(**fields)
+        if schedule is not None:  # a plateau's scale goes on from where the run left it
+            schedule.attach(optimizer, scale=self.plateau.get("scale", 1.0))
+        return optimizer
+
+    def build_schedule(self, phase: Phase, steps_per_epoch: int):
+        """The schedule of the phases after the warm-up, from ``phase``'s learning rate."""
+        from transferkit.training.schedules import build_schedule
+
+        schedule = dict(self.settings.schedule)
+        with RecipeError.under("schedule"):
+            return build_schedule(schedule.pop("name"), phase.optimizer["learning_rate"], self.settings.epochs,
+                                  steps_per_epoch, **schedule)
 
     def _label_smoothing(self, phase: Phase) -> float:
         return self.settings.label_smoothing if phase.name != "warmup" else 0.0
 
     def _state(self, phase: Phase) -> dict:
         return {"total_epochs": self.total, "phase": phase.name, "history": self.history, "phases": self.phases,
-                "early_stopping": self.early_stopping, "parameters": self.parameters,
+                "early_stopping": self.early_stopping, "plateau": self.plateau, "parameters": self.parameters,
                 "seconds": round(self.seconds, 2)}
