@@ -123,13 +123,23 @@ class OptimizerSpec(_GivenByName):
 @dataclass
 class ScheduleSpec(_GivenByName):
     """Learning-rate schedule over epochs, after an optional linear warm-up."""
-    name: Literal["constant", "step", "exponential", "cosine", "sgdr", "function"] = _spec("constant")
+    name: Literal["constant", "step", "exponential", "cosine", "sgdr", "one_cycle", "plateau", "function"] = _spec(
+        "constant")
     warmup_epochs: int = _spec(0, ge=0, le=MAX_EPOCHS, why=_EPOCHS_WHY)
     min_learning_rate: float = _spec(0.0, ge=0)
     step_epochs: int = _spec(3, ge=1, le=MAX_EPOCHS, why=_EPOCHS_WHY, doc="step: epochs between drops")
-    gamma: float = _spec(0.1, gt=0, le=1, doc="step/exponential: factor per drop / per epoch")
+    gamma: float = _spec(0.1, gt=0, le=1, doc="step/exponential/plateau: factor per drop / per epoch / per plateau")
     restart_epochs: int = _spec(2, ge=1, le=MAX_EPOCHS, why=_EPOCHS_WHY, doc="sgdr: length of the first cycle")
     restart_mult: float = _spec(2.0, ge=1, doc="sgdr: growth of each next cycle")
+    pct_start: float = _spec(0.3, gt=0, lt=1, doc="one_cycle: fraction of the steps spent rising to learning_rate")
+    div_factor: float = _spec(25.0, ge=1, doc="one_cycle: starts at learning_rate / div_factor")
+    final_div_factor: float = _spec(1e4, ge=1, doc="one_cycle: ends at the starting rate / final_div_factor")
+    monitor: str = _spec("val_loss", doc="plateau: the logged metric whose plateaus lower the rate")
+    patience: int = _spec(2, ge=1, le=MAX_EPOCHS, why=_EPOCHS_WHY,
+                          doc="plateau: epochs without improvement before the rate drops")
+    cooldown: int = _spec(0, ge=0, le=MAX_EPOCHS, why=_EPOCHS_WHY,
+                          doc="plateau: epochs after a drop before waiting starts again")
+    min_delta: float = _spec(0.0, ge=0, doc="plateau: the least change of monitor that counts as an improvement")
     function: Optional[str] = _spec(None, doc="function: import path of lr(epoch, lr) -> lr")
 
 

@@ -18,7 +18,8 @@ from transferkit.models.weights import check_weights
 from transferkit.errors import RecipeError
 from transferkit.recipe import Recipe, did_you_mean, recipe_splits
 
-#: What fine-tuning logs each epoch, so what early stopping can monitor (top5 from six classes on).
+#: What fine-tuning logs each epoch, so what early stopping and a plateau schedule can monitor (top5 from
+#: six classes on).
 MONITORED = ("val_loss", "val_accuracy", "val_top5", "loss", "accuracy", "top5")
 
 
@@ -138,10 +139,11 @@ def _check_finetune(recipe: Recipe, layers: bool = True) -> None:
         schedule = dataclasses.asdict(finetune.schedule)
         with RecipeError.under("finetune.schedule"):
             check_schedule(schedule.pop("name"), finetune.optimizer.learning_rate, finetune.epochs, **schedule)
-        if finetune.early_stopping is not None and finetune.early_stopping.monitor not in MONITORED:
-            monitor = finetune.early_stopping.monitor
-            raise RecipeError(f"finetune.early_stopping.monitor: {monitor!r} is not logged"
-                              f"{did_you_mean(monitor, MONITORED)}")
+        watched = {"finetune.early_stopping.monitor": finetune.early_stopping and finetune.early_stopping.monitor,
+                   "finetune.schedule.monitor": finetune.schedule.name == "plateau" and finetune.schedule.monitor}
+        for key, monitor in watched.items():
+            if monitor and monitor not in MONITORED:
+                raise RecipeError(f"{key}: {monitor!r} is not logged{did_you_mean(monitor, MONITORED)}")
     with RecipeError.under("data.augment"):
         check_augmentation(recipe.data.augment)
 
