@@ -6,6 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from transferkit.reports.calibration import apply_temperature, expected_calibration_error
 from transferkit.reports.evaluate import evaluate_predictions, format_metrics, plot_history, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -92,11 +93,11 @@ def test_format_metrics_gives_the_headline_and_weakest_classes():
     assert always_first.startswith("top-1 0.750  balanced accuracy 0.500  loss")  # beside top-1, apart from it
 
 
-def test_write_report_writes_six_files_that_read_back(tmp_path):
+def test_write_report_writes_seven_files_that_read_back(tmp_path):
     folder = tmp_path / "run" / "eval"
     metrics = write_report(folder, Y_TRUE, PROBS, NAMES, PATHS, prefix="val", worst=1)
     kinds = ["metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv",
-             "mistakes.csv", "report.txt"]
+             "mistakes.csv", "report.txt", "reliability.png"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"val_{k}" for k in kinds)
 
     assert json.loads((folder / "val_metrics.json").read_text()) == metrics
@@ -104,6 +105,8 @@ def test_write_report_writes_six_files_that_read_back(tmp_path):
         ["true\\predicted", *NAMES], ["ant", "1", "1", "0"], ["bee", "0", "1", "1"],
         ["cat", "0", "0", "2"]]
     assert_png(folder / "val_confusion_matrix.png")
+    assert_png(folder / "val_reliability.png")
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(Y_TRUE, PROBS)) and "calibration" not in metrics
 
     header, *rows = read_csv(folder / "val_predictions.csv")
     assert header == ["path", "true", "predicted", "prob_predicted", "prob_true", "loss", "top_k"]
@@ -118,6 +121,17 @@ def test_write_report_writes_six_files_that_read_back(tmp_path):
     report = (folder / "val_report.txt").read_text()
     assert "top-1 0.667" in report and "images/1.jpg" in report
     assert all(name in report for name in NAMES)
+
+
+def test_a_report_after_temperature_scaling_gives_ece_and_loss_before_and_after(tmp_path):
+    calibrated = apply_temperature(PROBS, 0.5)
+    metrics = write_report(tmp_path, Y_TRUE, calibrated, NAMES, prefix="test", uncalibrated=PROBS, temperature=0.5)
+    assert metrics["calibration"] == {"temperature": 0.5, "ece_before": pytest.approx(expected_calibration_error(
+        Y_TRUE, PROBS)), "loss_before": pytest.approx(np.mean(-np.log(P_TRUE)))}
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(Y_TRUE, calibrated))
+    report = (tmp_path / "test_report.txt").read_text()
+    assert (f"temperature 0.500, ECE {metrics['calibration']['ece_before']:.3f} -> {metrics['ece']:.3f}, "
+            f"loss {metrics['calibration']['loss_before']:.3f} -> {metrics['loss']:.3f}") in report
 
 
 def test_mistakes_are_wrong_predictions_sorted_by_loss(tmp_path):

@@ -84,6 +84,23 @@ def test_exported_model_predicts_like_the_run(runs, name):
     np.testing.assert_allclose(exported, expected, atol=1e-4)
 
 
+def test_the_exported_model_gives_the_calibrated_probabilities(runs, tmp_path):
+    from transferkit.reports.calibration import apply_temperature
+    from transferkit.run import Run
+
+    run, held_out = runs("logreg_3_classes")
+    assert run.metrics["val"]["ece"] >= 0 and (run.folder / "val_reliability.png").is_file()
+    raw = run.predictor.with_temperature(1.0).predict(load_images(held_out, 96).astype("float32"), 16)
+    hot = Run(run.recipe, run.class_names, run.image_size, run.predictor.with_temperature(2.5))
+    hot.save(tmp_path / "hot")
+    assert json.loads((tmp_path / "hot" / "model" / "calibration.json").read_text()) == {"temperature": 2.5}
+    model, _ = load_exported_model(export_model(tmp_path / "hot"))
+    exported = model.predict(load_images(held_out, 96).astype("float32"), verbose=0)
+    np.testing.assert_allclose(exported, apply_temperature(raw, 2.5), atol=1e-4)
+    np.testing.assert_allclose(Run.load(tmp_path / "hot").predict(held_out), exported, atol=1e-4)
+    assert np.abs(exported - raw).max() > 0.01  # the temperature made a difference worth checking
+
+
 def test_plain_keras_loads_it_and_the_classes_sit_beside_it(runs, tmp_path):
     import keras
 

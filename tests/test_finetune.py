@@ -17,6 +17,7 @@ from transferkit.errors import DeviceMemoryError
 from transferkit.recipe import DenseSpec, load_recipe
 from transferkit.run import Run
 from transferkit.strategies.extract import extract
+from transferkit.data.decode import load_images
 from transferkit.strategies.finetune import finetune
 from transferkit.training.trainer import TrainingError
 from transferkit.models.surgery import body_layers
@@ -76,6 +77,9 @@ def test_finetune_writes_the_run_folder_and_reloads(first_run, small_cats_dogs):
     assert loaded.class_names == ["cat", "dog"] and loaded.model is not None
     np.testing.assert_allclose(loaded.predict(paths), first_run.predict(paths), atol=1e-5)
     assert loaded.evaluate()["top1"] == first_run.metrics["val"]["top1"]
+    assert (folder / "val_reliability.png").is_file() and first_run.metrics["val"]["ece"] >= 0
+    temperature = first_run.metrics["val"].get("calibration", {}).get("temperature")  # none where 1.0 fits best
+    assert ("temperature" in [layer.name for layer in loaded.model.layers]) == (temperature is not None)
 
 
 def test_predict_and_export_commands_work_on_a_finetuned_run(first_run, small_cats_dogs):
@@ -89,6 +93,9 @@ def test_predict_and_export_commands_work_on_a_finetuned_run(first_run, small_ca
     assert transferkit("export", first_run.folder).returncode == 0
     model, class_names = load_exported_model(first_run.folder / "model" / "model.keras")
     assert class_names == ["cat", "dog"] and model.output.shape[-1] == 2
+    paths = sorted(str(p) for p in (small_cats_dogs / "cat").iterdir())[:4]
+    exported = model.predict(load_images(paths, 128).astype("float32"), verbose=0)
+    np.testing.assert_allclose(exported, first_run.predict(paths), atol=1e-5)  # calibrated, as the run predicts
 
 
 def test_only_layers_from_the_named_one_change_and_batchnorm_stays(first_run, pretrained):

@@ -270,6 +270,8 @@ class Recipe:
     tune: TuneSpec = _spec(TuneSpec())
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = _spec(
         "auto", doc="auto: mixed_bfloat16 on a GPU, float32 on the CPU")
+    calibrate: Literal["temperature", "none"] = _spec(
+        "temperature", doc="temperature: scale the probabilities by one temperature fitted on the val split")
     jit_compile: Union[bool, Literal["auto"]] = _spec("auto", doc="XLA; auto: on a GPU and under JAX")
     distribute: Literal["none", "data_parallel"] = _spec("none", doc="data_parallel: every local GPU (or device)")
     output: Optional[str] = _spec(None, path=True, doc="run folder; default: runs/<name>")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.io import atomic_path
 
 ECE_BINS = 15
 #: Probabilities are clipped here before the log (float32 models give exact zeros).
@@ -87,11 +86,9 @@ def plot_reliability(y_true, curves: dict[str, np.ndarray], path: str | Path, ti
                      bins: int = ECE_BINS) -> None:
     """Write a reliability diagram: accuracy against confidence per bin, one line per entry of
     ``curves`` (label -> probabilities, e.g. before and after temperature scaling), with its ECE."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from transferkit.reports.evaluate import new_figure, save_png
 
-    figure = Figure(figsize=(4.8, 4.8))
-    FigureCanvasAgg(figure)
+    figure = new_figure(figsize=(4.8, 4.8))
     axes = figure.add_subplot()
     axes.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="perfectly calibrated")
     for label, probabilities in curves.items():
@@ -102,6 +99,29 @@ def plot_reliability(y_true, curves: dict[str, np.ndarray], path: str | Path, ti
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
              title=title or "reliability")
     axes.legend(loc="upper left", fontsize="small")
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+    save_png(figure, path)
+
+
+def write_calibrated_reports(folder, raw: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str], *,
+                             paths: dict[str, list[str]] | None = None, fit: bool = True) -> tuple[float, dict]:
+    """Fit the temperature on ``raw["val"]`` and write every split's report from the calibrated probabilities.
+
+    Args:
+        folder: the run folder the reports go to.
+        raw: split name -> ``(labels, probabilities)`` as the model gives them.
+        class_names: the class names in index order.
+        paths: split name -> its image paths, for the predictions and mistakes files.
+        fit: fit a temperature (``calibrate: temperature``); without it, or without a val split, 1.0.
+
+    Returns:
+        ``(temperature, {split: metrics})``, the metrics of :func:`transferkit.reports.evaluate.write_report`.
+    """
+    from transferkit.reports.evaluate import write_report
+
+    temperature = fit_temperature(*raw["val"]) if fit and "val" in raw else 1.0
+    metrics = {}
+    for name, (labels, probabilities) in raw.items():
+        calibrated = apply_temperature(probabilities, temperature) if temperature != 1.0 else probabilities
+        metrics[name] = write_report(folder, labels, calibrated, class_names, paths=(paths or {}).get(name),
+                                     prefix=name, uncalibrated=probabilities, temperature=temperature)
+    return temperature, metrics

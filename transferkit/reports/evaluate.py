@@ -59,18 +59,22 @@ def evaluate_predictions(y_true, probabilities, class_names, paths=None) -> dict
 
 
 def write_report(folder, y_true, probabilities, class_names, paths=None, *, prefix="test",
-                 worst=20) -> dict:
-    """Write metrics, confusion matrix (CSV + PNG), predictions, mistakes and a summary.
+                 worst=20, uncalibrated=None, temperature: float = 1.0) -> dict:
+    """Write metrics, confusion matrix (CSV + PNG), reliability diagram, predictions, mistakes and a summary.
 
     Args:
         folder: the run folder (created if needed); files are named ``{prefix}_...``.
         y_true, probabilities, class_names, paths: as for :func:`evaluate_predictions`.
         prefix: which split this is, e.g. "test" or "val".
         worst: how many of the highest-loss wrong predictions go into the mistakes CSV.
+        uncalibrated, temperature: the probabilities before temperature scaling, and the temperature
+            that made ``probabilities`` of them; reported beside (``calibration``) and drawn with them.
     Returns:
-        The metrics dict, as written to ``{prefix}_metrics.json``.
+        The metrics dict, as written to ``{prefix}_metrics.json``: :func:`evaluate_predictions`'s, with
+        ``ece`` and, after temperature scaling, ``calibration`` {temperature, ece_before, loss_before}.
     """
     metrics = evaluate_predictions(y_true, probabilities, class_names, paths)
+    metrics.update(_calibration(folder, y_true, probabilities, uncalibrated, temperature, prefix))
     y_true, probs = _validate(y_true, probabilities, class_names, paths)
     rows, losses = _prediction_rows(y_true, probs, class_names, paths)
     wrong = probs.argmax(axis=1) != y_true
@@ -90,6 +94,22 @@ def write_report(folder, y_true, probabilities, class_names, paths=None, *, pref
     return metrics
 
 
+def _calibration(folder, y_true, probabilities, uncalibrated, temperature: float, prefix: str) -> dict:
+    """ECE (before and after temperature scaling, when it was done) and the reliability diagram."""
+    from transferkit.reports.calibration import expected_calibration_error, plot_reliability
+
+    y_true = np.asarray(y_true, dtype=int)
+    found = {"ece": expected_calibration_error(y_true, probabilities)}
+    curves = {"model": probabilities}
+    if uncalibrated is not None and temperature != 1.0:
+        found["calibration"] = {"temperature": float(temperature),
+                                "ece_before": expected_calibration_error(y_true, uncalibrated),
+                                "loss_before": float(_sample_losses(y_true, np.asarray(uncalibrated)).mean())}
+        curves = {"before": uncalibrated, f"after (temperature {temperature:.2f})": probabilities}
+    plot_reliability(y_true, curves, f"{Path(folder) / prefix}_reliability.png", title=f"{prefix}: reliability")
+    return found
+
+
 def format_metrics(metrics: dict, weakest: int = 3) -> str:
     """A few console lines: top-1, balanced accuracy (the mean recall over classes, which an imbalanced
     split tells apart from top-1), top-5, loss and n, then the weakest classes by F1.
@@ -104,7 +124,8 @@ def format_metrics(metrics: dict, weakest: int = 3) -> str:
     parts = [f"top-1 {metrics['top1']:.3f}", f"balanced accuracy {metrics['balanced_accuracy']:.3f}"]
     if "top5" in metrics:
         parts.append(f"top-5 {metrics['top5']:.3f}")
-    parts += [f"loss {metrics['loss']:.3f}", f"(n={metrics['n']})"]
+    parts += [f"loss {metrics['loss']:.3f}", *([f"ECE {metrics['ece']:.3f}"] if "ece" in metrics else []),
+              f"(n={metrics['n']})"]
     scored = sorted((c["f1"], name) for name, c in metrics["per_class"].items() if c["support"])
     weak = ", ".join(f"{name} {f1:.3f}" for f1, name in scored[:weakest])
     return "  ".join(parts) + (f"\nweakest by F1: {weak}" if weak else "")
@@ -201,7 +222,13 @@ def _write_csv(path, header, rows) -> None:
 def _report_text(metrics, mistakes, prefix) -> str:
     """The human-readable summary: headline, per-class table, worst mistakes."""
     width = max(12, *(len(name) for name in metrics["per_class"]))
-    lines = [f"{prefix} evaluation", format_metrics(metrics), f"macro-F1 {metrics['macro_f1']:.3f}", "",
+    lines = [f"{prefix} evaluation", format_metrics(metrics), f"macro-F1 {metrics['macro_f1']:.3f}"]
+    if "calibration" in metrics:
+        c = metrics["calibration"]
+        lines.append(f"temperature scaling (fitted on val): temperature {c['temperature']:.3f}, ECE "
+                     f"{c['ece_before']:.3f} -> {metrics['ece']:.3f}, loss {c['loss_before']:.3f} -> "
+                     f"{metrics['loss']:.3f}")
+    lines += ["",
              f"{'':>{width}}  precision  recall  f1-score  support"]
     lines += [f"{name:>{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:8.3f}  "
               f"{c['support']:7d}" for name, c in metrics["per_class"].items()]

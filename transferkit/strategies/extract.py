@@ -68,7 +68,8 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
              evaluate_test: bool = True) -> Run:
     """Features, the classifier fit and the reports (written to ``folder``); the Run, unsaved."""
     from transferkit.features.classifiers import cv_scores, fit_cached, predict_proba
-    from transferkit.reports.evaluate import format_metrics, write_report
+    from transferkit.reports.calibration import write_calibrated_reports
+    from transferkit.reports.evaluate import format_metrics
 
     splits = check_data(recipe, screen=True)
     extractor = feature_extractor(recipe, image_size)
@@ -91,12 +92,14 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
 
     run = Run(recipe=recipe, class_names=splits.class_names, image_size=image_size,
               predictor=FeaturePredictor(extractor, classifier))
-    for name in ("val", "test"):
-        if name in features:
-            x, y = features[name]
-            run.metrics[name] = write_report(folder, y, predict_proba(classifier, x), splits.class_names,
-                                             paths=sets[name].paths, prefix=name)
-            log.info("%s: %s", name, format_metrics(run.metrics[name]))
+    raw = {name: (features[name][1], predict_proba(classifier, features[name][0])) for name in ("val", "test")
+           if name in features}
+    temperature, run.metrics = write_calibrated_reports(
+        folder, raw, splits.class_names, paths={name: sets[name].paths for name in raw},
+        fit=recipe.calibrate == "temperature")
+    run.predictor = run.predictor.with_temperature(temperature)
+    for name, metrics in run.metrics.items():
+        log.info("%s: %s", name, format_metrics(metrics))
     run.info = {"seconds": {"extract": round(extracted - started, 2), "fit": round(fitted - extracted, 2),
                             "total": round(time.perf_counter() - started, 2)},
                 "images": {name: len(images) for name, images in sets.items()},

@@ -174,18 +174,23 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
 
 
 def _write_reports(run: Run, trainer: Trainer, splits, folder: Path, batch_size: int, evaluate_test: bool = True):
-    """The val and test reports (test only with ``evaluate_test``; their metrics into ``run``) and the
-    diagnosis of the training curves, which is returned (None without a trained epoch)."""
-    from transferkit.reports.evaluate import format_metrics, write_report
+    """The val and test reports (test only with ``evaluate_test``; their metrics into ``run``), after the
+    temperature scaling fitted on val (folded into the run's model), and the diagnosis of the training
+    curves, which is returned (None without a trained epoch)."""
+    from transferkit.reports.calibration import write_calibrated_reports
+    from transferkit.reports.evaluate import format_metrics
     from transferkit.training.diagnose import diagnose
 
-    for name, images in (("val", splits.val), ("test", splits.test if evaluate_test else None)):
-        if images is not None:
-            data = make_dataset(images, run.image_size, fitting_batch_size(batch_size, len(images), name))
-            probabilities = run.model.predict(data, verbose=0).astype("float64")
-            run.metrics[name] = write_report(folder, images.labels, probabilities, run.class_names,
-                                             paths=images.paths, prefix=name)
-            log.info("%s: %s", name, format_metrics(run.metrics[name]))
+    sets = {name: images for name, images in (("val", splits.val), ("test", splits.test if evaluate_test else None))
+            if images is not None}
+    raw = {name: (images.labels, run.model.predict(make_dataset(images, run.image_size, fitting_batch_size(
+        batch_size, len(images), name)), verbose=0).astype("float64")) for name, images in sets.items()}
+    temperature, run.metrics = write_calibrated_reports(
+        folder, raw, run.class_names, paths={name: images.paths for name, images in sets.items()},
+        fit=run.recipe.calibrate == "temperature")
+    run.predictor = run.predictor.with_temperature(temperature) if temperature != 1.0 else run.predictor
+    for name, metrics in run.metrics.items():
+        log.info("%s: %s", name, format_metrics(metrics))
     diagnosis = diagnose(trainer.history, trainer.phases) if trainer.phases else None
     if diagnosis is not None:
         atomic_write_text(folder / "diagnosis.txt", diagnosis.to_text() + "\n")
