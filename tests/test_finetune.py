@@ -18,6 +18,7 @@ from transferkit.recipe import DenseSpec, load_recipe
 from transferkit.run import Run
 from transferkit.strategies.extract import extract
 from transferkit.data.decode import load_images
+from transferkit.models.layers import CROP_CORNERS
 from transferkit.strategies.finetune import finetune
 from transferkit.training.trainer import TrainingError
 from transferkit.models.surgery import body_layers
@@ -127,7 +128,7 @@ def tiny_head(features, num_classes):
 
 def test_custom_head_from_the_api_trains(small_cats_dogs, home, tmp_path):
     run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0), head=tiny_head, progress=False)
-    names = [layer.name for layer in run.model.layers]
+    names = [layer.name for layer in run.model.layers if layer.name != "temperature"]  # calibration's, after
     assert names[-3:] == ["custom_hidden", "custom_out", "probabilities"]
     assert np.isfinite(run.history["loss"]).all()
     assert Run.load(run.folder).predict(np.zeros((1, 128, 128, 3), "float32")).shape == (1, 2)
@@ -319,3 +320,34 @@ def test_on_a_gpu_auto_picks_bfloat16_and_augmentation_in_the_model(small_cats_d
     assert run.info["precision"] == "mixed_bfloat16" and run.info["augment_on"] == "model"
     assert run.model.get_layer("head_logits").dtype_policy.name == "mixed_bfloat16"
     assert np.isfinite(run.history["loss"]).all()
+
+
+@pytest.mark.parametrize("tta, views", [("flip", ["flip"]), ("crops", [f"crop_{c}" for c in
+                                                                      ("center", "top_left", "bottom_right")])])
+def test_test_time_augmentation_averages_views_inside_the_saved_model(small_cats_dogs, home, tmp_path, tta, views):
+    import keras
+
+    recipe = make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0, tta=tta)
+    recipe.calibrate = "none"  # the plain average, to compare with the views by hand
+    run = finetune(recipe, progress=False)
+    model = Run.load(run.folder).model
+    names = [layer.name for layer in model.layers]
+    assert f"{tta}_average" in names and all(view in names for view in views)
+    inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    pixels = load_images(sorted(str(p) for p in (small_cats_dogs / "cat").iterdir())[:3], 128).astype("float32")
+    seen = ([pixels, model.get_layer("flip")(pixels)] if tta == "flip"
+            else [model.get_layer(f"crop_{corner}")(pixels) for corner in CROP_CORNERS])
+    by_hand = np.mean([inner.predict(np.asarray(view), verbose=0) for view in seen], axis=0)
+    np.testing.assert_allclose(model.predict(pixels, verbose=0), by_hand, atol=1e-5)
+
+
+def test_crop_views_take_the_corner_asked_for():
+    from transferkit.models.layers import CropResize
+
+    image = np.zeros((1, 8, 8, 3), "float32")
+    image[:, :4, :4] = 7.0  # the top-left quadrant
+    np.testing.assert_allclose(np.asarray(CropResize("top_left", 0.5)(image)), 7.0)
+    np.testing.assert_allclose(np.asarray(CropResize("bottom_right", 0.5)(image)), 0.0)
+    np.testing.assert_allclose(np.asarray(CropResize("center", 1.0)(image)), image)
+    with pytest.raises(ValueError, match="corner"):
+        CropResize("middle")

@@ -68,6 +68,37 @@ class HorizontalFlip(keras.layers.Layer):
         return keras.ops.flip(inputs, axis=2)
 
 
+#: Where :class:`CropResize` may take its window from.
+CROP_CORNERS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class CropResize(keras.layers.Layer):
+    """A fixed window of ``fraction`` of each side, at ``corner``, resized back to the image's size
+    (deterministic; the views of five-crop test-time augmentation)."""
+
+    def __init__(self, corner="center", fraction=0.875, **kwargs):
+        super().__init__(**kwargs)
+        if corner not in CROP_CORNERS or not 0 < fraction <= 1:
+            raise ValueError(f"CropResize needs a corner among {CROP_CORNERS} and 0 < fraction <= 1, "
+                             f"got {corner!r} and {fraction!r}")
+        self.corner, self.fraction = corner, float(fraction)
+
+    def call(self, inputs):
+        height, width = int(inputs.shape[1]), int(inputs.shape[2])
+        crop_h, crop_w = max(1, round(height * self.fraction)), max(1, round(width * self.fraction))
+        top = {"center": (height - crop_h) // 2, "top": 0, "bottom": height - crop_h}[self.corner.split("_")[0]]
+        left = {"left": 0, "right": width - crop_w}.get(self.corner.split("_")[-1], (width - crop_w) // 2)
+        window = inputs[:, top:top + crop_h, left:left + crop_w, :]
+        return ops.image.resize(ops.cast(window, self.compute_dtype), (height, width), interpolation="bilinear")
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "corner": self.corner, "fraction": self.fraction}
+
+
 @keras.saving.register_keras_serializable(package="transferkit")
 class SignedSqrt(keras.layers.Layer):
     """Power normalisation: sign(x) * sqrt(|x|), which evens out bursty pooled features."""

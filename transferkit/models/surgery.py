@@ -16,7 +16,7 @@ import keras
 from transferkit.models.backbones import backbone_of, resolve_layer
 from transferkit.models.registry import BackboneInfo
 from transferkit.errors import BackboneError, RecipeError
-from transferkit.models.layers import HorizontalFlip, SignedSqrt
+from transferkit.models.layers import CROP_CORNERS, CropResize, HorizontalFlip, SignedSqrt
 
 POOLING = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
 
@@ -39,15 +39,31 @@ def cut(model: keras.Model, layers: str | list[str] = "top", pooling: str = "avg
     return keras.Model(model.inputs[0], outputs, name=f"{model.name}_features")
 
 
-def average_over_flips(model: keras.Model) -> keras.Model:
-    """A model whose output is the mean of ``model`` on each image and on its mirror image.
+#: Test-time augmentation kinds: ``flip`` averages each image and its mirror image, ``crops`` five
+#: windows of 87.5% of each side (the centre and the four corners), each resized back.
+TTA_KINDS = ("flip", "crops")
+
+
+def average_over_views(model: keras.Model, kind: str = "flip") -> keras.Model:
+    """A model whose output is the mean of ``model`` over test-time views of each image (:data:`TTA_KINDS`).
 
     Test-time augmentation built into the model, so training features, ``predict`` and exported
     models all see the same thing.
     """
     inputs = keras.Input(model.input_shape[1:], name="image")
-    outputs = keras.layers.Average(name="flip_average")([model(inputs), model(HorizontalFlip(name="flip")(inputs))])
+    if kind == "flip":
+        views = [inputs, HorizontalFlip(name="flip")(inputs)]
+    elif kind == "crops":
+        views = [CropResize(corner, 0.875, name=f"crop_{corner}")(inputs) for corner in CROP_CORNERS]
+    else:
+        raise ValueError(f"test-time augmentation must be one of {TTA_KINDS}, got {kind!r}")
+    outputs = keras.layers.Average(name=f"{kind}_average")([model(view) for view in views])
     return keras.Model(inputs, outputs, name=f"{model.name}_tta")
+
+
+def average_over_flips(model: keras.Model) -> keras.Model:
+    """``model`` averaged over each image and its mirror image (:func:`average_over_views` with ``flip``)."""
+    return average_over_views(model, "flip")
 
 
 def power_normalize(model: keras.Model) -> keras.Model:

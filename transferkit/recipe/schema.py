@@ -205,6 +205,8 @@ class FinetuneSpec:
     mixup: float = _spec(0.0, ge=0, doc="MixUp alpha; 0 turns it off")
     cutmix: float = _spec(0.0, ge=0, doc="CutMix alpha; 0 turns it off")
     early_stopping: Optional[EarlyStoppingSpec] = _spec(None)
+    tta: Literal["none", "flip", "crops"] = _spec(
+        "none", doc="test-time augmentation in the final model: flip (2 views) or crops (centre + 4 corners)")
 
 
 @dataclass

@@ -116,6 +116,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     """Train (or go on training) in ``folder``, write the reports there and return the unsaved Run."""
     import keras
 
+    from transferkit.models.surgery import average_over_views
     from transferkit.reports.evaluate import plot_history
 
     checkpoints = Checkpoints.of(folder)
@@ -159,7 +160,8 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
             train_phase(trainer, recipe, phase, train, steps, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
-    run = Run(recipe=recipe, class_names=class_names, image_size=image_size, predictor=KerasPredictor(model),
+    final = model if recipe.finetune.tta == "none" else average_over_views(model, recipe.finetune.tta)
+    run = Run(recipe=recipe, class_names=class_names, image_size=image_size, predictor=KerasPredictor(final),
               history={**trainer.history, "phase": trainer.phases})
     diagnosis = _write_reports(run, trainer, splits, folder, batch_size, evaluate_test)
     run.info = {"seconds": {"train": round(trainer.seconds, 2)},
