@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import shutil
@@ -37,7 +38,7 @@ log = logging.getLogger("transferkit")
 
 #: what a run writes into its folder, and what is derived from its model (replaced, never carried over)
 RUN_ENTRIES = {"run.json", "recipe.yaml", "model", "history.json", "history.csv", "curves.png", "diagnosis.txt",
-               "checkpoint", "evaluations", "export"}
+               "checkpoint", "evaluations", "export", "report.html"}
 REPORT_PREFIXES = ("val_", "test_")
 
 
@@ -132,6 +133,28 @@ def folder_lock(path: str | Path):
     ``with folder_lock("runs/flowers"): ...`` raises :class:`ResourceError` at once if another process has it."""
     path = Path(os.path.abspath(path))
     return exclusive_lock(path.with_name(f".{path.name}.lock"), str(path))
+
+
+def read_run_json(folder: str | Path) -> dict:
+    """The ``run.json`` of a run folder, with its strategy, class names and image size.
+
+    Raises:
+        TransferkitError: ``folder`` is not a run folder, or its ``run.json`` is damaged.
+    """
+    folder = Path(folder)
+    if not (folder / "run.json").is_file():
+        raise TransferkitError(f"not a run folder: {folder} (expected run.json there; "
+                               f"train one with `transferkit extract RECIPE`)")
+    keys = ("strategy", "class_names", "image_size")
+    try:
+        summary = json.loads((folder / "run.json").read_text())
+        problem = None if isinstance(summary, dict) and all(key in summary for key in keys) \
+            else f"it needs an object with {', '.join(keys)}"
+    except ValueError as error:
+        problem = f"{type(error).__name__}: {error}"
+    if problem:
+        raise TransferkitError(f"{folder / 'run.json'} is damaged ({problem}): train the run again")
+    return summary
 
 
 def _check_replaceable(path: Path) -> None:

@@ -9,6 +9,7 @@ Run folder layout::
       model/model.keras            images -> class probabilities (finetune, imag; extract after export)
       history.json, history.csv, curves.png, diagnosis.txt       (finetune, imag)
       val_*.{json,csv,png,txt}, test_*...                       evaluation reports
+      report.html                  all of it on one offline page (`transferkit report`)
     runs/<name>.partial/           a run being written (and a fine-tuning run's checkpoints)
     runs/.<name>.lock              locked while a process writes runs/<name>
 
@@ -31,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,16 +186,11 @@ class Run:
             TransferkitError: not a run folder, a classifier pickled by an older transferkit, or one
                 holding types that are not trusted.
         """
+        from transferkit.outputs import read_run_json
+
         folder = Path(folder)
-        if not (folder / "run.json").is_file():
-            raise TransferkitError(f"not a run folder: {folder} (expected run.json there; "
-                                   f"train one with `transferkit extract RECIPE`)")
-        try:
-            summary = json.loads((folder / "run.json").read_text())
-            strategy, class_names, image_size = summary["strategy"], summary["class_names"], summary["image_size"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise TransferkitError(f"{folder / 'run.json'} is damaged ({type(error).__name__}: {error}): "
-                                   f"train the run again") from None
+        summary = read_run_json(folder)
+        strategy, class_names, image_size = summary["strategy"], summary["class_names"], summary["image_size"]
         predictor = PREDICTORS.get(strategy, KerasPredictor).load(folder, trusted)
         return cls(recipe=load_recipe(folder / "recipe.yaml"), class_names=class_names, image_size=image_size,
                    predictor=predictor, metrics=summary.get("metrics", {}), history=summary.get("history", {}),
