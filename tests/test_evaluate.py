@@ -93,11 +93,11 @@ def test_format_metrics_gives_the_headline_and_weakest_classes():
     assert always_first.startswith("top-1 0.750  balanced accuracy 0.500  loss")  # beside top-1, apart from it
 
 
-def test_write_report_writes_seven_files_that_read_back(tmp_path):
+def test_write_report_writes_eight_files_that_read_back(tmp_path):
     folder = tmp_path / "run" / "eval"
     metrics = write_report(folder, Y_TRUE, PROBS, NAMES, PATHS, prefix="val", worst=1)
     kinds = ["metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "predictions.csv",
-             "mistakes.csv", "report.txt", "reliability.png"]
+             "mistakes.csv", "mistakes.png", "report.txt", "reliability.png"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"val_{k}" for k in kinds)
 
     assert json.loads((folder / "val_metrics.json").read_text()) == metrics
@@ -106,6 +106,7 @@ def test_write_report_writes_seven_files_that_read_back(tmp_path):
         ["cat", "0", "0", "2"]]
     assert_png(folder / "val_confusion_matrix.png")
     assert_png(folder / "val_reliability.png")
+    assert_png(folder / "val_mistakes.png")  # its image file is missing: a placeholder tile, not a failure
     assert metrics["ece"] == pytest.approx(expected_calibration_error(Y_TRUE, PROBS)) and "calibration" not in metrics
 
     header, *rows = read_csv(folder / "val_predictions.csv")

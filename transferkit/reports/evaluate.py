@@ -60,7 +60,8 @@ def evaluate_predictions(y_true, probabilities, class_names, paths=None) -> dict
 
 def write_report(folder, y_true, probabilities, class_names, paths=None, *, prefix="test",
                  worst=20, uncalibrated=None, temperature: float = 1.0) -> dict:
-    """Write metrics, confusion matrix (CSV + PNG), reliability diagram, predictions, mistakes and a summary.
+    """Write metrics, confusion matrix (CSV + PNG), reliability diagram, predictions, mistakes (CSV, and with
+    ``paths`` a PNG grid of their thumbnails) and a summary.
 
     Args:
         folder: the run folder (created if needed); files are named ``{prefix}_...``.
@@ -90,6 +91,9 @@ def write_report(folder, y_true, probabilities, class_names, paths=None, *, pref
     _write_csv(stem + "predictions.csv", fields, [[r[f] for f in fields] for r in rows])
     _write_csv(stem + "mistakes.csv", mistake_fields,
                [[r[f] for f in mistake_fields] for r in mistakes])
+    if paths is not None:
+        from transferkit.reports.mistakes import plot_mistakes
+        plot_mistakes(mistakes, stem + "mistakes.png", title=f"{prefix}: worst mistakes")
     atomic_write_text(stem + "report.txt", _report_text(metrics, mistakes[:5], prefix))
     return metrics
 
