@@ -33,6 +33,7 @@ Examples:
   transferkit recommend --data photos/ --budget 20m --write recipe.yaml
   transferkit predict runs/digits image.png folder/
   transferkit evaluate runs/digits --data other_images/
+  transferkit report runs/digits
   transferkit export runs/digits
   transferkit backbones
   transferkit cache --clear --older-than 30
@@ -176,6 +177,21 @@ def evaluate(run_folder, data, trusted):
     start_keras_quietly()
     run = Run.load(run_folder, trusted=trusted)
     click.echo(format_metrics(run.evaluate(data)))
+
+
+@cli.command()
+@click.argument("run_folder", type=click.Path(file_okay=False))
+def report(run_folder):
+    """Write RUN_FOLDER/report.html: metrics, curves, confusion matrices, reliability diagrams, worst mistakes,
+    recipe and versions on one page that opens offline and runs no code.
+
+    \b
+    Examples:
+      transferkit report runs/flowers
+    """
+    from transferkit.reports.html import write_html_report
+
+    click.echo(f"wrote {write_html_report(run_folder)}")
 
 
 @cli.command()
