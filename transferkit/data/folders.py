@@ -23,7 +23,7 @@ from transferkit.errors import DataError
 
 
 #: what a skipped link to a file outside the data folder says to do
-_FOLLOW_LINKS_FIX = "set data.follow_links: true (Python: follow_links=True) to use it"
+FOLLOW_LINKS_FIX = "set data.follow_links: true (Python: follow_links=True) to use it"
 #: the same, for a folder named to predict
 _NAMED_FILE_FIX = "name the file itself (Python: follow_links=True) to use it"
 
@@ -77,7 +77,7 @@ def scan_folder(root: str | Path, class_names: list[str] | None = None, screen: 
         files, problems = _files_under(root / name, root, follow_links)
         candidates += [(path, name) for path in files]
         skipped += problems
-    unique, duplicates = _each_file_once([path for path, _ in candidates], root)
+    unique, duplicates = each_file_once([path for path, _ in candidates], root)
     good, bad = screen_files(unique, decode=screen, warn=False)
     skipped = sorted(skipped + duplicates + bad, key=lambda item: _relative_parts(item[0], root))
     _warn_skipped(skipped, root)
@@ -146,7 +146,7 @@ def find_images(inputs, follow_links: bool = False) -> tuple[list[str], list[tup
             paths.append(str(item.resolve()))
         else:
             raise DataError(f"{item}: no such file or folder")
-    unique, duplicates = _each_file_once(list(dict.fromkeys(paths)))
+    unique, duplicates = each_file_once(list(dict.fromkeys(paths)))
     good, bad = screen_files(unique, warn=False)
     _warn_skipped(skipped + duplicates + bad, None)
     return good, skipped + duplicates + bad
@@ -161,16 +161,16 @@ def _class_folders(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
         if entry.is_dir(follow_symlinks=False):
             folders.append(entry.name)
         elif entry.is_symlink() and os.path.isdir(entry.path):
-            skipped.append((entry.path, _entry_problem(entry.path, os.path.realpath(root), False)))
+            skipped.append((entry.path, entry_problem(entry.path, os.path.realpath(root), False)))
     return folders, skipped
 
 
 def _files_under(folder: Path, root: Path, follow_links: bool = False,
-                 outside_fix: str = _FOLLOW_LINKS_FIX) -> tuple[list[str], list[tuple[str, str]]]:
+                 outside_fix: str = FOLLOW_LINKS_FIX) -> tuple[list[str], list[tuple[str, str]]]:
     """Candidate files below ``folder`` (within the data folder ``root``) and the entries skipped there.
 
     Only real sub-folders are walked (a link to a folder is skipped, never entered), and no file is
-    opened: each entry is judged from ``lstat``/``stat`` by :func:`_entry_problem`. Hidden names are
+    opened: each entry is judged from ``lstat``/``stat`` by :func:`entry_problem`. Hidden names are
     ignored. Both lists hold absolute paths sorted by their path relative to ``folder``.
 
     Returns:
@@ -189,7 +189,7 @@ def _files_under(folder: Path, root: Path, follow_links: bool = False,
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
-            elif problem := _entry_problem(entry.path, real_root, follow_links, outside_fix):
+            elif problem := entry_problem(entry.path, real_root, follow_links, outside_fix):
                 skipped.append((entry.path, problem))
             else:
                 files.append(entry.path)
@@ -198,8 +198,8 @@ def _files_under(folder: Path, root: Path, follow_links: bool = False,
     return files, skipped
 
 
-def _entry_problem(path: str, real_root: str, follow_links: bool,
-                   outside_fix: str = _FOLLOW_LINKS_FIX) -> str | None:
+def entry_problem(path: str, real_root: str, follow_links: bool,
+                  outside_fix: str = FOLLOW_LINKS_FIX) -> str | None:
     """Why the folder entry ``path`` cannot be an image file of the data folder, or None. Never opens it."""
     try:
         info = os.lstat(path)
@@ -218,7 +218,7 @@ def _entry_problem(path: str, real_root: str, follow_links: bool,
     return not_regular(info)
 
 
-def _each_file_once(paths: list[str], shown_root=None) -> tuple[list[str], list[tuple[str, str]]]:
+def each_file_once(paths: list[str], shown_root=None) -> tuple[list[str], list[tuple[str, str]]]:
     """Each real file once: where it lies itself if listed, else its first link; the rest are skipped.
 
     Returns:

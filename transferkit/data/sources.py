@@ -2,8 +2,8 @@
 
 :func:`resolve_source` turns a path or ``builtin:<name>`` into a folder (built-in datasets are written
 once under ``$TRANSFERKIT_HOME``); :class:`ImageSet` and :class:`Splits` hold the files and labels that
-:mod:`transferkit.data.folders` finds and :mod:`transferkit.data.splits` divides. Nothing here imports
-TensorFlow or Keras.
+:mod:`transferkit.data.folders` finds in a folder, :mod:`transferkit.data.labels` reads from a labels CSV
+and :mod:`transferkit.data.splits` divides. Nothing here imports TensorFlow or Keras.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from transferkit.io import transferkit_home
 
 #: A data source written ``builtin:<name>`` is one of :data:`BUILTINS`, not a path.
 BUILTIN_PREFIX = "builtin:"
+#: class names :meth:`Splits.describe` shows; the rest are counted
+SHOWN_CLASSES = 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,15 +32,16 @@ BUILTIN_PREFIX = "builtin:"
 
 @dataclass
 class ImageSet:
-    """Image files with integer labels, as found in a class-per-folder directory.
+    """Image files with integer labels, as found in a class-per-folder directory or a labels CSV.
 
     Attributes:
         paths: absolute file paths, sorted by class then file name.
         labels: int64 indices into ``class_names``, one per path.
-        class_names: the sorted class folder names.
-        root: the folder the images came from.
+        class_names: the sorted class folder names (a labels CSV's sorted distinct labels).
+        root: the folder the images came from, or the labels CSV that lists them.
         skipped: ``(path, reason)`` of the files in ``root`` that were skipped (the whole folder's, also
-            in a subset: :attr:`Splits.skipped` lists a split's once).
+            in a subset: :attr:`Splits.skipped` lists a split's once); a labels CSV's skipped rows as
+            ``("<csv>:<line>", reason)``.
     """
 
     paths: list[str]
@@ -49,6 +52,16 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def folder(self) -> str:
+        """The folder the paths lie in: ``root``, or the folder of the labels CSV that ``root`` names."""
+        return self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
+
+    @property
+    def where(self) -> str:
+        """``root`` as messages show it: ``photos/`` for a folder, ``labels.csv`` for a labels CSV."""
+        return f"{self.root.rstrip('/')}/" if self.folder == self.root else self.root
 
     def subset(self, indices) -> "ImageSet":
         """The images at ``indices`` (in that order), with the same classes, root and skipped files."""
@@ -68,12 +81,16 @@ class ImageSet:
         return self._write_tree(root, os.symlink)
 
     def _write_tree(self, root, put) -> Path:
-        """``put(image, place)`` each image at ``root/<class>/<its path below its class folder>``."""
-        root = Path(root)
+        """``put(image, place)`` each image at ``root/<class>/<its path below its class folder>`` (below a
+        labels CSV's folder)."""
+        root, in_class_folders = Path(root), self.folder == self.root
         for path, label in zip(self.paths, self.labels):
-            relative = Path(os.path.relpath(path, self.root)).parts
-            below_class = relative[1:] if len(relative) > 1 and ".." not in relative else relative[-1:]
-            target = root.joinpath(self.class_names[label], *below_class)
+            relative = Path(os.path.relpath(path, self.folder)).parts
+            if ".." in relative:
+                relative = relative[-1:]
+            elif in_class_folders and len(relative) > 1:
+                relative = relative[1:]
+            target = root.joinpath(self.class_names[label], *relative)
             target.parent.mkdir(parents=True, exist_ok=True)
             put(os.path.abspath(path), target)
         return root
@@ -106,11 +123,14 @@ class Splits:
         return list(reasons.items())
 
     def describe(self) -> str:
-        """``"2 classes; images: train 18, val 6; 3 files skipped (listed above)"``."""
+        """``"2 classes; images: train 18, val 6; 3 files skipped (listed above); classes: cat, dog"``
+        (the first :data:`SHOWN_CLASSES` class names)."""
         counts = ", ".join(f"{name} {len(part)}" for name, part in
                            (("train", self.train), ("val", self.val), ("test", self.test)) if part is not None)
         skipped = f"; {len(self.skipped)} files skipped (listed above)" if self.skipped else ""
-        return f"{len(self.class_names)} classes; images: {counts}{skipped}"
+        names = self.class_names[:SHOWN_CLASSES]
+        more = f" and {len(self.class_names) - len(names)} more" if len(self.class_names) > len(names) else ""
+        return f"{len(self.class_names)} classes; images: {counts}{skipped}; classes: {', '.join(names)}{more}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +190,6 @@ def require_folder(path: str | Path) -> Path:
     """``path`` as a :class:`~pathlib.Path`; DataError if it is not an existing folder."""
     path = Path(path)
     if not path.is_dir():
-        problem = "not a folder" if path.exists() else "folder not found"
+        problem = "not a folder (nor a .csv labels file)" if path.exists() else "folder not found"
         raise DataError(f"{problem}: {path} (paths in a recipe are relative to the recipe's folder)")
     return path

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transferkit.data.augment import AUGMENTATIONS, is_import_path
 from transferkit.data.balance import check_class_weight
+from transferkit.data.labels import has_split_column
 from transferkit.errors import RecipeError
 from transferkit.recipe.messages import did_you_mean, kind_of
 from transferkit.recipe.reading import apply_overrides, parse_yaml, read_recipe_text
@@ -53,6 +54,7 @@ def load_recipe(source: str | Path | dict, *, overrides: list[str] = (), base_di
         base = Path(base_dir or Path.cwd()).resolve()
         recipe = build_spec(Recipe, raw, "", base)
         _check_consistency(recipe)
+        _fixed_splits(recipe, raw)
         _check_tune(recipe, raw, base)
     except RecipeError as e:
         raise RecipeError(f"{where}: {e}") from None
@@ -75,6 +77,18 @@ def _check_consistency(recipe: Recipe) -> None:
         if name not in AUGMENTATIONS and not is_import_path(name):  # a path is imported by validate
             raise RecipeError(f"unknown augmentation {name!r}{did_you_mean(name, AUGMENTATIONS)}",
                               key=f"data.augment[{i}]")
+
+
+def _fixed_splits(recipe: Recipe, raw: dict) -> None:
+    """A labels CSV with a split column fixes the val and test images: data.val and data.test are then left
+    out (set to null here, so the recipe a run saves says so) or null."""
+    if not has_split_column(recipe.data.train):
+        return
+    for key in ("val", "test"):
+        if (raw.get("data") or {}).get(key) is not None:
+            raise RecipeError(f"{recipe.data.train} has a split column, which fixes the {key} images: remove "
+                              f"data.{key} (or set it to null), or drop the column", key=f"data.{key}")
+    recipe.data.val = recipe.data.test = None
 
 
 def _one_class_weight_key(recipe: Recipe) -> None:

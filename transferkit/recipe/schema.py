@@ -56,9 +56,12 @@ class _GivenByName:
 @dataclass
 class DataSpec:
     """Where the images are and how they are batched."""
-    train: str = _spec(path=True, doc="class-per-folder images, or builtin:digits")
-    val: Union[float, str, None] = _spec(0.2, path=True, gt=0, lt=1, doc="stratified fraction, a folder, or null")
-    test: Union[float, str, None] = _spec(None, path=True, gt=0, lt=1, doc="stratified fraction, a folder, or null")
+    train: str = _spec(path=True, doc="class-per-folder images, a labels CSV (path,label[,split]), or builtin:digits")
+    val: Union[float, str, None] = _spec(0.2, path=True, gt=0, lt=1,
+                                         doc="stratified fraction, a folder or labels CSV, or null (leave it out "
+                                             "when data.train's CSV has a split column)")
+    test: Union[float, str, None] = _spec(None, path=True, gt=0, lt=1,
+                                          doc="stratified fraction, a folder or labels CSV, or null")
     image_size: Optional[int] = _spec(
         None, ge=8, le=MAX_IMAGE_SIZE, doc="square input size; null: the backbone's default",
         why=f"one {MAX_IMAGE_SIZE} px image is already 192 MiB as float32, and a batch of larger ones does not "
@@ -67,7 +70,8 @@ class DataSpec:
                             why="a larger batch does not fit in memory")
     split_seed: Optional[int] = _spec(None, ge=0, le=MAX_SEED, why="seeds are 32-bit",
                                       doc="seed of the val/test split; null: the recipe's seed")
-    follow_links: bool = _spec(False, doc="follow symbolic links that lead outside the data folder")
+    follow_links: bool = _spec(False, doc="use files that lie outside the data folder (or the labels CSV's folder) "
+                                         "through a symbolic link, .. or an absolute path")
     cache: Union[bool, int, Literal["auto"]] = _spec(
         "auto", ge=0, doc="keep decoded images in memory while training: true, false, at most N images, or "
                           "auto: as many as fit in a quarter of the RAM")
