@@ -31,8 +31,8 @@ class SizeType(click.ParamType):
               "Default: counted in --data.")
 @click.option("--similar", type=click.Choice(["yes", "no"]), help="Do the images look like ImageNet's photos? "
               "Default with --data: measured.")
-@click.option("--data", type=str, help="Class-per-folder images (or builtin:digits): counts the images, "
-              "measures similarity and the best layer, and goes into the written recipe.")
+@click.option("--data", type=str, help="Class-per-folder images, a labels CSV (path,label[,split]) or builtin:digits: "
+              "counts the images, measures similarity and the best layer, and goes into the written recipe.")
 @click.option("--backbone", default="mobilenet_v2", show_default=True, help="Backbone the settings refer to.")
 @click.option("--alpha", type=float, help="The backbone's width multiplier (MobileNet families).")
 @click.option("--backbones", "candidates", help="Rank these backbones on --data by LogME and by the probe, "

@@ -31,6 +31,7 @@ import yaml
 from transferkit.errors import TransferkitError
 from transferkit.io import atomic_write_text
 from transferkit.models.registry import get_backbone_info
+from transferkit.data.labels import has_split_column
 from transferkit.data.sources import BUILTIN_PREFIX
 
 LARGE_IMAGES_PER_CLASS = 1000
@@ -67,7 +68,7 @@ class Recommendation:
             raise TransferkitError(f"this recommendation names layers of {self.backbone} (alpha {self.alpha}), not "
                                    f"{backbone} (alpha {alpha}): recommend again with backbone={backbone!r}")
         return {"name": name,
-                "data": {"train": data or PLACEHOLDER_DATA, "val": 0.2,
+                "data": {"train": data or PLACEHOLDER_DATA, **({} if has_split_column(data) else {"val": 0.2}),
                          **({"augment": ["random_flip"]} if self.strategy == "finetune" else {})},
                 "backbone": {"name": backbone, "weights": "imagenet", **({"alpha": alpha} if alpha else {})},
                 "strategy": self.strategy,
@@ -83,11 +84,10 @@ def size_from_count(images_per_class: float) -> str:
 
 
 def count_images(data: str | Path) -> dict:
-    """Images per class of a class-per-folder dataset (files counted, not decoded)."""
-    from transferkit.data.folders import scan_folder
-    from transferkit.data.sources import resolve_source
+    """Images per class of a class-per-folder dataset or labels CSV (files counted, not decoded)."""
+    from transferkit.data.splits import scan_source
 
-    counts = list(scan_folder(resolve_source(data), screen=False).class_counts().values())
+    counts = list(scan_source(data, screen=False).class_counts().values())
     return {"classes": len(counts), "images": sum(counts), "min_per_class": min(counts),
             "median_per_class": statistics.median(counts), "max_per_class": max(counts),
             "imbalance": round(max(counts) / max(min(counts), 1), 2)}
@@ -104,7 +104,8 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
         similar: whether the images look like ImageNet's photos (``True``/``"yes"``,
             ``False``/``"no"``). ``None`` with ``data`` measures it (`transferkit.features.measure`), and the
             measured best layer becomes the extract layer.
-        data: a class-per-folder dataset, used to count images when ``size`` is not given.
+        data: a class-per-folder dataset or labels CSV, used to count images when ``size`` is not given
+            (and measured without a labels CSV's test rows).
         backbone: the registry name whose layer names (cut point, where fine-tuning starts) the
             settings use.
         alpha: the backbone's width multiplier, for measuring.
@@ -129,14 +130,13 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
     size = _parse_size(size, evidence)
     measurement = None
     if similar is None and data is not None:
-        from transferkit.data.folders import scan_folder
-        from transferkit.data.sources import resolve_source
+        from transferkit.data.splits import scan_source
         from transferkit.logs import log_to_stderr_unless_configured
         from transferkit.features.measure import measure
 
         if progress:
             log_to_stderr_unless_configured()
-        images = measure_on if measure_on is not None else scan_folder(resolve_source(data), screen=False)
+        images = measure_on if measure_on is not None else scan_source(data, screen=False, test_rows=False)
         measurement = measure(images, info.name, alpha, seed=seed)
         similar = measurement.similar
         evidence.update(_similarity_evidence(measurement))
@@ -215,11 +215,10 @@ def format_recommendation(rec: Recommendation, ranking: list[dict] | None = None
 def rank_backbones_on(data: str | Path, backbones: list[tuple[str, float | None]]) -> list[dict]:
     """Rank ``(name, alpha)`` backbones on a class-per-folder dataset by LogME and by the linear probe
     (:func:`transferkit.features.measure.rank_backbones`)."""
-    from transferkit.data.folders import scan_folder
-    from transferkit.data.sources import resolve_source
+    from transferkit.data.splits import scan_source
     from transferkit.features.measure import rank_backbones
 
-    return rank_backbones(scan_folder(resolve_source(data), screen=False), backbones)
+    return rank_backbones(scan_source(data, screen=False, test_rows=False), backbones)
 
 
 def recipe_data_path(data: str | None) -> str | None:
