@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from transferkit.reports.compare import paired_difference, run_measures, summarize, to_markdown
 from transferkit.strategies.compare import compare
@@ -83,5 +84,42 @@ def test_compare_command_usage_errors(tmp_path, small_cats_dogs):
 
     path = tmp_path / "recipe.yaml"
     path.write_text(f"data: {{train: {small_cats_dogs}}}\nbackbone: {{name: mobilenet, alpha: 0.25}}\n")
-    assert_one_line_error(transferkit("compare", path, "--modes", "normal,dream"), "compare: modes must be")
+    assert_one_line_error(transferkit("compare", path, "--modes", "normal,dream"), "give its strategy")
+    assert_one_line_error(transferkit("compare", path, "--modes", "normal,normal"), "compare: modes must be")
+    assert_one_line_error(transferkit("compare", path, "--set-per-mode", "imag:imag.train"), "MODE:KEY=VALUE")
+    assert_one_line_error(transferkit("compare", path, "--set-per-mode", "dream:strategy=imag"),
+                          "not among the modes")
+    assert_one_line_error(transferkit("compare", path, "--modes", "normal,dream", "--set-per-mode",
+                                      "dream:imag.train=body"), "--set-per-mode dream")
     assert transferkit("compare", path, "--seeds", "1").returncode == 2
+
+
+def test_modes_of_your_own_get_their_settings(tmp_path, small_cats_dogs):
+    from transferkit.strategies.compare import mode_recipes
+
+    recipe = load_recipe({"data": {"train": str(small_cats_dogs)}, "backbone": {"name": "mobilenet", "alpha": 0.25},
+                          "imag": {"imag_epochs": 1}})
+    recipes = mode_recipes(recipe, ["normal", "imag", "imag_head"],
+                           {"imag_head": ["strategy=imag", "imag.train=head", "imag.imag_epochs=2"]})
+    assert [r.strategy for r in recipes.values()] == ["finetune", "imag", "imag"]
+    assert (recipes["imag"].imag.train, recipes["imag_head"].imag.train) == ("head_and_body", "head")
+    assert (recipes["imag"].imag.imag_epochs, recipes["imag_head"].imag.imag_epochs) == (1, 2)
+
+
+def test_three_modes_in_two_processes(small_cats_dogs, home, tmp_path):
+    recipe = load_recipe({
+        "name": "cd-three", "seed": 0, "strategy": "imag",
+        "data": {"train": str(small_cats_dogs), "val": 0.25, "image_size": 32, "batch_size": 8},
+        "backbone": {"name": "mobilenet", "alpha": 0.25}, "warmup": {"epochs": 0},
+        "finetune": {"epochs": 3, "unfreeze": {"from": "conv_dw_13"}, "optimizer": {"name": "adam", "learning_rate": 1e-3}},
+        "imag": {"normal_epochs": 1, "imag_epochs": 1}, "output": str(tmp_path / "out")})
+    summary = compare(recipe, modes=["normal", "imag", "imag_head"], seeds=2, jobs=2,
+                      settings={"imag_head": ["strategy=imag", "imag.train=head"]})
+    runs = tmp_path / "out" / "compare" / "runs"
+    trained = yaml.safe_load((runs / "imag_head-seed1" / "recipe.yaml").read_text())
+    assert (trained["imag"]["train"], trained["seed"], trained["strategy"]) == ("head", 1, "imag")
+    assert set(summary["differences"]) == {"imag", "imag_head"} and summary["settings"]["imag_head"][1] == "imag.train=head"
+    assert "- imag_head: strategy=imag, imag.train=head" in (tmp_path / "out" / "compare" / "compare.md").read_text()
+    assert [h["phase"] for h in [json.loads((runs / f"{m}-seed0" / "run.json").read_text())["history"]
+                                 for m in ("normal", "imag_head")]] == [["finetune"] * 3, ["finetune", "imag", "finetune"]]
+

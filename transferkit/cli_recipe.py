@@ -1,4 +1,4 @@
-"""The commands that take a recipe: validate, extract, finetune, compare, tune.
+"""The commands that take a recipe: validate, extract, finetune, lr-find, compare, tune.
 
 Each checks its recipe as `transferkit validate` does before any slow work, and names the recipe
 file at the start of an error about it. :mod:`transferkit.cli` adds them to the `transferkit` group.
@@ -137,30 +137,44 @@ def finetune(recipe, overrides, resume, restart, quiet):
 
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--modes", default="normal,imag", show_default=True, help="Comma-separated modes to compare.")
+@click.option("--modes", default="normal,imag", show_default=True,
+              help="Comma-separated modes: normal, imag, or names of your own given a strategy by --set-per-mode.")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(2), help="Seeds per mode.")
+@click.option("--set-per-mode", "per_mode", multiple=True, metavar="MODE:KEY=VALUE",
+              help="Override a recipe key for one mode's runs, e.g. --set-per-mode imag_head:imag.train=head "
+                   "(repeatable).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(0),
+              help="Runs trained at once, each in its own process (0: one per two CPU cores).")
 @click.option("--output", type=click.Path(file_okay=False), help="Default: the recipe's output/compare.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key, e.g. --set imag.imag_epochs=2 (repeatable).")
-def compare(recipe, modes, seeds, output, overrides):
-    """Train each mode with several seeds on the same split and budget; compare the validation curves.
+              help="Override a recipe key for every mode, e.g. --set imag.imag_epochs=2 (repeatable).")
+def compare(recipe, modes, seeds, per_mode, jobs, output, overrides):
+    """Train each mode with several seeds on the same split and budget; compare the train and validation curves.
 
     Writes compare.json, compare.md (mean ± std per mode, the paired difference with a 95%
     confidence interval and a paired t-test) and curves.png. Rerun the same command after an
     interruption: finished runs are reused and an unfinished one resumes.
 
     \b
-    Example:
+    Examples:
       transferkit compare recipes/digits8_imag.yaml --modes normal,imag --seeds 3
+      transferkit compare recipes/digits8_imag.yaml --modes normal,imag,imag_head --seeds 5 --jobs 0 \\
+          --set-per-mode imag_head:strategy=imag --set-per-mode imag_head:imag.train=head
     """
     from transferkit.reports.compare import to_markdown
     from transferkit.strategies.compare import compare as run_compare
     from transferkit.recipe import load_recipe
 
+    settings: dict[str, list[str]] = {}
+    for item in per_mode:
+        mode, colon, setting = item.partition(":")
+        if not colon or not mode or "=" not in setting:
+            raise click.UsageError(f"--set-per-mode {item}: expected MODE:KEY=VALUE, e.g. imag_head:imag.train=head")
+        settings.setdefault(mode, []).append(setting)
     recipe = checked(load_recipe(recipe, overrides=overrides), recipe)
     start_keras_quietly()
     summary = run_compare(recipe, modes=[m.strip() for m in modes.split(",") if m.strip()], seeds=seeds,
-                          output=output)  # checks the recipe for every mode before the first run
+                          settings=settings, jobs=jobs, output=output)  # checks every mode before the first run
     click.echo(to_markdown(summary), nl=False)
 
 
@@ -205,3 +219,48 @@ def tune(recipe, budget, trials, overrides, output, resume, restart, progress):
                           progress=progress)
     click.echo(to_markdown(result.summary, recipe_text=False), nl=False)
     click.echo(f"study folder: {result.folder}; the winning recipe: {result.folder / 'best.yaml'}")
+
+
+@click.command("lr-find")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--steps", default=100, show_default=True, type=int,
+              help="Steps of the sweep, one batch each (10 or more).")
+@click.option("--start", default=1e-7, show_default=True, type=float, help="The first step's learning rate.")
+@click.option("--end", default=10.0, show_default=True, type=float, help="The last step's learning rate.")
+@click.option("--suggest", type=click.Choice(["valley", "steepest"]), default="valley", show_default=True,
+              help="The suggestion to give (and --write): fastai's valley, or the steepest fall of the loss.")
+@click.option("--output", type=click.Path(file_okay=False), help="Where lr_find.png and lr_find.json go. "
+              "Default: the recipe's output/lr_find.")
+@click.option("--write", "write_to", type=click.Path(dir_okay=False),
+              help="Write the recipe with finetune.optimizer.learning_rate set to the suggestion here.")
+@click.option("--force", is_flag=True, help="Let --write replace an existing file (the recipe itself too).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set data.batch_size=16 (repeatable).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def lr_find(recipe, steps, start, end, suggest, output, write_to, force, overrides, quiet):
+    """Find a fine-tuning learning rate: sweep it exponentially over short training and watch the loss.
+
+    Builds and warms up the model as `transferkit finetune` would (linear probe or warm-up epochs),
+    unfreezes it, then trains one batch per step with the recipe's fine-tuning optimizer while the
+    learning rate grows from --start to --end, until the smoothed loss passes 4x its minimum. The
+    model is thrown away. Suggests fastai's valley (or steepest) rate; writes lr_find.png and
+    lr_find.json, and with --write a recipe that uses the rate.
+
+    \b
+    Examples:
+      transferkit lr-find recipes/flowers5_finetune.yaml
+      transferkit lr-find recipes/flowers5_finetune.yaml --write flowers5_lr.yaml
+      transferkit lr-find recipe.yaml --steps 60 --end 1 --suggest steepest
+    """
+    from transferkit.recipe import load_recipe
+    from transferkit.strategies.lr_find import check_lr_find, lr_find as run_lr_find
+
+    loaded = load_recipe(recipe, overrides=overrides)
+    with _naming(recipe):
+        check_lr_find(loaded, steps=steps, start=start, end=end, suggest=suggest, write=write_to, force=force)
+    checked(loaded, recipe)
+    found = run_lr_find(loaded, steps=steps, start=start, end=end, suggest=suggest, output=output, write=write_to,
+                        force=force, progress=not quiet)
+    click.echo(f"suggested learning rate: {found.learning_rate:g} ({suggest}; {found.other_suggestions()}; the recipe "
+               f"has {loaded.finetune.optimizer.learning_rate:g})")
+    click.echo(f"curve: {found.folder / 'lr_find.png'}" + (f"; recipe with it: {found.written}" if found.written else ""))

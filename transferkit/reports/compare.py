@@ -94,8 +94,10 @@ def paired_difference(first, second, confidence: float = 0.95) -> dict:
 def to_markdown(summary: dict) -> str:
     """The comparison as Markdown tables."""
     modes, first = summary["modes"], summary["modes"][0]
-    lines = [f"# Comparison over seeds {', '.join(map(str, summary['seeds']))}", "",
-             "| measure (mean ± std) | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    lines = [f"# Comparison over seeds {', '.join(map(str, summary['seeds']))}", ""]
+    lines += [f"- {mode}: {', '.join(given)}" for mode, given in summary.get("settings", {}).items() if given]
+    lines += [""] if any(summary.get("settings", {}).values()) else []
+    lines += ["| measure (mean ± std) | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
     for key, label in MEASURES.items():
         cells = [f"{summary['stats'][mode][key]['mean']:.4f} ± {summary['stats'][mode][key]['std']:.4f}"
                  for mode in modes]
