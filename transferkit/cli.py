@@ -16,7 +16,7 @@ import warnings
 
 import click
 
-from transferkit.cli_recipe import compare, extract, finetune, tune, validate
+from transferkit.cli_recipe import compare, extract, finetune, lr_find, tune, validate
 from transferkit.cli_recommend import recommend
 from transferkit.errors import TransferkitError
 from transferkit.logs import start_keras_quietly
@@ -28,6 +28,7 @@ Examples:
   transferkit validate recipes/digits.yaml
   transferkit extract recipes/digits.yaml
   transferkit finetune recipes/flowers5_finetune.yaml
+  transferkit lr-find recipes/flowers5_finetune.yaml --write flowers5_lr.yaml
   transferkit compare recipes/digits8_imag.yaml --seeds 3
   transferkit tune recipes/flowers5_finetune.yaml --budget 30m
   transferkit recommend --data photos/ --budget 20m --write recipe.yaml
@@ -49,7 +50,8 @@ def cli(verbose):
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
-for _command in (validate, extract, finetune, compare, tune, recommend):  # from cli_recipe.py, cli_recommend.py
+# from cli_recipe.py and cli_recommend.py
+for _command in (validate, extract, finetune, lr_find, compare, tune, recommend):
     cli.add_command(_command)
 
 

@@ -12,7 +12,8 @@ On Linux the finished folder and the old one trade places in one step (``renamea
 ``RENAME_EXCHANGE``); elsewhere the old one is renamed aside, the new one into place, and a run
 that finds the aside copy without an output folder puts it back. So ``kill -9`` at any moment
 leaves the previous complete run folder (or none, if there was none). Files in the old folder that
-a run does not write (your notes, a ``compare/`` or ``tune/`` folder) are carried into the new one.
+a run does not write (your notes, a ``compare/``, ``tune/`` or ``lr_find/`` folder) are carried into the
+new one.
 
 Example:
     >>> with OutputFolder("runs/flowers") as out:
@@ -158,13 +159,14 @@ def read_run_json(folder: str | Path) -> dict:
 
 
 def _check_replaceable(path: Path) -> None:
-    """A folder is replaced only if a run wrote it (or it is empty, or holds only a comparison or a search)."""
+    """A folder is replaced only if a run wrote it (or it is empty, or holds only a comparison, a search or
+    a learning-rate sweep)."""
     if not path.exists():
         return
     if not path.is_dir():
         raise TransferkitError(f"output {path} is a file: give a folder for output")
     names = {entry.name for entry in os.scandir(path) if not entry.name.startswith(".")}
-    if names and not names & {"run.json", "checkpoint"} and not names <= {"compare", "tune"}:
+    if names and not names & {"run.json", "checkpoint"} and not names <= {"compare", "tune", "lr_find"}:
         raise TransferkitError(f"output {path} exists and is not a transferkit run folder (it has no run.json): "
                                "give a new or empty folder for output")
 

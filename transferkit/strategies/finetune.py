@@ -149,14 +149,14 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
         checkpoints.load_weights(model, state["epoch"])
         log.info("resuming after epoch %d of %d (%s)", state["epoch"], trainer.total, state["phase"])
     elif recipe.warmup.linear_probe:
-        _linear_probe(recipe, model, splits, image_size, progress)
+        linear_probe(recipe, model, splits, image_size, progress)
     log.info("training in %s (moved to %s when complete)", folder, recipe.output)
     with distribution(recipe.distribute):
         for phase in phases:
             if trainer.epoch >= phase.last or trainer.stopped:
                 continue
-            train = _train_dataset(recipe, phase, splits.train, image_size, batch_size, class_names,
-                                   augment if placement == "pipeline" else None, first=trainer.epoch)
+            train = train_dataset(recipe, phase, splits.train, image_size, batch_size, class_names,
+                                  augment if placement == "pipeline" else None, first=trainer.epoch)
             train_phase(trainer, recipe, phase, train, steps, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
@@ -233,8 +233,8 @@ def build_model(recipe: Recipe, num_classes: int, image_size: int, head=None, ba
                                                  "custom": recipe.head.custom if head is None else head})
 
 
-def _train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_size: int, class_names: list[str],
-                   augment=None, first: int = 0):
+def train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_size: int, class_names: list[str],
+                  augment=None, first: int = 0):
     """The phase's epochs from ``first`` on: shuffled one-hot batches, augmented by ``augment``;
     MixUp/CutMix after warm-up; imagined labels in imag episodes; with ``data.class_weight`` each
     sample weighed by its class (:func:`_label_weights`). Each epoch's draws depend on the recipe's seed
@@ -279,7 +279,7 @@ def imagined(images, recipe: Recipe, episode: int):
     return dataclasses.replace(images, labels=mapping[images.labels])
 
 
-def _linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool) -> None:
+def linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool) -> None:
     """LP-FT: set ``head_logits`` to a logistic regression fitted on cached pooled features."""
     import keras
 

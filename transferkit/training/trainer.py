@@ -175,7 +175,7 @@ class Trainer:
         """Trains ``phase`` from the current epoch on. A loss that is not finite ends it with
         :class:`LossDiverged`; the device running out of memory, with
         the backend's error (see :func:`~transferkit.training.accelerator.out_of_memory`)."""
-        fitted = self._prepare(phase, steps)
+        fitted = self.prepare(phase, steps)
         callbacks = self.callbacks(phase)
         with RecipeError.under("early_stopping"):  # its monitor: the one argument checked inside fit
             fitted.fit(train, validation_data=None if phase.name == "imag" else self.val, epochs=phase.last,
@@ -208,7 +208,7 @@ class Trainer:
         return {f"imag_{key}": value for key, value in logs.items()} | {
             f"val_{key}": float(value) for key, value in normal.items()}
 
-    def _prepare(self, phase: Phase, steps: int):
+    def prepare(self, phase: Phase, steps: int):
         """Sets the phase's trainable layers, model and compiled optimizer (resuming: its checkpointed
         state); returns the model to fit (behind the in-model augmentation, if any)."""
         from transferkit.models.surgery import body_layers, count_parameters, freeze, set_trainable, unfreeze
