@@ -201,3 +201,15 @@ def test_bad_lr_find_arguments_exit_2_with_one_line_before_any_work(small_cats_d
         code, out, err = in_process("lr-find", *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_replaces_an_output_folder_holding_only_a_sweep_and_keeps_it(tmp_path):
+    from transferkit.outputs import OutputFolder
+
+    output = tmp_path / "run"
+    (output / "lr_find").mkdir(parents=True)
+    (output / "lr_find" / "lr_find.json").write_text("{}")
+    with OutputFolder(output) as out:
+        (out.partial / "run.json").write_text("{}")
+        out.commit()
+    assert (output / "run.json").is_file() and (output / "lr_find" / "lr_find.json").read_text() == "{}"
