@@ -261,6 +261,20 @@ class TuneSpec:
 
 
 @dataclass
+class LogSpec:
+    """Where a run's progress goes besides its run folder: TensorBoard event files, an MLflow tracking server."""
+    tensorboard: bool = _spec(False, doc="write <run>/tensorboard/: loss, accuracy and learning rate per epoch and "
+                                         "every tensorboard_steps steps, the confusion matrices, the recipe as "
+                                         "hyper-parameters (pip install 'transferkit[tensorboard]')")
+    tensorboard_steps: int = _spec(10, ge=1, le=1_000_000, why="a step count that large never logs a step",
+                                   doc="training steps between the per-step TensorBoard scalars")
+    mlflow: Optional[str] = _spec(None, doc="an MLflow tracking URI (sqlite:///mlflow.db, http://host:5000): the "
+                                            "recipe as params, the metrics per epoch and at the end, the report "
+                                            "files (pip install mlflow)")
+    mlflow_experiment: str = _spec("transferkit", doc="the MLflow experiment the run goes to")
+
+
+@dataclass
 class Recipe:
     """A whole training recipe."""
     data: DataSpec = _spec()
@@ -280,6 +294,7 @@ class Recipe:
         "temperature", doc="temperature: scale the probabilities by one temperature fitted on the val split")
     jit_compile: Union[bool, Literal["auto"]] = _spec("auto", doc="XLA; auto: on a GPU and under JAX")
     distribute: Literal["none", "data_parallel"] = _spec("none", doc="data_parallel: every local GPU (or device)")
+    log: LogSpec = _spec(LogSpec(), doc="TensorBoard and MLflow logging")
     output: Optional[str] = _spec(None, path=True, doc="run folder; default: runs/<name>")
 
     def to_dict(self) -> dict:

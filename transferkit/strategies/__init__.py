@@ -41,6 +41,9 @@ def check_recipe(recipe: Recipe, *, weights: bool = True, own_backbone: bool = F
     Raises:
         TransferkitError: one line naming the recipe key and the fix.
     """
+    from transferkit.strategies.tracking import check_tracking
+
+    check_tracking(recipe)
     if weights and not own_backbone:
         check_recipe_weights(recipe)
     if recipe.strategy == "extract":

@@ -30,6 +30,7 @@ from transferkit.outputs import OutputFolder
 from transferkit.recipe import ClassifierSpec, Recipe, load_recipe, recipe_splits
 from transferkit.run import FeaturePredictor, Run
 from transferkit.strategies import check_data, preflight
+from transferkit.strategies.tracking import track_run
 
 log = logging.getLogger("transferkit")
 
@@ -106,6 +107,7 @@ def _extract(recipe: Recipe, image_size: int, folder: Path, progress: bool, star
                 "skipped_files": [list(item) for item in splits.skipped],  # each once, not once per split
                 "feature_dim": int(train_x.shape[1]),
                 "best_params": getattr(classifier, "best_params_", None), "cv": scores}
+    track_run(run, folder)
     return run
 
 

@@ -50,6 +50,7 @@ from transferkit.recipe import Recipe, load_recipe
 from transferkit.run import KerasPredictor, Run
 from transferkit.strategies import check_data, check_recipe, preflight
 from transferkit.strategies.phases import check_optimizers, plan_phases, train_phase, training_settings
+from transferkit.strategies.tracking import track_run
 from transferkit.training.accelerator import augment_placement, distribution, dtype_policy, resolve_precision
 from transferkit.training.checkpoints import RESUME_HINT, Checkpoints
 from transferkit.training.trainer import Phase, Trainer, TrainingError, episode_seed
@@ -172,6 +173,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
                 "augment_on": placement if augment is not None else None,
                 "early_stopping": trainer.early_stopping,
                 "diagnosis": diagnosis.to_dict() if diagnosis else None}
+    track_run(run, folder, step=trainer.epoch * steps)
     return run
 
 

@@ -54,7 +54,8 @@ def training_settings(recipe: Recipe, head=None) -> TrainingSettings:
         schedule=dataclasses.asdict(spec.schedule),
         early_stopping=None if spec.early_stopping is None else dataclasses.asdict(spec.early_stopping),
         layer_decay=spec.layer_decay, label_smoothing=spec.label_smoothing, imag_train=recipe.imag.train,
-        imag_head=imag_head, jit_compile=recipe.jit_compile)
+        imag_head=imag_head, jit_compile=recipe.jit_compile,
+        tensorboard_steps=recipe.log.tensorboard_steps if recipe.log.tensorboard else None)
 
 
 def section(phase: Phase) -> str:

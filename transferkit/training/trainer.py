@@ -68,6 +68,7 @@ class TrainingSettings:
     imag_train: str = "head_and_body"   # "head": imag episodes train their head only
     imag_head: dict = field(default_factory=dict)  # keywords of models.heads.build_head for imag heads
     jit_compile: bool | str = "auto"
+    tensorboard_steps: int | None = None  # TensorBoard scalars (every N steps, and per epoch); None: none
 
 
 def episode_seed(seed: int, episode: int) -> int:
@@ -186,6 +187,7 @@ class Trainer:
         """The Keras callbacks of ``phase``, in the order their effects must come at the end of an
         epoch for exact resume: recorded, judged by early stopping, checkpointed, written out."""
         from transferkit.training import callbacks as cb
+        from transferkit.training.tensorboard import phase_loggers
 
         imag, spec = phase.name == "imag", self.settings.early_stopping
         callbacks = [cb.Reseed(self.settings.seed), cb.NanGuard(),
@@ -200,7 +202,7 @@ class Trainer:
             cb.SaveCheckpoint(self.checkpoints, self.model, self.optimizer, functools.partial(self._state, phase),
                               head=(lambda: get_head_weights(self.trained)) if imag else None, head_until=phase.last),
             cb.WriteHistory(self.folder, self.record, self.settings.title, plot=self.plot_history),
-            cb.LogEpoch(self.record, self.total), *self.extra_callbacks]
+            cb.LogEpoch(self.record, self.total), *phase_loggers(self, phase), *self.extra_callbacks]
 
     def _imag_logs(self, logs: dict) -> dict:
         """An imag epoch's logs: its own (on the imagined labels) as ``imag_*``, ``val_*`` with the normal head."""
