@@ -86,6 +86,32 @@ def test_finetune_ends_with_the_confusion_matrix_metrics_and_recipe(tensorboard_
     assert "recipe" in summary.Tags()["tensors"]
 
 
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_each_step_and_epoch_once(small_cats_dogs, home, tmp_path):
+    import keras
+
+    class CrashInTheSecondEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 1 and batch == 2:  # the first epoch is checkpointed, steps 5-7 of the second are done
+                raise Crash()
+
+    recipe = make_recipe(small_cats_dogs, tmp_path / "cd", tensorboard=True, tensorboard_steps=1)
+    with pytest.raises(Crash):
+        finetune(recipe, progress=False, callbacks=[CrashInTheSecondEpoch()])
+    run = finetune(recipe, progress=False, resume=True)
+    train = events(run.folder / "tensorboard" / "train")
+    assert [step for step, _ in scalars(train, "batch_loss")] == list(range(1, 9))  # 2 epochs of 4 steps, once each
+    assert scalars(train, "epoch_loss") == [(epoch, np.float32(value)) for epoch, value in
+                                            enumerate(run.history["loss"], 1)]
+
+
 @pytest.mark.slow
 @pytest.mark.backends
 def test_extract_writes_its_metrics_and_recipe_only(small_cats_dogs, home, tmp_path):
