@@ -199,9 +199,10 @@ def report(run_folder):
 @cli.command()
 @click.argument("run_folder", type=click.Path(file_okay=False))
 @click.option("--output", type=click.Path(), help="Where to write the model. Default: RUN_FOLDER/model/model.keras, "
-              "RUN_FOLDER/export/saved_model or RUN_FOLDER/export/model.tflite.")
-@click.option("--format", "format_", type=click.Choice(["keras", "saved_model", "tflite"]), default="keras",
-              show_default=True, help="saved_model and tflite need the TensorFlow backend.")
+              "RUN_FOLDER/export/saved_model, RUN_FOLDER/export/model.tflite or RUN_FOLDER/export/model.onnx.")
+@click.option("--format", "format_", type=click.Choice(["keras", "saved_model", "tflite", "onnx"]), default="keras",
+              show_default=True, help="saved_model and tflite need the TensorFlow backend; onnx needs "
+              "pip install 'transferkit[onnx]'.")
 @_TRUST
 def export(run_folder, output, format_, trusted):
     """One model, raw images in, probabilities out (an extract run's linear classifier folded in).
@@ -210,10 +211,13 @@ def export(run_folder, output, format_, trusted):
     Examples:
       transferkit export runs/digits
       transferkit export runs/flowers-finetune --format tflite
+      transferkit export runs/flowers-finetune --format onnx
     """
-    from transferkit.export import export_model
+    from transferkit.export import check_onnx_converter, export_model
 
     start_keras_quietly()
+    if format_ == "onnx":
+        check_onnx_converter()  # before the run's model is loaded
     from transferkit.run import Run
 
     click.echo(f"wrote {export_model(Run.load(run_folder, trusted=trusted), output, format=format_)}")

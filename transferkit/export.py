@@ -7,6 +7,12 @@ builds it: `transferkit.run.Predictor.keras_model`):
 
     z = W ((x - mean) / scale) + b = (W / scale) x + (b - W (mean / scale))
 
+Besides the `.keras` file: a SavedModel folder or a `.tflite` file (TensorFlow backend), or an ONNX
+file under any backend, by Keras' own exporter (tf2onnx under TensorFlow, jax2onnx under JAX,
+torch.onnx under PyTorch; `pip install 'transferkit[onnx]'`), which ONNX Runtime runs: input `pixels`
+(float32 `[N, S, S, 3]`, 0..255), output the probabilities. A mixed-precision run's model is exported
+computing in float32, so its probabilities differ from the run's by bfloat16's rounding.
+
 The class names travel in a JSON file next to the model, `<stem>.classes.json`
 (`{"class_names": [...], "image_size": S}`): any tool reads it, and the `.keras` file stays a plain
 Keras model. `load_exported_model` reads both.
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import warnings
 from pathlib import Path
 
 from transferkit.errors import TransferkitError
@@ -28,7 +36,13 @@ from transferkit.io import atomic_path, atomic_write_json
 from transferkit.outputs import folder_lock
 
 
-FORMATS = {"keras": "model/model.keras", "saved_model": "export/saved_model", "tflite": "export/model.tflite"}
+FORMATS = {"keras": "model/model.keras", "saved_model": "export/saved_model", "tflite": "export/model.tflite",
+           "onnx": "export/model.onnx"}
+#: The formats only the TensorFlow backend writes.
+TENSORFLOW_FORMATS = ("saved_model", "tflite")
+#: What Keras' ONNX export needs under each backend (PyTorch's torch.onnx is built in), and how to install it.
+ONNX_CONVERTERS = {"tensorflow": ("tf2onnx", "pip install 'transferkit[onnx]'"),
+                   "jax": ("jax2onnx", "pip install jax2onnx")}
 
 
 def export_model(run, path: str | Path | None = None, format: str = "keras") -> Path:
@@ -42,16 +56,17 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
     Args:
         run: a `transferkit.run.Run`, or its run folder.
         path: where to write; default under the run folder: `model/model.keras`,
-            `export/saved_model` or `export/model.tflite`. The class names go to
+            `export/saved_model`, `export/model.tflite` or `export/model.onnx`. The class names go to
             `<stem>.classes.json` beside it.
-        format: "keras"; or, under the TensorFlow backend, "saved_model" (TF Serving) or "tflite".
+        format: "keras", "onnx"; or, under the TensorFlow backend, "saved_model" (TF Serving) or "tflite".
 
     Returns:
         The path of the model file (written atomically).
 
     Raises:
         TransferkitError: an extract run's classifier is not linear (logistic_regression or
-            linear_svm), an unknown format or one the backend cannot write, or no path to write to.
+            linear_svm), an unknown format, one the backend cannot write or whose converter is not
+            installed, or no path to write to.
     """
     import keras
 
@@ -59,9 +74,11 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
 
     if format not in FORMATS:
         raise TransferkitError(f"unknown export format {format!r}: give one of {', '.join(FORMATS)}")
-    if format != "keras" and keras.backend.backend() != "tensorflow":
+    if format in TENSORFLOW_FORMATS and keras.backend.backend() != "tensorflow":
         raise TransferkitError(f"{format} export needs the TensorFlow backend: run it with "
                                f"KERAS_BACKEND=tensorflow (now {keras.backend.backend()}), or export format keras")
+    if format == "onnx":
+        check_onnx_converter()
     run = run if isinstance(run, Run) else Run.load(run)
     if path is None and run.folder is None:
         raise TransferkitError("this run has no folder yet: save it, or give export_model a path")
@@ -78,9 +95,66 @@ def export_model(run, path: str | Path | None = None, format: str = "keras") -> 
         if format == "keras":
             with atomic_path(path) as tmp:
                 model.save(tmp)
+        elif format == "onnx":
+            _export_onnx(model, path, run.image_size)
         else:
             _export_tensorflow(model, path, format)
     return path
+
+
+def check_onnx_converter() -> None:
+    """Raises TransferkitError, one line, when the converter Keras' ONNX export needs under this
+    backend is not installed."""
+    import importlib.util
+
+    import keras
+
+    backend = keras.backend.backend()
+    package, install = ONNX_CONVERTERS.get(backend, (None, ""))
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise TransferkitError(f"onnx export under the {backend} backend needs {package}: {install}")
+
+
+def _export_onnx(model, path: Path, image_size: int) -> None:
+    """An ONNX file by Keras' own exporter: input "pixels" (float32, any batch size), output the probabilities."""
+    import keras
+
+    spec = keras.InputSpec(shape=(None, image_size, image_size, 3), dtype="float32", name="pixels")
+    with atomic_path(path) as tmp, _converters_quiet():
+        _computing_in_float32(model).export(str(tmp), format="onnx", input_signature=[spec], verbose=False)
+
+
+@contextlib.contextmanager
+def _converters_quiet():
+    """No log lines below warnings and no warnings while converting: tf2onnx, jax2onnx and torch.onnx's
+    tracer tell each step (versions, opset, folded constants), which says nothing to the user."""
+    before = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(before)
+
+
+def _computing_in_float32(model):
+    """``model``, or when a layer of it computes in another precision (a mixed-precision run) a copy
+    with its weights whose layers all compute in float32: ONNX Runtime runs few operators in bfloat16."""
+    import keras
+
+    def layers(parent):
+        for layer in parent.layers:
+            yield layer
+            yield from layers(layer) if hasattr(layer, "layers") else ()
+
+    if all(layer.dtype_policy.name == "float32" for layer in layers(model)):
+        return model
+    twin = keras.models.clone_model(
+        model, recursive=True,
+        clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "dtype": "float32"}))
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def _export_tensorflow(model, path: Path, format: str) -> None:
