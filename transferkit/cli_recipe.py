@@ -84,21 +84,45 @@ def _naming(source):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key, e.g. --set extract.layer=block_12_add (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def extract(recipe, overrides, quiet):
+@click.option("--shard", metavar="I/N", callback=lambda ctx, param, value: _shard(value),
+              help="Only extract shard I of N (1 <= I <= N) of the features into its own file, and stop; "
+                   "shards run at once in separate processes, then a run without --shard fits the classifier.")
+def extract(recipe, overrides, quiet, shard):
     """Cut the backbone, cache features in HDF5, fit a scikit-learn classifier, write the run folder.
+
+    With --shard I/N, compute only shard I of N of the features (N processes, e.g. a job array, at
+    the same time); the run without --shard then reads the N shard files as one and fits.
 
     \b
     Examples:
       transferkit extract recipes/digits.yaml
       transferkit extract recipes/dtd10_extract.yaml --set extract.layer=block_12_add
+      transferkit extract recipe.yaml --shard $SLURM_ARRAY_TASK_ID/8   # then: transferkit extract recipe.yaml
     """
+    from transferkit.features.shards import ShardsMissing
     from transferkit.recipe import load_recipe
     from transferkit.strategies.extract import extract as run_extract
 
-    recipe = checked(load_recipe(recipe, overrides=overrides), recipe)
+    source, recipe = recipe, checked(load_recipe(recipe, overrides=overrides), recipe)
     start_keras_quietly()
-    run = run_extract(recipe, progress=not quiet)
-    click.echo(f"run folder: {run.folder}")
+    try:
+        run = run_extract(recipe, progress=not quiet, shard=shard)
+    except ShardsMissing as error:
+        raise error.for_recipe(source) from None
+    if run is not None:
+        click.echo(f"run folder: {run.folder}")
+
+
+def _shard(value):
+    """``--shard I/N`` as ``(I, N)``; a bad value is a usage error (one line, exit 2)."""
+    if value is None:
+        return None
+    from transferkit.features.shards import parse_shard
+
+    try:
+        return parse_shard(value)
+    except TransferkitError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 @click.command()

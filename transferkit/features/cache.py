@@ -5,11 +5,11 @@ second run starts from them. Each file's modification time is its last use (reus
 ``clear_cache(older_than_days=30)`` drops what no run has needed for a month.
 
 Only files transferkit wrote are listed and deleted, recognised by their names (:data:`KINDS`):
-feature stores ``<backbone>-<12 hex digits>.h5`` and the ``.corrupt-<time>`` copies a damaged one
-is moved to; classifier fits ``<32 hex digits>.npz`` or ``.skops`` (and ``.joblib``, the pickles of
-older versions, which are never opened); and what an interrupted write left behind
-(``.<name>.<random>.tmp<suffix>``). Anything else there, folders and links included, is left
-alone. Materialised built-in datasets (``builtin/``) are not a cache.
+feature stores ``<backbone>-<12 hex digits>.h5``, their shard files (``.shard-I-of-N.h5``) and the
+``.corrupt-<time>`` copies a damaged one is moved to; classifier fits ``<32 hex digits>.npz`` or
+``.skops`` (and ``.joblib``, the pickles of older versions, which are never opened); and what an
+interrupted write left behind (``.<name>.<random>.tmp<suffix>``). Anything else there, folders and
+links included, is left alone. Materialised built-in datasets (``builtin/``) are not a cache.
 
 Example:
     >>> [(entry.kind, entry.size) for entry in cache_entries()]
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transferkit.io import transferkit_home
 
-_FEATURE_STORE = r"[\w.-]+-[0-9a-f]{12}"
+_FEATURE_STORE = r"[\w.-]+-[0-9a-f]{12}(?:\.shard-[0-9]+-of-[0-9]+)?"
 _CLASSIFIER_FIT = r"[0-9a-f]{32}"
 _TEMPORARY = r"\.(?:{name})\.[a-z0-9_]{{8}}\.tmp{suffix}"  # io.atomic_path's name for a file being written
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import RecipeError, TransferkitError, did_you_mean
+from transferkit.features.streaming import DEFAULTS as STREAMING_DEFAULTS, STREAMING
 from transferkit.recipe import import_object
 
 log = logging.getLogger("transferkit")
@@ -42,6 +43,8 @@ CLASSIFIERS = {
                           {"n_neighbors": [1, 5, 15]}),
     "random_forest": ClassifierInfo("sklearn.ensemble:RandomForestClassifier", {"n_estimators": 300, "n_jobs": -1},
                                     {"max_features": ["sqrt", 0.1]}),
+    # fitted from disk by transferkit.features.streaming.fit_streaming: max_iter is its number of epochs
+    STREAMING: ClassifierInfo("sklearn.linear_model:SGDClassifier", STREAMING_DEFAULTS),
 }
 
 
@@ -103,6 +106,12 @@ def check_classifier(name: str = "logistic_regression", *, params: dict | None =
     for key, values in grid.items():
         if not isinstance(values, (list, tuple)) or not values:
             raise RecipeError(f"give a non-empty list of values to try, not {values!r}", key=f"grid.{key}")
+    if name == STREAMING and grid:
+        raise RecipeError(f"{STREAMING} streams the features from disk and searches no grid: remove the grid and "
+                          "set params.alpha (default 1e-4) instead", key="grid")
+    if name == STREAMING and params["loss"] != "log_loss":
+        raise RecipeError(f"{STREAMING} trains with loss log_loss only (its probabilities need it): remove "
+                          "params.loss", key="params")
     return estimator_class, params, grid
 
 

@@ -16,6 +16,10 @@ leaves it unmarked, so it is recomputed; a kill while creating metadata can leav
 cannot read, which is moved aside as ``<name>.corrupt-<timestamp>`` and rebuilt. Completeness is
 read from the key, ``complete`` and ``done``, never from the file's existence.
 
+A split computed in shards (:mod:`transferkit.features.shards`) is stored as virtual datasets mapped
+onto the shard files ``<stem>.shard-I-of-N.h5`` beside it; it counts as complete only while every
+one of them holds that split, complete, under the same key.
+
 A full disk is an error of one line, before anything is written: the space is checked and then
 reserved on disk (see :mod:`transferkit.features.disk` for why HDF5 needs it).
 """
@@ -48,6 +52,8 @@ logger = logging.getLogger("transferkit")
 #: ``forward(inputs) -> features`` is run in two stages: the next chunk loads while this one runs.
 Embed = Callable[[list[str]], np.ndarray]
 _OWN_ATTRS = ("key", "complete", "chunk_size")
+#: The shard files of a store ``<stem>.h5`` (see :mod:`transferkit.features.shards`).
+SHARD_FILES = "{stem}.shard-*-of-*.h5"
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
@@ -108,7 +114,8 @@ class FeatureStore:
         chunk_size: int = 256,
         progress: bool = True,
         dim: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        load: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """Features for every path, computed chunk by chunk and saved as they come.
 
         A complete split with the same key is returned without calling ``embed``; an incomplete
@@ -126,9 +133,10 @@ class FeatureStore:
             progress: print progress to stderr.
             dim: the number of features per image, when known: the free space is then checked
                 before anything is computed (else once the first chunk gives it).
+            load: read the features back; False leaves them on disk (features larger than memory).
 
         Returns:
-            (features float32 [N, D], labels int64 [N]) read back from the file.
+            (features float32 [N, D], labels int64 [N]) read back from the file; None if not ``load``.
 
         Raises:
             ResourceError: the disk lacks the space for the split (checked before writing).
@@ -138,16 +146,17 @@ class FeatureStore:
         if not paths or labels.shape != (len(paths),):
             raise ValueError(f"need one label per path and at least one path, got {len(paths)} "
                              f"paths and labels of shape {labels.shape}")
-        features = self._complete(split, paths, labels, key)  # read-only: a full disk does not matter
+        features = self._complete(split, paths, labels, key, load)  # read-only: a full disk does not matter
         if features is None:
             with disk_full_is_one_line(self.path.parent, then=MORE_SPACE):
                 require_space(self.path.parent, 0, "the feature store", then=MORE_SPACE)
-                with self._open_for_writing() as file:
+                with self.open_for_writing() as file:
                     group = self._prepare_group(file, split, paths, labels, key, attrs or {}, chunk_size, dim)
                     self._fill(file, group, paths, embed, progress)
-                    features = _read(group)[:2]
-        touch(self.path)  # its last use, for clear_cache(older_than_days=...)
-        return features
+                    features = _read(group)[:2] if load else ()
+        for path in (self.path, *self.path.parent.glob(SHARD_FILES.format(stem=self.path.stem))):
+            touch(path)  # its last use, for clear_cache(older_than_days=...)
+        return features if load else None
 
     def load(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
         """Returns (features, labels, paths) of a complete split, or None."""
@@ -170,8 +179,9 @@ class FeatureStore:
             logger.warning("cannot read feature store %s (%s)", self.path, err)
             return default
 
-    def _complete(self, split, paths, labels, key) -> tuple[np.ndarray, np.ndarray] | None:
-        """The split's features and labels if it is complete for exactly these paths, labels and key."""
+    def _complete(self, split, paths, labels, key, load=True) -> tuple[np.ndarray, np.ndarray] | None:
+        """The split's features and labels (``()`` unless ``load``) if it is complete for exactly these
+        paths, labels and key."""
         if not self.path.exists():
             return None
         try:
@@ -180,11 +190,11 @@ class FeatureStore:
                 if group is None or not _describe_split(group)["complete"] or group.attrs["key"] != key \
                         or list(group["paths"].asstr()[()]) != paths or not np.array_equal(group["labels"][()], labels):
                     return None
-                return _read(group)[:2]
+                return _read(group)[:2] if load else ()
         except _H5_ERRORS:  # unreadable or locked: the writing path says which
             return None
 
-    def _open_for_writing(self) -> h5py.File:
+    def open_for_writing(self) -> h5py.File:
         """Open the file; one h5py cannot read is moved aside and a new one started."""
         file = None
         try:
@@ -216,6 +226,9 @@ class FeatureStore:
         """The split's group: kept if its key and file list match, else (re)created and flushed
         (once the disk is known to hold it)."""
         group = file.get(split)
+        if group is not None and not _sources_intact(group):  # a shard file it maps onto is gone or rewritten
+            del file[split]
+            group = None
         if group is not None:
             stored_paths = list(group["paths"].asstr()[()])
             reason = ("file list changed" if stored_paths != paths else
@@ -301,11 +314,29 @@ def _describe_split(group: h5py.Group) -> dict:
     return {
         "n": group["paths"].shape[0],
         "dim": None if features is None else features.shape[1],
-        "complete": bool(group.attrs["complete"]) and bool(group["done"][()].all()),
+        "complete": bool(group.attrs["complete"]) and bool(group["done"][()].all()) and _sources_intact(group),
         "key": str(group.attrs["key"]),
         "attrs": {name: _plain(value) for name, value in group.attrs.items()
                   if name not in _OWN_ATTRS},
     }
+
+
+def _sources_intact(group: h5py.Group) -> bool:
+    """Whether every shard file the split's virtual features map onto holds the split, complete, under its key
+    (True for a split stored in the file itself)."""
+    features = group.get("features")
+    if features is None or not features.is_virtual:
+        return True
+    folder = Path(group.file.filename).parent
+    for name in sorted({source.file_name for source in features.virtual_sources()}):
+        try:
+            with h5py.File(folder / name, "r") as file:
+                part = file.get(group.name)
+                if part is None or part.attrs["key"] != group.attrs["key"] or not part.attrs["complete"]:
+                    return False
+        except _H5_ERRORS:
+            return False
+    return True
 
 
 def _attr_value(value):

@@ -244,6 +244,9 @@ class ExtractSpec:
     classifier: ClassifierSpec = _spec(ClassifierSpec())
     tta: bool = _spec(True, doc="average features over horizontal flips")
     power_norm: bool = _spec(True, doc="signed square root of each feature before the classifier")
+    max_memory_features: Union[float, Literal["auto"]] = _spec(
+        "auto", gt=0, doc="MiB of training features above which the classifier is sgd_streaming, fitted from disk "
+                          "block by block; auto: a quarter of the RAM")
 
 
 @dataclass
