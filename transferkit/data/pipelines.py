@@ -24,6 +24,7 @@ import numpy as np
 
 from transferkit.data.balance import sample_weights
 from transferkit.data.decode import load_image
+from transferkit.data.seeds import AUGMENT, MIX, draw_seeds, epoch_order, reseed, seed_states
 from transferkit.data.sources import ImageSet
 
 log = logging.getLogger("transferkit")
@@ -31,8 +32,6 @@ log = logging.getLogger("transferkit")
 PIPELINES = ("auto", "tf", "pydataset")
 CACHE_FRACTION = 0.25  # cache: auto keeps decoded images in memory up to this share of the RAM
 PREFETCH = 2  # batches the PyDataset pipeline decodes ahead
-# independent random streams derived from one seed (see draw_seeds)
-ORDER, AUGMENT, MIX, MODEL, BACKEND = range(5)
 
 
 def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shuffle: bool = False,
@@ -106,42 +105,6 @@ def cache_limit(cache: bool | int | str, count: int, image_size: int) -> int:
     except (ValueError, OSError, AttributeError):  # no sysconf: do not risk it
         return 0
     return min(count, int(CACHE_FRACTION * memory) // (image_size * image_size * 3))
-
-
-def draw_seeds(seed: int, stream: int, *key: int, count: int = 1) -> np.ndarray:
-    """``count`` seeds in [1, 2**31) that depend on ``(seed, stream, *key)`` alone (NumPy's SeedSequence)."""
-    words = np.random.SeedSequence([seed % 2**32, stream, *key]).generate_state(count)
-    return (words.astype(np.int64) & 0x7FFFFFFF) | 1
-
-
-def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of ``count`` images in training epoch ``epoch`` (0-based)."""
-    return np.random.default_rng(draw_seeds(seed, ORDER, epoch)[0]).permutation(count)
-
-
-def seed_states(layer) -> list:
-    """The random generator states (Keras ``SeedGenerator``) of ``layer`` and everything in it, in a
-    fixed order: what dropout and the random augmentation layers draw from."""
-    return [variable for variable in layer.variables if variable.name == "seed_generator_state"]
-
-
-def reseed(states: list, seed: int, stream: int, *key: int) -> None:
-    """Set each generator state to its own seed derived from ``(seed, stream, *key)``, so the draws
-    that follow depend on that key alone."""
-    for state, value in zip(states, draw_seeds(seed, stream, *key, count=len(states))):
-        state.assign(np.array([value, 0], dtype=state.dtype))
-
-
-def reseed_backend(seed: int, *key: int) -> None:
-    """Seed the backend's global generator from ``(seed, *key)``. Under PyTorch, a Keras layer built
-    without a seed (dropout in a head or a backbone) draws from ``torch``'s global generator, not
-    from a generator state that :func:`reseed` can set."""
-    import keras
-
-    if keras.backend.backend() == "torch":
-        import torch
-
-        torch.manual_seed(int(draw_seeds(seed, BACKEND, *key)[0]))
 
 
 def _tensorflow_backend() -> bool:

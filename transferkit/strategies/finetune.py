@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,10 +49,12 @@ from transferkit.recipe import Recipe, load_recipe
 from transferkit.run import KerasPredictor, Run
 from transferkit.strategies import check_data, check_recipe, preflight
 from transferkit.strategies.phases import check_optimizers, plan_phases, train_phase, training_settings
+from transferkit.strategies.resume import adopt_earlier_checkpoint, starting_state
+from transferkit.strategies.resume import finished_run, unfinished_run  # noqa: F401 (where a run stands, asked here too)
 from transferkit.strategies.tracking import track_run
 from transferkit.training.accelerator import augment_placement, distribution, dtype_policy, resolve_precision
 from transferkit.training.checkpoints import RESUME_HINT, Checkpoints
-from transferkit.training.trainer import Phase, Trainer, TrainingError, episode_seed
+from transferkit.training.trainer import Phase, Trainer, episode_seed
 
 log = logging.getLogger("transferkit")
 
@@ -100,8 +101,8 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
         image_size = recipe.data.image_size or backbone.input.shape[1]
     with OutputFolder(recipe.output, resumable=lambda partial: Checkpoints.of(partial).state() is not None,
                       restart=restart) as out, disk_full_is_one_line(out.partial, then=RESUME_HINT):
-        _adopt_earlier_checkpoint(out, restart)
-        state = _starting_state(Checkpoints.of(out.partial), out.path, resume)
+        adopt_earlier_checkpoint(out, restart)
+        state = starting_state(Checkpoints.of(out.partial), out.path, resume)
         run = _train(recipe, out.partial, state, image_size, head=head, backbone=backbone, progress=progress,
                      callbacks=callbacks, evaluate_test=evaluate_test)
         run.info["seconds"]["this_session"] = round(time.perf_counter() - started, 2)
@@ -165,16 +166,19 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     run = Run(recipe=recipe, class_names=class_names, image_size=image_size, predictor=KerasPredictor(final),
               history={**trainer.history, "phase": trainer.phases})
     diagnosis = _write_reports(run, trainer, splits, folder, batch_size, evaluate_test)
-    run.info = {"seconds": {"train": round(trainer.seconds, 2)},
-                "images": {name: len(images) for name, images in
-                           (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images},
-                "epochs": len(trainer.phases), "precision": precision, "jit_compile": trainer.jit_compile,
-                "parameters": trainer.parameters,
-                "augment_on": placement if augment is not None else None,
-                "early_stopping": trainer.early_stopping,
-                "diagnosis": diagnosis.to_dict() if diagnosis else None}
+    run.info = _run_info(trainer, splits, precision, placement if augment is not None else None, diagnosis)
     track_run(run, folder, step=trainer.epoch * steps)
     return run
+
+
+def _run_info(trainer: Trainer, splits, precision: str, augment_on: str | None, diagnosis) -> dict:
+    """``Run.info`` of a fine-tuning run: its times, images, epochs, settings and diagnosis."""
+    return {"seconds": {"train": round(trainer.seconds, 2)},
+            "images": {name: len(images) for name, images in
+                       (("train", splits.train), ("val", splits.val), ("test", splits.test)) if images},
+            "epochs": len(trainer.phases), "precision": precision, "jit_compile": trainer.jit_compile,
+            "parameters": trainer.parameters, "augment_on": augment_on, "early_stopping": trainer.early_stopping,
+            "diagnosis": diagnosis.to_dict() if diagnosis else None}
 
 
 def _write_reports(run: Run, trainer: Trainer, splits, folder: Path, batch_size: int, evaluate_test: bool = True):
@@ -200,22 +204,6 @@ def _write_reports(run: Run, trainer: Trainer, splits, folder: Path, batch_size:
         atomic_write_text(folder / "diagnosis.txt", diagnosis.to_text() + "\n")
         log.info("%s", diagnosis.to_text())
     return diagnosis
-
-
-def unfinished_run(output: str | Path) -> dict | None:
-    """The checkpoint state of an unfinished run into ``output``, or None."""
-    output = Path(output)
-    return Checkpoints.of(output.with_name(f"{output.name}.partial")).state()
-
-
-def finished_run(output: str | Path) -> dict | None:
-    """The ``run.json`` of a finished run in ``output``, or None (nothing there, or a newer run unfinished)."""
-    import json
-
-    summary = Path(output) / "run.json"
-    if not summary.is_file() or unfinished_run(output) is not None:
-        return None
-    return json.loads(summary.read_text())
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,31 +295,3 @@ def linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool)
     order = np.argsort(classes)
     model.get_layer("head_logits").set_weights([kernel[:, order].astype("float32"), bias[order].astype("float32")])
     log.info("warm-up: head initialised from a logistic regression on %d cached feature vectors (LP-FT)", len(x))
-
-
-def _finished(state: dict) -> bool:
-    return state["epoch"] >= state["total_epochs"] or bool(state.get("early_stopping", {}).get("stopped"))
-
-
-def _adopt_earlier_checkpoint(out: OutputFolder, restart: bool) -> None:
-    """A ``checkpoint/`` inside the output folder itself is either what a finished run had not yet
-    dropped when it was killed (removed), or an unfinished run of an earlier transferkit, which
-    checkpointed there (moved beside, so that ``--resume`` continues it; ``--restart`` removes it)."""
-    earlier = Checkpoints.of(out.path)
-    state = earlier.state() if earlier.folder.is_dir() else None
-    if state is not None and not restart and not _finished(state) and Checkpoints.of(out.partial).state() is None:
-        shutil.rmtree(Checkpoints.of(out.partial).folder, ignore_errors=True)
-        earlier.folder.rename(Checkpoints.of(out.partial).folder)
-    else:
-        earlier.clear()
-
-
-def _starting_state(checkpoints: Checkpoints, output: Path, resume: bool) -> dict | None:
-    state = checkpoints.state()
-    if state is not None and not resume:
-        raise TrainingError(f"{output} has an unfinished run in {checkpoints.folder.parent.name} (stopped after epoch "
-                            f"{state['epoch']} of {state['total_epochs']}): add --resume to continue it "
-                            "or --restart to start over")
-    if state is None and resume:
-        log.info("nothing to resume in %s: starting from epoch 1", checkpoints.folder.parent)
-    return state

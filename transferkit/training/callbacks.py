@@ -27,7 +27,7 @@ from pathlib import Path
 
 import keras
 
-from transferkit.data.pipelines import MODEL, reseed, reseed_backend, seed_states
+from transferkit.data.seeds import MODEL, reseed, reseed_backend, seed_states
 from transferkit.errors import RecipeError
 from transferkit.io import atomic_write_json, atomic_write_text
 from transferkit.training.trainer import LossDiverged, TrainingError
