@@ -41,6 +41,7 @@ def make_recipe(xrays, output, strategy="extract", classifier=(), **data):
         "extract": {"classifier": {"name": "logistic_regression", "grid": {}, **dict(classifier)}},
         "warmup": {"epochs": 3, "optimizer": {"name": "adam", "learning_rate": 3e-3}},
         "finetune": {"epochs": 0},
+        "calibrate": "none",  # the weighting itself, not a temperature fitted on the balanced val split after it
         "output": str(output)})
 
 
