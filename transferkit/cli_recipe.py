@@ -132,21 +132,32 @@ def _shard(value):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted run's checkpoint and start over.")
 @click.option("--quiet", is_flag=True, help="No per-batch progress bar (epoch summaries still print).")
-def finetune(recipe, overrides, resume, restart, quiet):
+@click.option("--coordinator", metavar="HOST:PORT", help="Multi-host training (KERAS_BACKEND=jax): process 0's "
+              "address, the same on every process (or KERAS_DISTRIBUTION_JOB_ADDRESSES).")
+@click.option("--num-processes", type=click.IntRange(1), help="Multi-host training: how many processes run this "
+              "command, one per host (or KERAS_DISTRIBUTION_NUM_PROCESSES).")
+@click.option("--process-id", type=click.IntRange(0), help="Multi-host training: this process's number, 0 to N-1; "
+              "process 0 writes the run (or KERAS_DISTRIBUTION_PROCESS_ID).")
+def finetune(recipe, overrides, resume, restart, quiet, coordinator, num_processes, process_id):
     """Attach a new head, warm it up on the frozen body, unfreeze and fine-tune (strategy finetune or imag).
 
     Training happens in OUTPUT.partial/ beside the output folder: every epoch is checkpointed there
     and history.json, history.csv and curves.png are rewritten there; the finished run replaces the
     output folder in one step. After an interruption (even kill -9) run the same command with --resume.
 
+    Multi-host (KERAS_BACKEND=jax): the same command on every host with --coordinator, --num-processes
+    and --process-id (or under srun); data.batch_size is the global batch; process 0 writes the run.
+
     \b
     Examples:
       transferkit finetune recipes/flowers5_finetune.yaml
       transferkit finetune recipes/flowers5_finetune.yaml --resume
       transferkit finetune recipe.yaml --set finetune.epochs=2 --set data.image_size=128
+      transferkit finetune recipe.yaml --coordinator node0:1234 --num-processes 2 --process-id 0
     """
     from transferkit.recipe import load_recipe
     from transferkit.strategies.finetune import finetune as run_finetune
+    from transferkit.training import multihost
 
     if resume and restart:
         raise click.UsageError("give --resume or --restart, not both")
@@ -154,9 +165,10 @@ def finetune(recipe, overrides, resume, restart, quiet):
     if recipe.strategy == "extract":
         raise click.UsageError("the recipe's strategy is extract: run `transferkit extract RECIPE`, "
                                "or --set strategy=finetune")
+    multihost.initialize(coordinator, num_processes, process_id)  # before Keras starts its backend
     checked(recipe, source)
     run = run_finetune(recipe, resume=resume, restart=restart, progress=not quiet)
-    click.echo(f"run folder: {run.folder}")
+    click.echo(f"run folder: {run.folder}" if run.folder else "done: process 0 writes the run folder")
 
 
 @click.command()

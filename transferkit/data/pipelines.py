@@ -36,7 +36,8 @@ PREFETCH = 2  # batches the PyDataset pipeline decodes ahead
 
 def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shuffle: bool = False,
                  augment=None, seed: int = 0, pipeline: str = "auto", num_classes: int | None = None,
-                 mix=None, cache: bool | int | str = False, epochs: range | None = None, class_weight=None):
+                 mix=None, cache: bool | int | str = False, epochs: range | None = None, class_weight=None,
+                 shard=None):
     """Batches of ``(pixels float32 [B, S, S, 3] in 0..255, labels int32 [B][, sample weights float32 [B]])`` for Keras.
 
     Args:
@@ -61,6 +62,8 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
             batches back to back, shuffled, each epoch a function of ``(seed, epoch)`` alone; give
             ``Model.fit`` ``steps_per_epoch=steps_per_epoch(len(images), batch_size)``.
         class_weight: one weight per label: batches then carry the samples' weights (``sample_weights``).
+        shard: a :class:`~transferkit.data.shards.Shard`: only this process's share of each batch
+            (a multi-process run; the ``pydataset`` pipeline), ``steps_per_epoch(..., shard)`` of them.
 
     Returns:
         A ``tf.data.Dataset`` or a ``keras.utils.PyDataset``; both work with ``Model.fit`` and
@@ -70,18 +73,20 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
     if pipeline == "auto":
         pipeline = "tf" if _tensorflow_backend() else "pydataset"
+    if shard is not None and pipeline == "tf":
+        raise ValueError("a shard is read by the pydataset pipeline only")
     if mix is not None and num_classes is None:
         raise ValueError("mix needs one-hot labels: give num_classes too")
     build = _tf_dataset if pipeline == "tf" else _image_batches_class()
     return build(_Source(images, image_size, batch_size, seed, cache_limit(cache, len(images), image_size),
-                         None if class_weight is None else np.asarray(class_weight, np.float32)),
+                         None if class_weight is None else np.asarray(class_weight, np.float32), shard),
                  shuffle=shuffle or epochs is not None, augment=augment, num_classes=num_classes, mix=mix,
                  epochs=None if epochs is None else list(epochs))
 
 
-def steps_per_epoch(count: int, batch_size: int) -> int:
-    """Batches in an epoch of ``count`` images."""
-    return -(-count // batch_size)
+def steps_per_epoch(count: int, batch_size: int, shard=None) -> int:
+    """Batches in an epoch of ``count`` images (split over processes by ``shard``: see its ``batches``)."""
+    return -(-count // batch_size) if shard is None else shard.batches(count, batch_size)
 
 
 def fitting_batch_size(batch_size: int, count: int, split: str = "training") -> int:
@@ -118,12 +123,14 @@ def _tensorflow_backend() -> bool:
 class _Source:
     """What both pipelines share: the images, their order per epoch, and the decoded-image cache."""
 
-    def __init__(self, images: ImageSet, image_size: int, batch_size: int, seed: int, cache: int, class_weight=None):
-        self.images, self.image_size, self.seed, self.class_weight = images, image_size, seed, class_weight
+    def __init__(self, images: ImageSet, image_size: int, batch_size: int, seed: int, cache: int, class_weight=None,
+                 shard=None):
+        self.images, self.image_size, self.seed, self.class_weight, self.shard = \
+            images, image_size, seed, class_weight, shard
         # a batch larger than the set is the whole set: the same batches, no pipeline asked for more
         self.batch_size = max(1, min(int(batch_size), len(images)))
         self.labels = np.asarray(images.labels, dtype=np.int32)
-        self.per_epoch = steps_per_epoch(len(images), self.batch_size)
+        self.per_epoch = steps_per_epoch(len(images), self.batch_size, shard)
         self._cache_limit, self._decoded, self._lock = cache, {}, threading.Lock()
         self._pool = None
 
@@ -283,15 +290,18 @@ class _Batches:
         return keras.ops.convert_to_numpy(self.augment(pixels, training=True))
 
     def _plan(self, index):
-        """``(epoch, batch in the epoch, image indices)`` of batch ``index``."""
-        size, per_epoch = self.source.batch_size, self.source.per_epoch
+        """``(epoch, batch in the epoch, image indices)`` of batch ``index`` (this process's share with a shard)."""
+        size, per_epoch, shard = self.source.batch_size, self.source.per_epoch, self.source.shard
         if self.epochs is None:
-            return -1, index, self._order[index * size:(index + 1) * size]
-        epoch, batch = self.epochs[index // per_epoch], index % per_epoch
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e > epoch - 2}
-            self._orders[epoch] = epoch_order(len(self.source), self.source.seed, epoch)
-        return epoch, batch, self._orders[epoch][batch * size:(batch + 1) * size]
+            epoch, batch, order = -1, index, self._order
+        else:
+            epoch, batch = self.epochs[index // per_epoch], index % per_epoch
+            if epoch not in self._orders:
+                self._orders = {e: o for e, o in self._orders.items() if e > epoch - 2}
+                self._orders[epoch] = epoch_order(len(self.source), self.source.seed, epoch)
+            order = self._orders[epoch]
+        indices = order[batch * size:(batch + 1) * size]
+        return epoch, batch, indices if shard is None else shard.take(indices)
 
     def on_epoch_end(self):
         if self.shuffle and self.epochs is None:

@@ -53,7 +53,8 @@ from transferkit.strategies.resume import adopt_earlier_checkpoint, starting_sta
 from transferkit.strategies.resume import finished_run, unfinished_run  # noqa: F401 (where a run stands, asked here too)
 from transferkit.strategies.tracking import track_run
 from transferkit.training.accelerator import augment_placement, distribution, dtype_policy, resolve_precision
-from transferkit.training.checkpoints import RESUME_HINT, Checkpoints
+from transferkit.training.checkpoints import RESUME_HINT, Checkpoints, ReadOnlyCheckpoints
+from transferkit.training.multihost import is_main_process, process_count, start_in_step
 from transferkit.training.trainer import Phase, Trainer, episode_seed
 
 log = logging.getLogger("transferkit")
@@ -79,7 +80,9 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
 
     Returns:
         The :class:`Run`, saved to ``recipe.output``, with ``metrics``, ``history`` (one entry per
-        epoch, ``history["phase"]`` naming each epoch's phase) and ``info["diagnosis"]``.
+        epoch, ``history["phase"]`` naming each epoch's phase) and ``info["diagnosis"]``. In a
+        multi-host run (:mod:`transferkit.training.multihost`) process 0 saves it; the other
+        processes, which write nothing, return it unsaved and without metrics.
 
     Raises:
         TrainingError: an unfinished run in the folder without resume/restart, or a loss that
@@ -99,12 +102,16 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
         check_recipe(recipe, own_backbone=True)
         backbone = backbone if isinstance(backbone, keras.Model) else backbone()
         image_size = recipe.data.image_size or backbone.input.shape[1]
+    train = functools.partial(_train, recipe, image_size=image_size, head=head, backbone=backbone, callbacks=callbacks,
+                              evaluate_test=evaluate_test)
+    if not is_main_process():  # a multi-host run's other processes train in step with process 0, writing nothing
+        partial = OutputFolder(recipe.output).partial
+        state = None if restart else starting_state(Checkpoints.of(partial), Path(recipe.output), resume)
+        return train(partial, state, progress=False)
     with OutputFolder(recipe.output, resumable=lambda partial: Checkpoints.of(partial).state() is not None,
                       restart=restart) as out, disk_full_is_one_line(out.partial, then=RESUME_HINT):
         adopt_earlier_checkpoint(out, restart)
-        state = starting_state(Checkpoints.of(out.partial), out.path, resume)
-        run = _train(recipe, out.partial, state, image_size, head=head, backbone=backbone, progress=progress,
-                     callbacks=callbacks, evaluate_test=evaluate_test)
+        run = train(out.partial, starting_state(Checkpoints.of(out.partial), out.path, resume), progress=progress)
         run.info["seconds"]["this_session"] = round(time.perf_counter() - started, 2)
         run.save(out.partial)
         out.commit(drop=("checkpoint",))
@@ -121,13 +128,15 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     from transferkit.models.surgery import average_over_views
     from transferkit.reports.evaluate import plot_history
 
-    checkpoints = Checkpoints.of(folder)
+    checkpoints = (Checkpoints if is_main_process() else ReadOnlyCheckpoints).of(folder)
     splits = check_data(recipe, screen=True)
     if splits.val is None:
         raise RecipeError("data.val: fine-tuning needs a validation split to monitor: "
                           "give a fraction (0.2) or a folder")
     class_names = splits.class_names
     batch_size = fitting_batch_size(recipe.data.batch_size, len(splits.train))
+    with RecipeError.under("data"):  # this process's share of each batch (None: the only process)
+        shard = start_in_step(state["epoch"] if state else 0, batch_size, train=len(splits.train), val=len(splits.val))
     precision = resolve_precision(recipe.precision)
     keras.utils.set_random_seed(recipe.seed)
     with distribution(recipe.distribute), dtype_policy(precision):
@@ -141,11 +150,12 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
     placement = augment_placement(recipe.data.augment_on)
     if augment is not None:
         log.info("augmentation runs in the %s", "model (training step)" if placement == "model" else "input pipeline")
-    val = make_dataset(splits.val, image_size, batch_size, num_classes=len(class_names), cache=recipe.data.cache)
+    val = make_dataset(splits.val, image_size, batch_size, num_classes=len(class_names), cache=recipe.data.cache,
+                       shard=shard)
     trainer = Trainer(training_settings(recipe, head), model, checkpoints, folder, phases, val, state,
                       precision=precision, augment=augment if placement == "model" else None,
                       plot_history=plot_history, callbacks=callbacks)
-    steps = steps_per_epoch(len(splits.train), batch_size)
+    steps = steps_per_epoch(len(splits.train), batch_size, shard)
     check_optimizers(trainer, phases, steps)
     if state is not None:
         checkpoints.load_weights(model, state["epoch"])
@@ -158,7 +168,7 @@ def _train(recipe: Recipe, folder: Path, state: dict | None, image_size: int, he
             if trainer.epoch >= phase.last or trainer.stopped:
                 continue
             train = train_dataset(recipe, phase, splits.train, image_size, batch_size, class_names,
-                                  augment if placement == "pipeline" else None, first=trainer.epoch)
+                                  augment if placement == "pipeline" else None, first=trainer.epoch, shard=shard)
             train_phase(trainer, recipe, phase, train, steps, verbose=1 if progress and sys.stderr.isatty() else 0)
     trainer.finish()
 
@@ -193,6 +203,8 @@ def _write_reports(run: Run, trainer: Trainer, splits, folder: Path, batch_size:
             if images is not None}
     raw = {name: (images.labels, run.model.predict(make_dataset(images, run.image_size, fitting_batch_size(
         batch_size, len(images), name)), verbose=0).astype("float64")) for name, images in sets.items()}
+    if not is_main_process():  # the predictions are collective steps; process 0 writes the reports
+        return None
     temperature, run.metrics = write_calibrated_reports(
         folder, raw, run.class_names, paths={name: images.paths for name, images in sets.items()},
         fit=run.recipe.calibrate == "temperature")
@@ -224,11 +236,12 @@ def build_model(recipe: Recipe, num_classes: int, image_size: int, head=None, ba
 
 
 def train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_size: int, class_names: list[str],
-                  augment=None, first: int = 0):
+                  augment=None, first: int = 0, shard=None):
     """The phase's epochs from ``first`` on: shuffled one-hot batches, augmented by ``augment``;
     MixUp/CutMix after warm-up; imagined labels in imag episodes; with ``data.class_weight`` each
-    sample weighed by its class (:func:`_label_weights`). Each epoch's draws depend on the recipe's seed
-    and the epoch alone (see :func:`transferkit.data.pipelines.make_dataset`)."""
+    sample weighed by its class (:func:`_label_weights`); with a ``shard``, this process's share of each
+    batch. Each epoch's draws depend on the recipe's seed and the epoch alone (see
+    :func:`transferkit.data.pipelines.make_dataset`)."""
     from transferkit.data.augment import BatchMixer
 
     trained = imagined(images, recipe, phase.episode) if phase.name == "imag" else images
@@ -238,7 +251,7 @@ def train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_s
     return make_dataset(trained, image_size, batch_size, augment=augment, seed=recipe.seed,
                         num_classes=len(class_names), mix=mix, cache=recipe.data.cache,
                         epochs=range(max(first, phase.first), phase.last),
-                        class_weight=_label_weights(recipe, phase, images, trained.labels))
+                        class_weight=_label_weights(recipe, phase, images, trained.labels), shard=shard)
 
 
 def _label_weights(recipe: Recipe, phase: Phase, images, targets: np.ndarray) -> np.ndarray | None:
@@ -271,6 +284,8 @@ def imagined(images, recipe: Recipe, episode: int):
 
 def linear_probe(recipe: Recipe, model, splits, image_size: int, progress: bool) -> None:
     """LP-FT: set ``head_logits`` to a logistic regression fitted on cached pooled features."""
+    if process_count() > 1:
+        raise RecipeError("warmup.linear_probe: not in a multi-host run (it caches features): use warmup.epochs")
     import keras
 
     from transferkit.features.classifiers import fit_cached, fold_linear_classifier

@@ -53,8 +53,13 @@ def flat_recipe(recipe: Recipe) -> dict[str, bool | int | float | str]:
 
 def track_run(run, folder: Path, step: int = 0) -> None:
     """Writes the end of ``run`` (its reports written to ``folder``) to TensorBoard and MLflow, as
-    ``run.recipe.log`` asks; ``step`` is the training step it ended at (0: nothing trained)."""
+    ``run.recipe.log`` asks; ``step`` is the training step it ended at (0: nothing trained). In a
+    multi-host run process 0 alone writes it."""
+    from transferkit.training.multihost import is_main_process
+
     spec = run.recipe.log
+    if not is_main_process():
+        return
     if spec.tensorboard:
         from transferkit.training.tensorboard import write_run_summary
 

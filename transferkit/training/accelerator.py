@@ -43,17 +43,21 @@ def resolve_precision(precision: str) -> str:
 @contextmanager
 def distribution(kind: str):
     """Data-parallel training over every local device: Keras' DataParallel under JAX, a
-    MirroredStrategy under TensorFlow. The recipe's batch size is the global batch."""
+    MirroredStrategy under TensorFlow; in a multi-host run (:mod:`transferkit.training.multihost`)
+    over the devices of all processes, whatever ``kind``. The recipe's batch size is the global batch."""
     import keras
 
-    if kind != "data_parallel":
+    from transferkit.training.multihost import process_count
+
+    if kind != "data_parallel" and process_count() == 1:
         yield
         return
     backend = keras.backend.backend()
     if backend == "jax":
         previous = keras.distribution.distribution()
         devices = keras.distribution.list_devices()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        # each process reads its own share of the batches (transferkit.data.shards), not Keras' tf.data shard
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
         log.info("data parallel over %d devices: %s", len(devices), ", ".join(devices))
         try:
             yield

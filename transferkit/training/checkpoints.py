@@ -108,6 +108,34 @@ class Checkpoints:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class ReadOnlyCheckpoints(Checkpoints):
+    """The checkpoints as a process other than process 0 of a multi-host run sees them: it reads the
+    folder (shared with process 0) to resume, and writes nothing. The best epoch's weights, which it
+    restores when process 0 does, it keeps in memory."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self._best: list | None = None
+
+    def save(self, model, optimizer, epoch: int, state: dict, imag_head: list | None = None) -> None:
+        pass
+
+    def save_best(self, model) -> None:
+        self._best = model.get_weights()
+
+    def has_weights(self, epoch: int | None = None) -> bool:
+        return (epoch is None and self._best is not None) or super().has_weights(epoch)
+
+    def load_weights(self, model, epoch: int | None = None) -> None:
+        if epoch is None and self._best is not None:
+            model.set_weights(self._best)
+        else:
+            super().load_weights(model, epoch)
+
+    def clear(self) -> None:
+        pass
+
+
 def _earlier_format(path: Path) -> Path:
     """Where an earlier transferkit kept the weights that ``path`` holds (Keras' ``.weights.h5``)."""
     return path.with_name(path.name.replace(".weights.npz", ".weights.h5"))

@@ -187,6 +187,7 @@ class Trainer:
         """The Keras callbacks of ``phase``, in the order their effects must come at the end of an
         epoch for exact resume: recorded, judged by early stopping, checkpointed, written out."""
         from transferkit.training import callbacks as cb
+        from transferkit.training.multihost import is_main_process
         from transferkit.training.tensorboard import phase_loggers
 
         imag, spec = phase.name == "imag", self.settings.early_stopping
@@ -198,11 +199,13 @@ class Trainer:
                                               keep_best=lambda: self.checkpoints.save_best(self.model)))
         if phase.name == "finetune" and self.schedule.kind == "plateau":
             callbacks.append(cb.ReduceOnPlateau(self.record, self.plateau, self.schedule))
+        writes = is_main_process()  # in a multi-host run process 0 alone writes
+        history = [cb.WriteHistory(self.folder, self.record, self.settings.title, plot=self.plot_history)]
         return callbacks + [
             cb.SaveCheckpoint(self.checkpoints, self.model, self.optimizer, functools.partial(self._state, phase),
                               head=(lambda: get_head_weights(self.trained)) if imag else None, head_until=phase.last),
-            cb.WriteHistory(self.folder, self.record, self.settings.title, plot=self.plot_history),
-            cb.LogEpoch(self.record, self.total), *phase_loggers(self, phase), *self.extra_callbacks]
+            *(history if writes else []), cb.LogEpoch(self.record, self.total),
+            *(phase_loggers(self, phase) if writes else []), *self.extra_callbacks]
 
     def _imag_logs(self, logs: dict) -> dict:
         """An imag epoch's logs: its own (on the imagined labels) as ``imag_*``, ``val_*`` with the normal head."""
