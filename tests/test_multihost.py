@@ -180,6 +180,18 @@ def test_joining_after_jax_started_is_one_line():
         initialize("localhost:1234", 2, 1)
 
 
+@under_jax
+def test_a_cluster_step_that_says_too_little_is_one_line(cats_dogs16, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "output": str(tmp_path / "run"),
+                                      "data": {**RECIPE["data"], "train": str(cats_dogs16)}}))
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("SLURM_", "KERAS_DISTRIBUTION_"))}
+    done = subprocess.run([sys.executable, "-m", "transferkit", "finetune", str(recipe)], capture_output=True, text=True,
+                          env={**env, "KERAS_BACKEND": "jax", "SLURM_STEP_NUM_TASKS": "2"}, timeout=120)
+    assert done.returncode == 2 and "multi-host training cannot start" in done.stderr, done.stderr[-2000:]
+    assert "Give --coordinator, --num-processes and --process-id" in done.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--num-processes", "2", "--process-id", "0"], "needs --coordinator too"),
     (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "expected HOST:PORT"),

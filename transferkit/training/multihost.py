@@ -77,6 +77,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise
         raise TransferkitError("multi-host training must start before any Keras or JAX work in the process: "
                                "call transferkit.training.multihost.initialize first") from None
+    except ValueError as error:  # nothing (or too little) said where process 0 is
+        raise TransferkitError(f"multi-host training cannot start: {error} Give --coordinator, --num-processes "
+                               "and --process-id") from None
     if jax.process_index() == 0:
         log.info("multi-host run: %d processes, %d devices", jax.process_count(), jax.device_count())
     else:  # process 0 alone logs the run
