@@ -154,6 +154,20 @@ def test_each_process_decodes_its_share_of_the_same_batches(cats_dogs16):
         make_dataset(images, 16, 7, pipeline="tf", shard=shards[0])
 
 
+def test_each_share_of_a_batch_draws_its_own_mixing(cats_dogs16):
+    from transferkit.data.folders import scan_folder
+    from transferkit.data.pipelines import make_dataset
+
+    def seed_as_labels(seed):  # a "mixer" that shows the seed it was given
+        return lambda pixels, labels: (pixels, np.full_like(labels, seed))
+
+    images = scan_folder(cats_dogs16, screen=False)
+    seeds = [[float(part[1][0, 0]) for part in make_dataset(images, 16, 8, epochs=range(1), num_classes=2,
+                                                             pipeline="pydataset", mix=seed_as_labels, shard=shard)]
+             for shard in (Shard(index=0, count=2, devices=2), Shard(index=1, count=2, devices=2))]
+    assert len(seeds[0]) == 2 and all(first != second for first, second in zip(*seeds))
+
+
 def test_options_or_variables_ask_for_a_multihost_run(monkeypatch):
     from transferkit.training.multihost import requested
 

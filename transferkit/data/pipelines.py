@@ -157,7 +157,13 @@ class _Source:
         return np.stack([self._decoded[i] if i in self._decoded else fresh[i] for i in indices])
 
     def mix_seed(self, epoch: int, batch: int) -> int:
-        return int(draw_seeds(self.seed, MIX, epoch, batch)[0])
+        return int(draw_seeds(self.seed, MIX, epoch, batch, *self.process)[0])
+
+    @property
+    def process(self) -> tuple:
+        """The key of this process's draws beside ``(epoch, batch)``: its shard's index (each share of a
+        global batch draws its own augmentation and mixing), or nothing when it is the only process."""
+        return () if self.shard is None else (self.shard.index,)
 
 
 def _tf_dataset(source: _Source, *, shuffle, augment, num_classes, mix, epochs):
@@ -286,7 +292,7 @@ class _Batches:
         import keras
 
         if self._states:
-            reseed(self._states, self.source.seed, AUGMENT, epoch, batch)
+            reseed(self._states, self.source.seed, AUGMENT, epoch, batch, *self.source.process)
         return keras.ops.convert_to_numpy(self.augment(pixels, training=True))
 
     def _plan(self, index):
