@@ -1,5 +1,6 @@
 """transferkit compare: paired statistics, and a small real comparison of normal vs imag fine-tuning."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import yaml
 
 from transferkit.reports.compare import paired_difference, run_measures, summarize, to_markdown
 from transferkit.strategies.compare import compare
+from transferkit.errors import RecipeError
 from transferkit.recipe import load_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends]
@@ -77,6 +79,10 @@ def test_compare_normal_and_imag_writes_tables_and_curves(small_cats_dogs, home,
     # A second call reads the finished runs back instead of training again.
     monkeypatch.setattr("transferkit.strategies.finetune.finetune", lambda *a, **k: pytest.fail("retrained"))
     assert compare(recipe, modes=["normal", "imag"], seeds=2)["runs"] == summary["runs"]
+    # ... but never the runs of another recipe.
+    longer = dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, epochs=4))
+    with pytest.raises(RecipeError, match=r"trained with another recipe \(finetune.epochs: 3, now 4\)"):
+        compare(longer, modes=["normal", "imag"], seeds=2)
 
 
 def test_compare_command_usage_errors(tmp_path, small_cats_dogs):

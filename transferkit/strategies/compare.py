@@ -119,6 +119,7 @@ def _train_all(recipes: dict[str, Recipe], seeds: int, folder: Path, backbone, h
         run_recipe = _run_recipe(recipes[mode], mode, index, folder / "runs")
         finished = finetuning.finished_run(Path(run_recipe.output))
         if finished is not None:
+            _same_recipe(run_recipe, Path(run_recipe.output))
             results[mode, index] = finished
         else:
             pending.append((number, mode, index, run_recipe))
@@ -131,6 +132,22 @@ def _train_all(recipes: dict[str, Recipe], seeds: int, folder: Path, backbone, h
     curves = {mode: [results[mode, i]["history"] for i in range(seeds)] for mode in recipes}
     val_metrics = {mode: [results[mode, i].get("metrics", {}).get("val") for i in range(seeds)] for mode in recipes}
     return curves, val_metrics
+
+
+def _same_recipe(recipe: Recipe, folder: Path) -> None:
+    """Raises RecipeError where the finished run in ``folder`` was trained with another recipe than ``recipe``
+    (reading it back would compare results of a recipe that is no longer asked for)."""
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    before, now = flat(load_recipe(folder / "recipe.yaml").to_dict()), flat(recipe.to_dict())
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+    if changed:
+        key = changed[0]
+        raise RecipeError(f"compare: {folder} was trained with another recipe ({key}: {before.get(key)!r}, now "
+                          f"{now.get(key)!r}): compare into another --output, or delete that folder")
 
 
 def _run_recipe(recipe: Recipe, mode: str, index: int, runs: Path) -> Recipe:
