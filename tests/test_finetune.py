@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from transferkit.models.backbones import create_backbone
-from transferkit.errors import DeviceMemoryError
+from transferkit.errors import DeviceMemoryError, RecipeError
 from transferkit.recipe import DenseSpec, load_recipe
 from transferkit.run import Run
 from transferkit.strategies.extract import extract
@@ -118,6 +118,18 @@ def test_train_batchnorm_updates_statistics_only_when_asked(small_cats_dogs, hom
     run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=0, epochs=1,
                                unfreeze={"from": "conv_dw_13", "train_batchnorm": True}), progress=False)
     assert {"conv_dw_13_bn", "conv_pw_13_bn"} <= set(changed_layers(run.model, pretrained))
+
+
+def test_batchnorm_momentum_sets_the_trained_batchnorm_layers_momentum(small_cats_dogs, home, tmp_path, pretrained):
+    import keras
+
+    unfreeze = {"from": "conv_dw_13", "train_batchnorm": True, "batchnorm_momentum": 0.5}
+    run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=0, epochs=1, unfreeze=unfreeze), progress=False)
+    momenta = {layer.name: layer.momentum for layer in Run.load(run.folder).model.layers
+               if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta["conv_dw_13_bn"] == momenta["conv_pw_13_bn"] == 0.5 and momenta["conv_dw_12_bn"] != 0.5
+    with pytest.raises(RecipeError, match="batchnorm_momentum: acts only on BatchNorm layers that train"):
+        make_recipe(small_cats_dogs, tmp_path, unfreeze={"all": True, "batchnorm_momentum": 0.9})
 
 
 def tiny_head(features, num_classes):

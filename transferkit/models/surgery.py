@@ -126,7 +126,7 @@ def set_trainable(model: keras.Model, trainable_layer_names) -> None:
 
 def unfreeze(model: keras.Model, *, from_layer: str | None = None, top_blocks: int | None = None,
              fraction: float | None = None, everything: bool = False, train_batchnorm: bool = False,
-             info: BackboneInfo | None = None) -> list[str]:
+             batchnorm_momentum: float | None = None, info: BackboneInfo | None = None) -> list[str]:
     """Sets which layers fine-tuning trains: the head, and the top of the body.
 
     At most one of the first four arguments picks the first body layer that trains; it and every
@@ -143,7 +143,9 @@ def unfreeze(model: keras.Model, *, from_layer: str | None = None, top_blocks: i
     - ``everything=True``: the whole body.
 
     Head layers always train. Body BatchNormalization layers stay frozen, which in Keras 3 also
-    keeps them in inference mode (moving statistics untouched), unless ``train_batchnorm``.
+    keeps them in inference mode (moving statistics untouched), unless ``train_batchnorm``; then
+    ``batchnorm_momentum``, if given, replaces their momentum (a short run from random or distant
+    statistics needs a faster one than Keras' backbones' 0.99-0.999).
 
     Args:
         model: a classifier from `transferkit.models.heads.attach_head` (or a bare backbone).
@@ -169,6 +171,9 @@ def unfreeze(model: keras.Model, *, from_layer: str | None = None, top_blocks: i
     start = _first_trained(model, body, mode, choices[mode], info)
     trained = [layer for layer in body[start:]
                if train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in trained:
+        if batchnorm_momentum is not None and isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(batchnorm_momentum)
     set_trainable(model, {layer.name for layer in trained + model.layers[len(body):]})
     return [layer.name for layer in trained if layer.weights]
 

@@ -68,6 +68,9 @@ def load_recipe(source: str | Path | dict, *, overrides: list[str] = (), base_di
 def _check_consistency(recipe: Recipe) -> None:
     """Rules that involve more than one key: one unfreeze mode, one class weight key, known augmentation names."""
     recipe.finetune.unfreeze.mode()
+    if recipe.finetune.unfreeze.batchnorm_momentum is not None and not recipe.finetune.unfreeze.train_batchnorm:
+        raise RecipeError("finetune.unfreeze.batchnorm_momentum: acts only on BatchNorm layers that train: "
+                          "add finetune.unfreeze.train_batchnorm: true, or leave it out")
     _one_class_weight_key(recipe)
     for i, spec in enumerate(recipe.data.augment):
         name = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else spec

@@ -168,6 +168,9 @@ class UnfreezeSpec:
     fraction: Optional[float] = _spec(None, gt=0, le=1)
     all: bool = _spec(False)
     train_batchnorm: bool = _spec(False, doc="also update BatchNorm statistics")
+    batchnorm_momentum: Optional[float] = _spec(
+        None, gt=0, lt=1, doc="with train_batchnorm: the moving statistics' momentum (Keras' backbones use "
+                              "0.99-0.999, which a short run never settles); null: the backbone's")
 
     @classmethod
     def from_scalar(cls, value):

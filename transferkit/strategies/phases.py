@@ -50,7 +50,8 @@ def training_settings(recipe: Recipe, head=None) -> TrainingSettings:
     return TrainingSettings(
         seed=recipe.seed, title=f"{recipe.name}: training", epochs=spec.epochs,
         unfreeze=dict(from_layer=unfreeze.from_layer, top_blocks=unfreeze.top_blocks, fraction=unfreeze.fraction,
-                      everything=unfreeze.all, train_batchnorm=unfreeze.train_batchnorm),
+                      everything=unfreeze.all, train_batchnorm=unfreeze.train_batchnorm,
+                      batchnorm_momentum=unfreeze.batchnorm_momentum),
         schedule=dataclasses.asdict(spec.schedule),
         early_stopping=None if spec.early_stopping is None else dataclasses.asdict(spec.early_stopping),
         layer_decay=spec.layer_decay, label_smoothing=spec.label_smoothing, imag_train=recipe.imag.train,
