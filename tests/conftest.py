@@ -39,10 +39,14 @@ def keras_home() -> Path:
 @pytest.fixture(scope="session")
 def small_cats_dogs(datasets, tmp_path_factory) -> Path:
     """20 cats and 20 dogs (copies of the real files: links out of a data folder are not followed)."""
-    root = tmp_path_factory.mktemp("cats_dogs20")
-    for cls in ("cat", "dog"):
+    return copy_first_images(datasets / "cats_dogs", tmp_path_factory.mktemp("cats_dogs20"), 20)
+
+
+def copy_first_images(source: Path, root: Path, per_class: int, classes=("cat", "dog")) -> Path:
+    """``root`` holding copies of the first ``per_class`` files of each class folder of ``source``."""
+    for cls in classes:
         (root / cls).mkdir()
-        for path in sorted((datasets / "cats_dogs" / cls).iterdir())[:20]:
+        for path in sorted((source / cls).iterdir())[:per_class]:
             shutil.copyfile(path, root / cls / path.name)
     return root
 

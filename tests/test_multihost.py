@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import copy_first_images
+
 from transferkit.data.shards import Shard
 from transferkit.training.multihost import JAX_ONLY
 
@@ -79,14 +81,7 @@ def _head_kernel(folder) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cats_dogs16(datasets, tmp_path_factory):
     """8 cats and 8 dogs."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("cats_dogs16")
-    for name in ("cat", "dog"):
-        (root / name).mkdir()
-        for path in sorted((datasets / "cats_dogs" / name).iterdir())[:8]:
-            shutil.copyfile(path, root / name / path.name)
-    return root
+    return copy_first_images(datasets / "cats_dogs", tmp_path_factory.mktemp("cats_dogs16"), 8)
 
 
 @under_jax

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import copy_first_images
 from test_features import CountingEmbed, fake_embed, labels_for, make_images
 
 from transferkit.errors import TransferkitError
@@ -108,12 +109,7 @@ def test_missing_shards_are_named_and_a_lost_shard_file_is_never_read_as_zeros(t
 
 @pytest.fixture(scope="module")
 def cats_dogs24(datasets, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cats_dogs24")
-    for cls in ("cat", "dog"):
-        (root / cls).mkdir()
-        for path in sorted((datasets / "cats_dogs" / cls).iterdir())[:12]:
-            shutil.copyfile(path, root / cls / path.name)
-    return root
+    return copy_first_images(datasets / "cats_dogs", tmp_path_factory.mktemp("cats_dogs24"), 12)
 
 
 def write_recipe(folder: Path, data: Path) -> Path:
