@@ -138,6 +138,23 @@ def tiny_head(features, num_classes):
     return keras.layers.Dense(num_classes, activation="softmax", name="custom_out")(x)
 
 
+def test_a_backbone_function_starts_from_the_seeds_weights(small_cats_dogs, home, tmp_path):
+    import keras
+
+    def tiny_cnn():
+        inputs = keras.Input((32, 32, 3))
+        return keras.Model(inputs, keras.layers.Conv2D(4, 3, strides=4)(keras.layers.Rescaling(1 / 255.0)(inputs)))
+
+    histories = []
+    for attempt in range(2):
+        np.random.default_rng().random()  # whatever the global state before the run
+        keras.utils.set_random_seed(1000 + attempt)
+        recipe = make_recipe(small_cats_dogs, tmp_path / str(attempt), warmup=1, epochs=0)
+        recipe.data.image_size = 32
+        histories.append(finetune(recipe, backbone=tiny_cnn, progress=False).history["loss"])
+    assert histories[0] == histories[1]
+
+
 def test_custom_head_from_the_api_trains(small_cats_dogs, home, tmp_path):
     run = finetune(make_recipe(small_cats_dogs, tmp_path, warmup=1, epochs=0), head=tiny_head, progress=False)
     names = [layer.name for layer in run.model.layers if layer.name != "temperature"]  # calibration's, after

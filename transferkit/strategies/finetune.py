@@ -100,6 +100,7 @@ def finetune(recipe: Recipe | str | Path, *, head=None, backbone=None, resume: b
         image_size = preflight(recipe)
     else:
         check_recipe(recipe, own_backbone=True)
+        keras.utils.set_random_seed(recipe.seed)  # a backbone function's initial weights come from the seed too
         backbone = backbone if isinstance(backbone, keras.Model) else backbone()
         image_size = recipe.data.image_size or backbone.input.shape[1]
     train = functools.partial(_train, recipe, image_size=image_size, head=head, backbone=backbone, callbacks=callbacks,
