@@ -25,7 +25,8 @@ from transferkit.outputs import folder_lock
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.reports.compare import plot_comparison, summarize, to_markdown
 from transferkit.strategies import check_recipe
-from transferkit.strategies import finetune as finetuning  # finetuning.finetune: looked up per run
+from transferkit.strategies import finetune as finetuning
+from transferkit.strategies.tracking import flat_recipe  # finetuning.finetune: looked up per run
 
 log = logging.getLogger("transferkit")
 
@@ -137,12 +138,7 @@ def _train_all(recipes: dict[str, Recipe], seeds: int, folder: Path, backbone, h
 def _same_recipe(recipe: Recipe, folder: Path) -> None:
     """Raises RecipeError where the finished run in ``folder`` was trained with another recipe than ``recipe``
     (reading it back would compare results of a recipe that is no longer asked for)."""
-    def flat(value, prefix=""):
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: value}
-
-    before, now = flat(load_recipe(folder / "recipe.yaml").to_dict()), flat(recipe.to_dict())
+    before, now = flat_recipe(load_recipe(folder / "recipe.yaml")), flat_recipe(recipe)
     changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
     if changed:
         key = changed[0]
