@@ -11,8 +11,8 @@ import yaml
 
 from transferkit.errors import TransferkitError
 from transferkit.recipe import load_recipe
-from transferkit.training.lr_find import (check_sweep, smooth, steepest_index, suggest_rates, sweep_schedule,
-                                          valley_index)
+from transferkit.training.lr_find import (RISE_MARGIN, check_sweep, rise_index, smooth, steepest_index,
+                                          suggest_rates, sweep_schedule, valley_index)
 
 STEPS = 30
 
@@ -69,6 +69,42 @@ def test_suggestions_leave_out_the_first_tenth_the_last_steps_and_what_follows_a
         suggest_rates(rates[:12], curve[:12], planned_steps=100)
 
 
+def flat_then_rising_curve():
+    """What a sweep looks like after a linear probe: flat within +-3% noise, then climbing from 1e-3."""
+    rates = np.geomspace(1e-7, 10, 100)
+    x = np.log10(rates)
+    wiggle = 0.03 * (-1.0) ** np.arange(100)  # 1.03 / 0.97: a 6% swing, below the 10% that counts as a rise
+    return rates, 1.0 + wiggle + np.where(x > -3, 0.5 * (x + 3) ** 2, 0.0)
+
+
+def test_rise_is_a_margin_below_the_rate_where_the_loss_first_climbs_ten_percent_above_its_lowest_point():
+    rates, curve = flat_then_rising_curve()
+    edge = rates[np.flatnonzero(curve > 1.1 * np.minimum.accumulate(curve))[0]]
+    assert 1e-3 < edge < 1e-2  # past the noise, once the climb is real
+    rise = rise_index(rates, curve)
+    assert rates[rise] <= edge / RISE_MARGIN < rates[rise + 1]
+    suggested = suggest_rates(rates, curve, planned_steps=100)
+    assert suggested["rise"] == {"learning_rate": pytest.approx(rates[rise]), "loss": pytest.approx(curve[rise]),
+                                 "step": rise + 1}
+    assert suggested["valley"]["learning_rate"] < 1e-4  # the valley of the flat part: noise
+    flat = 1.0 + 0.03 * (-1.0) ** np.arange(100)
+    assert rise_index(rates, flat) == np.searchsorted(rates, rates[-1] / RISE_MARGIN) - 1  # never rose: the last rate
+
+
+@pytest.mark.parametrize("recipe_keys, asked, chosen", [
+    ({"warmup": {"linear_probe": True}}, "auto", "rise"),
+    ({"warmup": {"epochs": 2}}, "auto", "rise"),
+    ({"warmup": {"epochs": 0}}, "auto", "valley"),
+    ({"warmup": {"linear_probe": True}}, "valley", "valley"),
+    ({"warmup": {"epochs": 0}}, "steepest", "steepest"),
+])
+def test_auto_suggests_rise_after_a_trained_head_and_valley_from_a_new_one(recipe_keys, asked, chosen, tmp_path):
+    from transferkit.strategies.lr_find import chosen_suggestion
+
+    recipe = load_recipe({"name": "r", "data": {"train": str(tmp_path)}, "strategy": "finetune", **recipe_keys})
+    assert chosen_suggestion(recipe, asked) == chosen
+
+
 @pytest.mark.parametrize("start, end, steps, message", [
     (1e-3, 1e-5, 100, "start .* must be below end"),
     (0.0, 10.0, 100, "start must be a learning rate > 0"),
@@ -114,7 +150,8 @@ def test_the_sweep_raises_the_rate_exponentially_and_records_finite_losses(found
     np.testing.assert_allclose(found.sweep.losses, smooth(found.sweep.raw_losses))
     for point in found.suggestions.values():
         assert rates[0] <= point["learning_rate"] <= rates[-1] and np.isfinite(point["loss"])
-    assert found.learning_rate == float(f"{found.suggestions['valley']['learning_rate']:.3g}")
+    assert found.suggest == "rise"  # auto: the recipe warms the head up for an epoch
+    assert found.learning_rate == float(f"{found.suggestions['rise']['learning_rate']:.3g}")
 
 
 @pytest.mark.slow
@@ -122,14 +159,14 @@ def test_the_sweep_raises_the_rate_exponentially_and_records_finite_losses(found
 def test_the_sweep_writes_its_curve_and_a_recipe_with_the_suggested_rate(found):
     assert found.folder == Path(found.recipe.output) / "lr_find"
     report = json.loads((found.folder / "lr_find.json").read_text())
-    assert report["learning_rate"] == found.learning_rate and report["suggest"] == "valley"
+    assert report["learning_rate"] == found.learning_rate and report["suggest"] == "rise"
     assert len(report["learning_rates"]) == len(report["losses"]) == report["steps_taken"]
-    assert set(report["suggestions"]) == {"valley", "steepest"}
+    assert set(report["suggestions"]) == {"valley", "steepest", "rise"}
     assert (found.folder / "lr_find.png").read_bytes().startswith(b"\x89PNG")
 
     text = found.written.read_text()
     assert text.startswith(f"# transferkit lr-find: finetune.optimizer.learning_rate {found.learning_rate:g} "
-                           "is its valley suggestion")
+                           "is its rise suggestion")
     written = load_recipe(found.written)
     assert written.finetune.optimizer.learning_rate == found.learning_rate
     assert written.warmup.optimizer.learning_rate == 1e-3 and written.finetune.layer_decay == 0.9
@@ -179,7 +216,7 @@ def test_lr_find_on_the_command_line_stops_where_the_loss_diverges(small_cats_do
     report = json.loads((tmp_path / "sweep" / "lr_find.json").read_text())
     assert report["steps_taken"] < STEPS and report["stopped"]  # passed 4x its minimum, or became NaN
     assert "lr-find: step 3/30" in caplog.text and "lr-find: stopped after" in caplog.text  # progress
-    assert f"suggested learning rate: {report['learning_rate']:g} (valley; steepest" in out
+    assert f"suggested learning rate: {report['learning_rate']:g} (rise; valley" in out
     written = load_recipe(path)  # --force: the recipe itself, now with the suggested rate
     assert written.finetune.optimizer.learning_rate == report["learning_rate"]
     assert written.finetune.optimizer.name == "sgd"

@@ -263,8 +263,11 @@ def tune(recipe, budget, trials, overrides, output, resume, restart, progress):
               help="Steps of the sweep, one batch each (10 or more).")
 @click.option("--start", default=1e-7, show_default=True, type=float, help="The first step's learning rate.")
 @click.option("--end", default=10.0, show_default=True, type=float, help="The last step's learning rate.")
-@click.option("--suggest", type=click.Choice(["valley", "steepest"]), default="valley", show_default=True,
-              help="The suggestion to give (and --write): fastai's valley, or the steepest fall of the loss.")
+@click.option("--suggest", type=click.Choice(["auto", "rise", "valley", "steepest"]), default="auto",
+              show_default=True,
+              help="The suggestion to give (and --write): a third of the rate where the loss starts to climb (rise), "
+              "fastai's valley, or the steepest fall of the loss; auto: rise after a linear probe or warm-up, "
+              "else valley.")
 @click.option("--output", type=click.Path(file_okay=False), help="Where lr_find.png and lr_find.json go. "
               "Default: the recipe's output/lr_find.")
 @click.option("--write", "write_to", type=click.Path(dir_okay=False),
@@ -279,8 +282,8 @@ def lr_find(recipe, steps, start, end, suggest, output, write_to, force, overrid
     Builds and warms up the model as `transferkit finetune` would (linear probe or warm-up epochs),
     unfreezes it, then trains one batch per step with the recipe's fine-tuning optimizer while the
     learning rate grows from --start to --end, until the smoothed loss passes 4x its minimum. The
-    model is thrown away. Suggests fastai's valley (or steepest) rate; writes lr_find.png and
-    lr_find.json, and with --write a recipe that uses the rate.
+    model is thrown away. Suggests a rate (--suggest); writes lr_find.png and lr_find.json, and with
+    --write a recipe that uses the rate.
 
     \b
     Examples:
@@ -297,6 +300,6 @@ def lr_find(recipe, steps, start, end, suggest, output, write_to, force, overrid
     checked(loaded, recipe)
     found = run_lr_find(loaded, steps=steps, start=start, end=end, suggest=suggest, output=output, write=write_to,
                         force=force, progress=not quiet)
-    click.echo(f"suggested learning rate: {found.learning_rate:g} ({suggest}; {found.other_suggestions()}; the recipe "
-               f"has {loaded.finetune.optimizer.learning_rate:g})")
+    click.echo(f"suggested learning rate: {found.learning_rate:g} ({found.suggest}; {found.other_suggestions()}; "
+               f"the recipe has {loaded.finetune.optimizer.learning_rate:g})")
     click.echo(f"curve: {found.folder / 'lr_find.png'}" + (f"; recipe with it: {found.written}" if found.written else ""))

@@ -45,8 +45,8 @@ class LRFind:
     Attributes:
         recipe: the recipe swept.
         sweep: what each step recorded (:class:`~transferkit.training.lr_find.Sweep`).
-        suggestions: ``{"valley": {"learning_rate", "loss", "step"}, "steepest": {...}}``.
-        suggest: the suggestion given (``valley`` or ``steepest``), ``learning_rate`` its rate.
+        suggestions: ``{"valley": {"learning_rate", "loss", "step"}, "steepest": {...}, "rise": {...}}``.
+        suggest: the suggestion given (``valley``, ``steepest`` or ``rise``), ``learning_rate`` its rate.
         steps, start, end: the sweep as planned.
         folder: where ``lr_find.json`` and ``lr_find.png`` are; ``written``: the recipe written, if any.
     """
@@ -82,7 +82,7 @@ class LRFind:
 
 
 def lr_find(recipe: Recipe | str | Path, *, steps: int = 100, start: float = 1e-7, end: float = 10.0,
-            suggest: str = "valley", output: str | Path | None = None, write: str | Path | None = None,
+            suggest: str = "auto", output: str | Path | None = None, write: str | Path | None = None,
             force: bool = False, head=None, progress: bool = True) -> LRFind:
     """Sweep a fine-tuning recipe's learning rate and suggest one (fastai's ``lr_find``).
 
@@ -90,7 +90,10 @@ def lr_find(recipe: Recipe | str | Path, *, steps: int = 100, start: float = 1e-
         recipe: a :class:`Recipe` (strategy ``finetune`` or ``imag``) or the path of a recipe file.
         steps: the planned steps (one training batch each), 10 or more.
         start, end: the first and the last step's learning rate, ``0 < start < end``.
-        suggest: the suggestion to give: ``valley`` (fastai's default) or ``steepest``.
+        suggest: the suggestion to give: ``valley`` (fastai's), ``steepest``, ``rise`` (a third of the
+            rate where the loss starts to climb), or ``auto``: ``rise`` when the head is trained before the
+            sweep (linear probe or warm-up epochs), whose curve is flat until the rate gets too high,
+            else ``valley`` (:func:`chosen_suggestion`).
         output: the folder for ``lr_find.json`` and ``lr_find.png``; default ``<recipe.output>/lr_find``.
         write: also write the recipe with ``finetune.optimizer.learning_rate`` set to the suggestion here.
         force: let ``write`` replace an existing file (without it, an existing file is an error).
@@ -109,21 +112,29 @@ def lr_find(recipe: Recipe | str | Path, *, steps: int = 100, start: float = 1e-
     check_lr_find(recipe, steps=steps, start=start, end=end, suggest=suggest, write=write, force=force)
     image_size = preflight(recipe)
     sweep = _sweep(recipe, image_size, steps, start, end, head, progress)
-    found = LRFind(recipe, sweep, {}, suggest, steps, start, end)
+    found = LRFind(recipe, sweep, {}, chosen_suggestion(recipe, suggest), steps, start, end)
     folder = Path(output) if output else Path(recipe.output) / "lr_find"
     try:
         found.suggestions = suggest_rates(sweep.learning_rates, sweep.losses, steps)
     except TransferkitError as error:  # the curve is still worth a look
         raise TransferkitError(f"{error} (the curve: {_write_reports(found, folder) / 'lr_find.png'})") from None
     found.folder = _write_reports(found, folder)
-    log.info("lr-find: suggested learning rate %g (%s; %s; the recipe's %g)", found.learning_rate, suggest,
+    log.info("lr-find: suggested learning rate %g (%s; %s; the recipe's %g)", found.learning_rate, found.suggest,
              found.other_suggestions(), recipe.finetune.optimizer.learning_rate)
     if write is not None:
         found.written = write_lr_recipe(found, write)
     return found
 
 
-def check_lr_find(recipe: Recipe, *, steps: int, start: float, end: float, suggest: str = "valley",
+def chosen_suggestion(recipe: Recipe, suggest: str = "auto") -> str:
+    """The suggestion ``suggest`` names; ``auto``: ``rise`` when the recipe trains the head before
+    fine-tuning (linear probe or warm-up epochs), ``valley`` when the sweep starts from a new head."""
+    if suggest != "auto":
+        return suggest
+    return "rise" if recipe.warmup.linear_probe or recipe.warmup.epochs else "valley"
+
+
+def check_lr_find(recipe: Recipe, *, steps: int, start: float, end: float, suggest: str = "auto",
                   write: str | Path | None = None, force: bool = False) -> None:
     """What :func:`lr_find` checks before any slow work: one line, exit code 2 on the command line."""
     if recipe.strategy == "extract":

@@ -7,7 +7,8 @@ exponentially, one batch per step, and records the loss of each step.
 * :class:`SweepRecorder`: the Keras callback that records each step's rate and loss, smooths the
   loss and stops the sweep when it diverges.
 * :func:`run_sweep`: the sweep on a compiled model, which gets its weights back afterwards.
-* :func:`suggest_rates`: fastai's ``valley`` and ``steepest`` suggestions from the curve.
+* :func:`suggest_rates`: fastai's ``valley`` and ``steepest`` suggestions from the curve, and
+  ``rise``, for the flat curve of a model whose head is already trained.
 
 Each step is one Keras epoch of one batch (``fit(..., epochs=steps, steps_per_epoch=1)``), so the
 loss Keras logs at the end of an epoch is that one batch's loss on every backend. Everything is
@@ -38,7 +39,9 @@ BETA = 0.98        # fastai's smoothing of the loss (an exponential moving avera
 DIVERGENCE = 4.0   # the sweep stops where the smoothed loss passes this many times its minimum
 SKIP_END = 5       # fastai leaves the last steps (and the first tenth) out of its suggestions
 MAX_STEPS = 10_000
-SUGGESTIONS = ("valley", "steepest")
+RISE = 0.10        # ``rise``: where the smoothed loss first climbs this far (10%) above its lowest point so far,
+RISE_MARGIN = 3.0  # divided by this margin (half a decade): fine-tuning holds a rate for many batches, the sweep one
+SUGGESTIONS = ("valley", "steepest", "rise")
 
 
 def check_sweep(start: float, end: float, steps: int, suggest: str = "valley") -> None:
@@ -53,8 +56,8 @@ def check_sweep(start: float, end: float, steps: int, suggest: str = "valley") -
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 10 <= steps <= MAX_STEPS:
         raise TransferkitError(f"lr-find: steps must be a whole number from 10 to {MAX_STEPS}, got {steps!r}: "
                                "e.g. --steps 100")
-    if suggest not in SUGGESTIONS:
-        raise TransferkitError(f"lr-find: suggest must be one of {', '.join(SUGGESTIONS)}, got {suggest!r}")
+    if suggest not in ("auto", *SUGGESTIONS):
+        raise TransferkitError(f"lr-find: suggest must be one of auto, {', '.join(SUGGESTIONS)}, got {suggest!r}")
 
 
 def sweep_schedule(start: float, end: float, steps: int) -> dict:
@@ -146,10 +149,14 @@ def suggest_rates(learning_rates, losses, planned_steps: int) -> dict[str, dict]
 
     * ``valley``: the longest valley of the curve (its longest decreasing run of points, not
       necessarily neighbours), and the point half-way down it (its start + a third + a sixth);
-    * ``steepest``: the rate where the loss falls fastest per log step of the rate.
+    * ``steepest``: the rate where the loss falls fastest per log step of the rate;
+    * ``rise``: the rate :data:`RISE_MARGIN` times below the one where the loss starts to climb
+      (:func:`rise_index`). After a linear probe or warm-up the head is trained already and the curve
+      is flat, within its noise, until the rate gets too high; the valley then lands in the noise.
 
     Returns:
-        ``{"valley": {"learning_rate", "loss", "step"}, "steepest": {...}}``, ``step`` counted from 1.
+        ``{"valley": {"learning_rate", "loss", "step"}, "steepest": {...}, "rise": {...}}``, ``step``
+        counted from 1.
 
     Raises:
         TransferkitError: fewer than 2 steps are left to suggest from (the loss diverged at once).
@@ -162,7 +169,7 @@ def suggest_rates(learning_rates, losses, planned_steps: int) -> dict[str, dict]
     if len(curve) < 2:
         raise TransferkitError(f"lr-find: the loss diverged after {len(losses)} of {planned_steps} steps, too few "
                                "to suggest a rate from: lower the end of the sweep (--end), or sweep more steps")
-    picks = {"valley": valley_index(curve), "steepest": steepest_index(rates, curve)}
+    picks = {"valley": valley_index(curve), "steepest": steepest_index(rates, curve), "rise": rise_index(rates, curve)}
     return {name: {"learning_rate": float(rates[i]), "loss": float(curve[i]), "step": first + i + 1}
             for name, i in picks.items()}
 
@@ -185,3 +192,13 @@ def steepest_index(learning_rates, losses) -> int:
     """fastai's ``steepest``: the index where the loss falls fastest per log step of the rate."""
     slopes = np.diff(np.asarray(losses, dtype=float)) / np.diff(np.log(np.asarray(learning_rates, dtype=float)))
     return int(np.argmin(slopes))
+
+
+def rise_index(learning_rates, losses, rise: float = RISE, margin: float = RISE_MARGIN) -> int:
+    """``rise``: the last index whose rate is at most ``1 / margin`` of the rate where ``losses``
+    first climb ``rise`` (a fraction) above their lowest point so far, the edge past which training
+    becomes unstable; where they never do, the edge is the last rate swept."""
+    losses, rates = np.asarray(losses, dtype=float), np.asarray(learning_rates, dtype=float)
+    risen = np.flatnonzero(losses > (1.0 + rise) * np.minimum.accumulate(losses))
+    edge = rates[risen[0]] if risen.size else rates[-1]
+    return max(int(np.searchsorted(rates, edge / margin, side="right")) - 1, 0)
