@@ -44,7 +44,7 @@ RISE_MARGIN = 3.0  # divided by this margin (half a decade): fine-tuning holds a
 SUGGESTIONS = ("valley", "steepest", "rise")
 
 
-def check_sweep(start: float, end: float, steps: int, suggest: str = "valley") -> None:
+def check_sweep(start: float, end: float, steps: int, suggest: str = "auto") -> None:
     """Checks a sweep's arguments. Raises :class:`TransferkitError` (one line) on a bad one."""
     for name, value in (("start", start), ("end", end)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
