@@ -1,4 +1,5 @@
-"""Class imbalance on pneumonia28: the same recipe with and without ``data.class_weight: balanced``.
+"""Class imbalance on pneumonia28: the same recipe plain, with ``data.class_weight: balanced`` and (fine-tune)
+with ``data.sampling: balanced``.
 
     KERAS_HOME=../shared/keras_home python benchmarks/imbalance.py                # extract and a short fine-tune
     KERAS_HOME=../shared/keras_home python benchmarks/imbalance.py --no-finetune  # extract only
@@ -7,8 +8,10 @@
 pneumonia28 (28 px chest X-rays) comes with fixed splits (``splits.csv``): train 4690 images (3477
 pneumonia, 1213 normal), val 524 (389 : 135), test 624 (390 : 234). They are copied into
 ``train/``, ``val/`` and ``test/`` class folders in a temporary folder, so every run sees the same
-split. Each strategy runs twice with the same recipe and seed, once unweighted and once with
-balanced class weights (counted on the training split): extract picks its classifier's C by
+split. Each strategy runs with the same recipe and seed, once plain and once with balanced class
+weights (counted on the training split); the fine-tune also once with balanced sampling (each epoch
+draws as many images, with replacement, each class equally likely; for extract's classifier that
+setting is the balanced weights again, so it is not run twice): extract picks its classifier's C by
 cross-validated log-loss on the training split; the fine-tune trains a fixed number of epochs.
 Both are reported on the validation and the test split, which no choice looked at.
 """
@@ -46,7 +49,7 @@ def copy_splits(source: Path, target: Path, per_split: int | None, seed: int = 0
 
 
 def recipes(folders: dict[str, Path], runs: Path, size: int, epochs: int, finetune: bool):
-    """``(strategy, class_weight, recipe)`` for each run: extract, then (if asked) a short fine-tune."""
+    """``(strategy, balancing, recipe)`` for each run: extract, then (if asked) a short fine-tune."""
     import transferkit as tk
 
     data = {"train": str(folders["train"]), "val": str(folders["val"]), "test": str(folders["test"]),
@@ -58,12 +61,14 @@ def recipes(folders: dict[str, Path], runs: Path, size: int, epochs: int, finetu
                              "warmup": {"epochs": 1, "optimizer": {"name": "adam", "learning_rate": 1e-3}},
                              "finetune": {"epochs": epochs, "unfreeze": {"top_blocks": 3},
                                           "optimizer": {"name": "adam", "learning_rate": 1e-4}}}
+    balancings = {"none": {}, "class_weight": {"class_weight": "balanced"}, "sampling": {"sampling": "balanced"}}
     for strategy, plan in plans.items():
-        for class_weight in (None, "balanced"):
-            name = f"pneumonia28-{strategy}-{class_weight or 'unweighted'}"
-            yield strategy, class_weight, tk.load_recipe({
-                "name": name, "seed": 0, **plan, "data": {**data, "class_weight": class_weight},
-                "output": str(runs / name)})
+        for balancing, setting in balancings.items():
+            if strategy == "extract" and balancing == "sampling":
+                continue
+            name = f"pneumonia28-{strategy}-{balancing}"
+            yield strategy, balancing, tk.load_recipe({
+                "name": name, "seed": 0, **plan, "data": {**data, **setting}, "output": str(runs / name)})
 
 
 def main():
@@ -81,20 +86,20 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as work:
         folders = copy_splits(Path(args.data), Path(work) / "pneumonia28", args.per_split)
-        for strategy, class_weight, recipe in recipes(folders, Path(work) / "runs", args.size, args.epochs,
+        for strategy, balancing, recipe in recipes(folders, Path(work) / "runs", args.size, args.epochs,
                                                       not args.no_finetune):
             started = time.perf_counter()
             train = tk.extract if strategy == "extract" else tk.finetune
             run = train(recipe, progress=False)
-            rows.append((strategy, class_weight or "none", run.metrics, time.perf_counter() - started))
+            rows.append((strategy, balancing, run.metrics, time.perf_counter() - started))
 
-    print("| strategy | class_weight | val top-1 | val balanced acc. | test top-1 | test balanced acc. | "
+    print("| strategy | balanced by | val top-1 | val balanced acc. | test top-1 | test balanced acc. | "
           "test normal recall | test pneumonia recall | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for strategy, class_weight, metrics, seconds in rows:
+    for strategy, balancing, metrics, seconds in rows:
         val, test = metrics["val"], metrics["test"]
         recall = {name: scores["recall"] for name, scores in test["per_class"].items()}
-        print(f"| {strategy} | {class_weight} | {val['top1']:.3f} | {val['balanced_accuracy']:.3f} | "
+        print(f"| {strategy} | {balancing} | {val['top1']:.3f} | {val['balanced_accuracy']:.3f} | "
               f"{test['top1']:.3f} | {test['balanced_accuracy']:.3f} | {recall['normal']:.3f} | "
               f"{recall['pneumonia']:.3f} | {seconds:.0f} |")
 

@@ -1,5 +1,5 @@
-"""data.class_weight on a small imbalanced set of real chest X-rays (pneumonia28): 60 pneumonia and
-15 normal images to train on, a balanced validation folder of 10 + 10."""
+"""data.class_weight and data.sampling on a small imbalanced set of real chest X-rays (pneumonia28):
+60 pneumonia and 15 normal images to train on, a balanced validation folder of 10 + 10."""
 
 import functools
 import shutil
@@ -9,7 +9,7 @@ import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
 from transferkit.data.augment import BatchMixer
-from transferkit.data.balance import class_weights, label_weights
+from transferkit.data.balance import balanced_order, class_weights, label_weights
 from transferkit.data.folders import scan_folder
 from transferkit.data.pipelines import make_dataset
 from transferkit.recipe import load_recipe
@@ -56,6 +56,25 @@ def test_balanced_weights_are_sklearns_on_the_training_labels():
     assert class_weights(None, labels, ["a", "b", "c"]) is None
 
 
+def test_fits_on_features_take_balanced_sampling_as_balanced_weights():
+    labels, names = np.array([0] * 15 + [1] * 60), ["a", "b"]
+    np.testing.assert_allclose(class_weights(None, labels, names, sampling="balanced"), sklearn_balanced(labels))
+    np.testing.assert_allclose(class_weights({"a": 2}, labels, names, sampling="balanced"),
+                               [2 * 2.5, 0.625])  # in expectation: each class drawn as often, then weighed
+
+
+def test_balanced_sampling_draws_each_class_equally_often_from_the_seed_and_epoch_alone():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    order = balanced_order(labels, seed=3, epoch=5)
+    assert len(order) == len(labels) and order.min() >= 0 and order.max() < len(labels)
+    shares = np.bincount(labels[order], minlength=3) / len(order)
+    np.testing.assert_allclose(shares, [1 / 3] * 3, atol=0.05)  # 9:0.9:0.1 in the data
+    np.testing.assert_array_equal(order, balanced_order(labels, seed=3, epoch=5))
+    assert not np.array_equal(order, balanced_order(labels, seed=3, epoch=6))
+    assert not np.array_equal(order, balanced_order(labels, seed=4, epoch=5))
+    assert len(set(order[labels[order] == 2])) == 10  # the ten rare images all drawn, many times each
+
+
 def test_imag_targets_keep_the_weight_of_the_class_that_carries_them():
     weights, labels = np.array([1.0, 2.0, 3.0]), np.array([0, 0, 1, 2])
     targets = np.array([1, 2, 0])[labels]  # a derangement: class 0 learns 1, 1 learns 2, 2 learns 0
@@ -79,6 +98,23 @@ def test_batches_carry_each_samples_weight_and_mixed_labels_mix_it(xrays, pipeli
     np.testing.assert_allclose(sample, soft @ weights, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pipeline", ["tf", "pydataset"])
+def test_balanced_batches_are_balanced_and_resume_exactly(xrays, pipeline):
+    images = scan_folder(xrays / "train", screen=False)
+
+    def labels(epochs):
+        data = make_dataset(images, 32, 16, pipeline=pipeline, seed=2, epochs=epochs, balanced=True)
+        batches = [data[i] for i in range(len(data))] if pipeline == "pydataset" else list(data)
+        return np.concatenate([np.asarray(batch[1]) for batch in batches])
+
+    drawn = labels(range(4))
+    assert len(drawn) == 4 * len(images)
+    assert 0.4 < np.mean(drawn == 0) < 0.6  # normal is 15 of the 75 images, half of the draws
+    np.testing.assert_array_equal(labels(range(2, 4)), drawn[2 * len(images):])
+    with pytest.raises(ValueError, match="give epochs too"):
+        make_dataset(images, 32, 16, pipeline=pipeline, balanced=True)
+
+
 def test_extract_gives_the_classifier_the_training_splits_balanced_weights(xrays, home, tmp_path):
     plain = extract(make_recipe(xrays, tmp_path / "plain"), progress=False)
     balanced = extract(make_recipe(xrays, tmp_path / "balanced", class_weight="balanced"), progress=False)
@@ -86,6 +122,8 @@ def test_extract_gives_the_classifier_the_training_splits_balanced_weights(xrays
     given = balanced.predictor.classifier.named_steps["classifier"].class_weight
     assert given == pytest.approx(dict(enumerate(sklearn_balanced(train_labels))))  # train only: 2.5 and 0.625
     assert plain.predictor.classifier.named_steps["classifier"].class_weight is None
+    sampled = extract(make_recipe(xrays, tmp_path / "sampled", sampling="balanced"), progress=False)
+    assert sampled.predictor.classifier.named_steps["classifier"].class_weight == pytest.approx(given)
     recall_plain, recall_balanced = (run.metrics["val"]["per_class"]["normal"]["recall"] for run in (plain, balanced))
     assert recall_balanced >= recall_plain
 
@@ -97,14 +135,16 @@ def test_the_older_classifier_key_still_weighs_the_classes(xrays, home, tmp_path
     assert run.predictor.classifier.named_steps["classifier"].class_weight == {0: 3.0, 1: 1.0}
 
 
-def test_finetuning_with_balanced_weights_predicts_the_rare_class_more(xrays, home, tmp_path):
-    runs = {setting: finetune(make_recipe(xrays, tmp_path / str(setting), "finetune", class_weight=setting),
-                              progress=False) for setting in (None, "balanced")}
+def test_finetuning_with_balanced_weights_or_sampling_predicts_the_rare_class_more(xrays, home, tmp_path):
+    settings = {"plain": {}, "weights": {"class_weight": "balanced"}, "sampling": {"sampling": "balanced"}}
+    runs = {name: finetune(make_recipe(xrays, tmp_path / name, "finetune", **data), progress=False)
+            for name, data in settings.items()}
     val = scan_folder(xrays / "val", screen=False)
-    normal = {setting: run.predict(val.paths)[:, 0].mean() for setting, run in runs.items()}
-    assert normal["balanced"] > normal[None] + 0.1  # a normal image's loss counts 4x a pneumonia one's
-    recall = {setting: run.metrics["val"]["per_class"]["normal"]["recall"] for setting, run in runs.items()}
-    assert recall["balanced"] > recall[None]
+    normal = {name: run.predict(val.paths)[:, 0].mean() for name, run in runs.items()}
+    recall = {name: run.metrics["val"]["per_class"]["normal"]["recall"] for name, run in runs.items()}
+    for balanced in ("weights", "sampling"):  # a normal image's loss counts 4x, or it is drawn 4x as often
+        assert normal[balanced] > normal["plain"] + 0.1, normal
+        assert recall[balanced] > recall["plain"], recall
 
 
 @pytest.mark.parametrize("data, said", [
@@ -113,6 +153,9 @@ def test_finetuning_with_balanced_weights_predicts_the_rare_class_more(xrays, ho
     ("class_weight: balanced}\nextract: {classifier: {name: knn, class_weight: balanced}",
      "extract.classifier.class_weight: data.class_weight is the one key for both strategies"),
     ("class_weight: balanced}\nextract: {classifier: knn", "data.class_weight: knn does not take class weights"),
+    ("class_weight: balanced, sampling: balanced", "data.sampling: balanced sampling and balanced class weights"),
+    ("sampling: balanced}\nextract: {classifier: knn", "data.sampling: knn takes no class weights"),
+    ("sampling: balancd", "data.sampling: "),
 ])
 def test_a_class_weight_that_cannot_work_fails_at_validate_in_one_line(xrays, tmp_path, in_process, data, said):
     path = tmp_path / "recipe.yaml"

@@ -1,7 +1,8 @@
-"""Class weights for imbalanced data: ``balanced`` or ``{class name: weight}`` as one weight per class.
+"""Imbalanced data: class weights (``balanced`` or ``{class name: weight}``) and balanced sampling.
 
 :func:`class_weights` turns the setting into a weight vector computed on the training labels
 (``balanced`` is scikit-learn's ``compute_class_weight``: ``n_samples / (n_classes * count)``);
+:func:`balanced_order` draws an epoch of balanced sampling (``data.sampling: balanced``);
 :func:`check_class_weight` refuses what cannot work before any image is read; :func:`label_weights`
 carries the weights over to other training targets (imag episodes' permuted labels) and
 :func:`sample_weights` gives each sample of a batch its weight. Nothing here imports TensorFlow or Keras.
@@ -17,10 +18,13 @@ import math
 
 import numpy as np
 
+from transferkit.data.seeds import ORDER, draw_seeds
 from transferkit.errors import RecipeError, did_you_mean
 
 #: The setting that weighs every class inversely to its share of the training images.
 BALANCED = "balanced"
+#: How training draws each epoch's images (``data.sampling``).
+SAMPLINGS = ("shuffle", BALANCED)
 
 
 def check_class_weight(class_weight, class_names: list[str] | None = None) -> None:
@@ -42,7 +46,18 @@ def check_class_weight(class_weight, class_names: list[str] | None = None) -> No
             _class_index(key, class_names)
 
 
-def class_weights(class_weight, labels: np.ndarray, class_names: list[str]) -> np.ndarray | None:
+def check_sampling(sampling: str, class_weight) -> None:
+    """Refuse an unknown sampling, and balanced sampling with balanced weights (that corrects twice)."""
+    if sampling not in SAMPLINGS:
+        raise RecipeError(f"expected one of {', '.join(SAMPLINGS)}, got {sampling!r}", key="data.sampling")
+    if sampling == BALANCED and class_weight == BALANCED:
+        raise RecipeError("balanced sampling and balanced class weights each balance the classes, together they "
+                          "over-correct: give data.sampling: balanced or data.class_weight: balanced, not both",
+                          key="data.sampling")
+
+
+def class_weights(class_weight, labels: np.ndarray, class_names: list[str],
+                  sampling: str = "shuffle") -> np.ndarray | None:
     """One weight per class (float64, in ``class_names`` order), or None without a setting.
 
     Args:
@@ -50,17 +65,32 @@ def class_weights(class_weight, labels: np.ndarray, class_names: list[str]) -> n
             out weigh 1; a key is a class name, or an integer class index), or None.
         labels: the training images' class indices.
         class_names: the classes.
+        sampling: ``"balanced"`` for a fit that sees every sample once and so cannot sample
+            (extract's classifier, the linear probe): the weights then include balanced ones, what
+            balanced sampling gives in expectation.
     """
     check_class_weight(class_weight, class_names)
+    counts = np.bincount(np.asarray(labels), minlength=len(class_names)).astype(np.float64)
+    balanced = len(labels) / (len(class_names) * np.maximum(counts, 1))
     if class_weight is None:
-        return None
+        return balanced if sampling == BALANCED else None
     if class_weight == BALANCED:
-        counts = np.bincount(np.asarray(labels), minlength=len(class_names))
-        return len(labels) / (len(class_names) * counts.astype(np.float64))
+        return balanced
     weights = np.ones(len(class_names))
     for key, weight in class_weight.items():
         weights[_class_index(key, class_names)] = float(weight)
-    return weights
+    return weights * balanced if sampling == BALANCED else weights
+
+
+def balanced_order(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The images of training epoch ``epoch`` under balanced sampling: as many draws as images, with
+    replacement, each class present equally likely and each image within its class; a function of
+    ``(seed, epoch)`` alone, as :func:`transferkit.data.seeds.epoch_order` is."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    chance = 1.0 / (np.count_nonzero(counts) * counts[labels])
+    rng = np.random.default_rng(draw_seeds(seed, ORDER, epoch)[0])
+    return rng.choice(len(labels), size=len(labels), replace=True, p=chance / chance.sum())
 
 
 def label_weights(weights: np.ndarray, labels: np.ndarray, targets: np.ndarray) -> np.ndarray:

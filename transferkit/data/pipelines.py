@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from transferkit.data.balance import sample_weights
+from transferkit.data.balance import balanced_order, sample_weights
 from transferkit.data.decode import load_image
 from transferkit.data.seeds import AUGMENT, MIX, draw_seeds, epoch_order, reseed, seed_states
 from transferkit.data.sources import ImageSet
@@ -37,7 +37,7 @@ PREFETCH = 2  # batches the PyDataset pipeline decodes ahead
 def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shuffle: bool = False,
                  augment=None, seed: int = 0, pipeline: str = "auto", num_classes: int | None = None,
                  mix=None, cache: bool | int | str = False, epochs: range | None = None, class_weight=None,
-                 shard=None):
+                 balanced: bool = False, shard=None):
     """Batches of ``(pixels float32 [B, S, S, 3] in 0..255, labels int32 [B][, sample weights float32 [B]])`` for Keras.
 
     Args:
@@ -62,6 +62,8 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
             batches back to back, shuffled, each epoch a function of ``(seed, epoch)`` alone; give
             ``Model.fit`` ``steps_per_epoch=steps_per_epoch(len(images), batch_size)``.
         class_weight: one weight per label: batches then carry the samples' weights (``sample_weights``).
+        balanced: balanced sampling (needs ``epochs``): each epoch draws as many images as there are,
+            with replacement, each class equally likely (:func:`~transferkit.data.balance.balanced_order`).
         shard: a :class:`~transferkit.data.shards.Shard`: only this process's share of each batch
             (a multi-process run; the ``pydataset`` pipeline), ``steps_per_epoch(..., shard)`` of them.
 
@@ -77,9 +79,11 @@ def make_dataset(images: ImageSet, image_size: int, batch_size: int = 32, *, shu
         raise ValueError("a shard is read by the pydataset pipeline only")
     if mix is not None and num_classes is None:
         raise ValueError("mix needs one-hot labels: give num_classes too")
+    if balanced and epochs is None:
+        raise ValueError("balanced sampling draws each epoch's images by its seed: give epochs too")
     build = _tf_dataset if pipeline == "tf" else _image_batches_class()
     return build(_Source(images, image_size, batch_size, seed, cache_limit(cache, len(images), image_size),
-                         None if class_weight is None else np.asarray(class_weight, np.float32), shard),
+                         None if class_weight is None else np.asarray(class_weight, np.float32), shard, balanced),
                  shuffle=shuffle or epochs is not None, augment=augment, num_classes=num_classes, mix=mix,
                  epochs=None if epochs is None else list(epochs))
 
@@ -124,9 +128,9 @@ class _Source:
     """What both pipelines share: the images, their order per epoch, and the decoded-image cache."""
 
     def __init__(self, images: ImageSet, image_size: int, batch_size: int, seed: int, cache: int, class_weight=None,
-                 shard=None):
-        self.images, self.image_size, self.seed, self.class_weight, self.shard = \
-            images, image_size, seed, class_weight, shard
+                 shard=None, balanced: bool = False):
+        self.images, self.image_size, self.seed, self.class_weight, self.shard, self.balanced = \
+            images, image_size, seed, class_weight, shard, balanced
         # a batch larger than the set is the whole set: the same batches, no pipeline asked for more
         self.batch_size = max(1, min(int(batch_size), len(images)))
         self.labels = np.asarray(images.labels, dtype=np.int32)
@@ -155,6 +159,12 @@ class _Source:
         if not indices:
             return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         return np.stack([self._decoded[i] if i in self._decoded else fresh[i] for i in indices])
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The images of training epoch ``epoch``: a permutation, or a balanced draw."""
+        if self.balanced:
+            return balanced_order(self.labels, self.seed, epoch)
+        return epoch_order(len(self), self.seed, epoch)
 
     def mix_seed(self, epoch: int, batch: int) -> int:
         return int(draw_seeds(self.seed, MIX, epoch, batch, *self.process)[0])
@@ -185,7 +195,7 @@ def _tf_dataset(source: _Source, *, shuffle, augment, num_classes, mix, epochs):
         ds = order.batch(batch_size).map(lambda indices: (-1, -1, *load(indices)), num_parallel_calls=tf.data.AUTOTUNE)
     else:
         def one_epoch(epoch):
-            order = tf.numpy_function(lambda e: epoch_order(count, source.seed, int(e)), [epoch], tf.int64)
+            order = tf.numpy_function(lambda e: source.order(int(e)).astype(np.int64), [epoch], tf.int64)
             order.set_shape((count,))
             return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate().map(
                 lambda batch, indices: (epoch, batch, indices))
@@ -304,7 +314,7 @@ class _Batches:
             epoch, batch = self.epochs[index // per_epoch], index % per_epoch
             if epoch not in self._orders:
                 self._orders = {e: o for e, o in self._orders.items() if e > epoch - 2}
-                self._orders[epoch] = epoch_order(len(self.source), self.source.seed, epoch)
+                self._orders[epoch] = self.source.order(epoch)
             order = self._orders[epoch]
         indices = order[batch * size:(batch + 1) * size]
         return epoch, batch, indices if shard is None else shard.take(indices)

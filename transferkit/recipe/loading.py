@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from transferkit.data.augment import AUGMENTATIONS, is_import_path
-from transferkit.data.balance import check_class_weight
+from transferkit.data.balance import check_class_weight, check_sampling
 from transferkit.data.labels import has_split_column
 from transferkit.errors import RecipeError
 from transferkit.recipe.messages import did_you_mean, kind_of
@@ -105,6 +105,7 @@ def _one_class_weight_key(recipe: Recipe) -> None:
         recipe.data.class_weight, recipe.extract.classifier.class_weight = older, None
     with RecipeError.under("data.class_weight"):
         check_class_weight(recipe.data.class_weight)
+    check_sampling(recipe.data.sampling, recipe.data.class_weight)
 
 
 def _check_tune(recipe: Recipe, raw: dict, base: Path) -> None:

@@ -82,6 +82,10 @@ class DataSpec:
     class_weight: Union[Literal["balanced"], dict, None] = _spec(
         None, doc="weigh the classes in fine-tuning's loss and in extract's classifier: balanced (n_images / "
                   "(n_classes * the class's images), counted on the training split) or {class name: weight}")
+    sampling: Literal["shuffle", "balanced"] = _spec(
+        "shuffle", doc="how fine-tuning draws each epoch's training images: shuffle (each once) or balanced (as many "
+                       "draws, with replacement, each class equally likely); fits on features (extract's classifier, "
+                       "the linear probe) take balanced class weights instead, what it gives in expectation")
 
 
 @dataclass

@@ -114,6 +114,13 @@ def _check_extract(recipe: Recipe) -> None:
     if recipe.data.class_weight is not None:  # the classifier must take the weights data.class_weight gives
         with RecipeError.under("data"):
             check_classifier(spec.name, params=spec.params, grid=spec.grid, class_weight=recipe.data.class_weight)
+    elif recipe.data.sampling == "balanced":  # ... or the balanced weights that stand for balanced sampling
+        try:
+            check_classifier(spec.name, params=spec.params, grid=spec.grid, class_weight="balanced")
+        except RecipeError:
+            raise RecipeError(f"{spec.name} takes no class weights, which is how a classifier fitted on every feature "
+                              "at once is balanced: use logistic_regression, linear_svm or random_forest, or "
+                              "sampling: shuffle", key="data.sampling") from None
 
 
 def _check_finetune(recipe: Recipe, layers: bool = True) -> None:

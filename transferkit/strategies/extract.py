@@ -178,11 +178,12 @@ def _physical_memory() -> float:
 
 def recipe_classifier(recipe: Recipe, spec: ClassifierSpec, labels: np.ndarray, class_names: list[str]):
     """The unfitted classifier ``spec`` describes, for training images of class ``labels``, with the
-    weights of ``data.class_weight`` (``balanced``: counted on ``labels``) as ``{label: weight}``."""
+    weights of ``data.class_weight`` (``balanced``: counted on ``labels``) as ``{label: weight}``;
+    ``data.sampling: balanced`` adds balanced weights (what the sampling gives in expectation)."""
     from transferkit.features.classifiers import build_classifier
 
     setting = recipe.data.class_weight if recipe.data.class_weight is not None else spec.class_weight
-    weights = class_weights(setting, labels, class_names)
+    weights = class_weights(setting, labels, class_names, sampling=recipe.data.sampling)
     if weights is not None:
         log.info("class weights: %s", ", ".join(f"{name} {w:.3g}" for name, w in zip(class_names, weights)))
     with RecipeError.under("extract.classifier"):  # checked before (preflight): data.class_weight's support too

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.data.augment import build_augmentation
-from transferkit.data.balance import class_weights, label_weights
+from transferkit.data.balance import BALANCED, class_weights, label_weights
 from transferkit.data.pipelines import fitting_batch_size, make_dataset, steps_per_epoch
 from transferkit.errors import RecipeError
 from transferkit.io import atomic_write_text, disk_full_is_one_line
@@ -240,7 +240,8 @@ def train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_s
                   augment=None, first: int = 0, shard=None):
     """The phase's epochs from ``first`` on: shuffled one-hot batches, augmented by ``augment``;
     MixUp/CutMix after warm-up; imagined labels in imag episodes; with ``data.class_weight`` each
-    sample weighed by its class (:func:`_label_weights`); with a ``shard``, this process's share of each
+    sample weighed by its class (:func:`_label_weights`); ``data.sampling: balanced`` draws each class
+    equally often (by the images' labels, before any imagined ones); with a ``shard``, this process's share of each
     batch. Each epoch's draws depend on the recipe's seed and the epoch alone (see
     :func:`transferkit.data.pipelines.make_dataset`)."""
     from transferkit.data.augment import BatchMixer
@@ -252,7 +253,8 @@ def train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_s
     return make_dataset(trained, image_size, batch_size, augment=augment, seed=recipe.seed,
                         num_classes=len(class_names), mix=mix, cache=recipe.data.cache,
                         epochs=range(max(first, phase.first), phase.last),
-                        class_weight=_label_weights(recipe, phase, images, trained.labels), shard=shard)
+                        class_weight=_label_weights(recipe, phase, images, trained.labels),
+                        balanced=recipe.data.sampling == BALANCED, shard=shard)
 
 
 def _label_weights(recipe: Recipe, phase: Phase, images, targets: np.ndarray) -> np.ndarray | None:
