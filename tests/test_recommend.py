@@ -50,6 +50,13 @@ def test_size_counted_from_data(datasets):
     assert rec.size == "small"
     assert rec.evidence["classes"] == 10 and rec.evidence["images"] == 500
     assert rec.evidence["median_per_class"] == 50
+    assert not any("balanced" in line for line in rec.rationale)  # 50 images in each class
+
+
+def test_imbalanced_data_gets_told_how_to_balance_it(datasets):
+    rec = recommend(data=datasets / "pneumonia28", similar=False)  # 1582 normal, 4256 pneumonia
+    assert rec.evidence["imbalance"] >= 2
+    assert "data.class_weight: balanced" in rec.rationale[-1] and "x the images of the smallest" in rec.rationale[-1]
 
 
 @pytest.mark.parametrize("kwargs, message", [

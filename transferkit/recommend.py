@@ -35,6 +35,8 @@ from transferkit.data.labels import has_split_column
 from transferkit.data.sources import BUILTIN_PREFIX
 
 LARGE_IMAGES_PER_CLASS = 1000
+#: From this ratio of the largest class's images to the smallest's on, the recommendation says how to balance.
+IMBALANCED = 2.0
 PLACEHOLDER_DATA = "path/to/images"
 
 
@@ -147,6 +149,11 @@ def recommend(size: str | int | None = None, similar: bool | str | None = None, 
     if measurement is not None and cell["strategy"] == "extract":
         settings["extract"]["layer"] = measurement.recipe_layer
         rationale[-1] = f"The depth sweep measured {measurement.recipe_layer} as the best cut point."
+    if evidence.get("imbalance", 0) >= IMBALANCED:
+        rationale.append(f"The largest class has {evidence['imbalance']:g}x the images of the smallest: runs report "
+                         "balanced accuracy and each class's recall; where every class matters as much, add "
+                         "data.class_weight: balanced (or data.sampling: balanced), which trades some top-1 on "
+                         "data this skewed for the small classes' recall.")
     return Recommendation(size=size, similar=similar, strategy=cell["strategy"], summary=cell["summary"],
                           rationale=rationale, settings=settings, evidence=evidence,
                           measurement=measurement.to_dict() if measurement else None,
