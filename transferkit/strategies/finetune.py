@@ -240,8 +240,8 @@ def train_dataset(recipe: Recipe, phase: Phase, images, image_size: int, batch_s
                   augment=None, first: int = 0, shard=None):
     """The phase's epochs from ``first`` on: shuffled one-hot batches, augmented by ``augment``;
     MixUp/CutMix after warm-up; imagined labels in imag episodes; with ``data.class_weight`` each
-    sample weighed by its class (:func:`_label_weights`); ``data.sampling: balanced`` draws each class
-    equally often (by the images' labels, before any imagined ones); with a ``shard``, this process's share of each
+    sample weighed by its class (:func:`_label_weights`); ``data.sampling: balanced`` draws each label
+    equally often (in imag episodes, each imagined label); with a ``shard``, this process's share of each
     batch. Each epoch's draws depend on the recipe's seed and the epoch alone (see
     :func:`transferkit.data.pipelines.make_dataset`)."""
     from transferkit.data.augment import BatchMixer
