@@ -22,7 +22,7 @@ STAGES = [
     {"training"},
     {"run", "predictors"},
     {"strategies"},
-    {"export", "recommend", "cli", "cli_recipe", "cli_recommend", "__main__", "__init__"},
+    {"export", "recommend", "recommend_search", "cli", "cli_recipe", "cli_recommend", "__main__", "__init__"},
 ]
 MAX_MODULE_LINES = 350
 MAX_FUNCTION_LINES = 60
@@ -91,7 +91,7 @@ def test_the_commands_import_no_keras_until_they_start_it_quietly():
     """TensorFlow prints start-up lines that no setting silences; `logs.start_keras_quietly` captures
     them, so nothing a command imports before it may import Keras (an error stays one line)."""
     modules = ["transferkit.cli", "transferkit.cli_recipe", "transferkit.cli_recommend", "transferkit.run", "transferkit.export",
-               "transferkit.recommend", *(f"transferkit.strategies.{name}" for name in
+               "transferkit.recommend", "transferkit.recommend_search", *(f"transferkit.strategies.{name}" for name in
                                           ("extract", "finetune", "phases", "compare")),
                "transferkit.training.trainer", "transferkit.training.diagnose"]
     code = (f"import sys; import {', '.join(modules)}; "

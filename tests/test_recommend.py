@@ -1,7 +1,7 @@
 import pytest
 
 from transferkit.models.registry import get_backbone_info
-from transferkit.errors import TransferkitError
+from transferkit.errors import RecipeError, TransferkitError
 from transferkit.recipe import load_recipe
 from transferkit.recommend import (LARGE_IMAGES_PER_CLASS, format_recommendation, recipe_data_path, recommend,
                                    write_recipe)
@@ -108,3 +108,14 @@ def test_the_report_and_the_data_path_a_recipe_holds(tmp_path):
     assert recipe_data_path(None) is None
     assert recipe_data_path("builtin:digits") == "builtin:digits"  # runs as written, not a placeholder
     assert recipe_data_path(str(tmp_path / "a" / ".." / "b")) == str((tmp_path / "b").resolve())
+
+
+def test_recommend_by_search_refuses_what_cannot_work_before_measuring(datasets):
+    import transferkit as tk
+
+    with pytest.raises(RecipeError, match="budget: expected a duration"):
+        tk.recommend_by_search(str(datasets / "cats_dogs"), "soon")
+    with pytest.raises(TransferkitError, match="resume or restart, not both"):
+        tk.recommend_by_search(str(datasets / "cats_dogs"), "1m", resume=True, restart=True)
+    with pytest.raises(RecipeError, match="data.test"):
+        tk.recommend_by_search(str(datasets / "cats_dogs"), "1m", overrides=["data.test=2"])

@@ -22,6 +22,7 @@ _LAZY = {  # imported on first use: these pull in Keras / TensorFlow
     "attach_head": "transferkit.models.heads", "compare": "transferkit.strategies.compare", "unfreeze": "transferkit.models.surgery", "Run": "transferkit.run", "cut": "transferkit.models.surgery",
     "FeatureExtractor": "transferkit.features.transformer", "export_model": "transferkit.export",
     "tune": "transferkit.strategies.tune", "lr_find": "transferkit.strategies.lr_find",
+    "recommend_by_search": "transferkit.recommend_search",
     "write_html_report": "transferkit.reports.html",
 }
 

@@ -63,8 +63,8 @@ def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, 
     from pathlib import Path
 
     from transferkit.recipe import load_recipe
-    from transferkit.recommend import command_for, format_recommendation, rank_backbones_on, recipe_data_path
-    from transferkit.recommend import recommend as recommend_strategy, write_recipe
+    from transferkit.recommend import command_for, format_recommendation, images_to_measure, rank_backbones_on
+    from transferkit.recommend import recipe_data_path, recommend as recommend_strategy, write_recipe
 
     from transferkit.recipe.reading import apply_overrides
 
@@ -75,7 +75,7 @@ def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, 
     if data is not None and (similar is None or candidates):
         start_keras_quietly()
     rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone, alpha=alpha,
-                             measure_on=_images_to_measure(data, overrides))
+                             measure_on=images_to_measure(data, overrides))
     recipe = apply_overrides(rec.recipe(data=recipe_data_path(data), name=Path(write_to).stem if write_to else
                                         "my-run"), overrides)
     ranking = rank_backbones_on(data, _backbones_option(candidates, data)) if candidates else None
@@ -103,50 +103,28 @@ def recommend(size, similar, data, backbone, alpha, candidates, plot, write_to, 
 
 
 def _recommend_by_search(size, similar, data, backbone, alpha, write_to, budget, overrides, resume, restart):
-    """`recommend --budget`: measure, then search the table's answer and the other strategy on the data."""
-    import time
+    """`recommend --budget`: :func:`transferkit.recommend_search.recommend_by_search`, printed and written."""
     from pathlib import Path
 
     from transferkit.recipe import parse_duration
-    from transferkit.recommend import (
-        command_for, format_recommendation, recommend as recommend_strategy, search_recipe, write_searched_recipe)
+    from transferkit.recommend import command_for, format_recommendation
+    from transferkit.recommend_search import recommend_by_search, write_searched_recipe
     from transferkit.reports.tune import to_markdown
-    from transferkit.strategies.tune import require_optuna, tune as run_tune
 
-    started, seconds = time.monotonic(), parse_duration(budget, key="--budget")
+    seconds = parse_duration(budget, key="--budget")
     if data is None:
         raise click.UsageError("--budget searches plans on your images: give --data")
     if resume and restart:
         raise click.UsageError("give --resume or --restart, not both")
-    require_optuna()
-    name = Path(write_to).stem if write_to else Path(data).name
-    measure_on = _images_to_measure(data, overrides)
     start_keras_quietly()
-    rec = recommend_strategy(size=size, similar=similar, data=data, backbone=backbone, alpha=alpha, measure_on=measure_on)
-    left = seconds - (time.monotonic() - started)
-    recipe = checked(search_recipe(rec, data, name=name, budget=max(left, 1.0), overrides=overrides))
-    tuning = run_tune(recipe, budget=max(left, 1.0), resume=resume, restart=restart, prior="the table's")
+    rec, tuning = recommend_by_search(data, seconds, size=size, similar=similar, backbone=backbone, alpha=alpha,
+                                      name=Path(write_to).stem if write_to else None, overrides=overrides,
+                                      resume=resume, restart=restart)
     click.echo(format_recommendation(rec))
     click.echo(to_markdown(tuning.summary, recipe_text=False), nl=False)
     if write_to:
         write_searched_recipe(write_to, tuning, rec)
         click.echo(f"wrote {write_to}; run it with: transferkit {command_for(tuning.best_recipe.strategy)} {write_to}")
-
-
-def _images_to_measure(data, overrides):
-    """The images `recommend` measures when ``overrides`` (``--set``, checked here first) give a test split:
-    the rest of ``data``, split as the written recipe splits it; None (all of ``data``) otherwise."""
-    from transferkit.recipe import load_recipe
-    from transferkit.recommend import recipe_data_path
-
-    recipe = load_recipe({"data": {"train": recipe_data_path(data) or "."}}, overrides=overrides)
-    if data is None or recipe.data.test is None:
-        return None
-    from transferkit.data.splits import load_splits
-
-    seed = recipe.seed if recipe.data.split_seed is None else recipe.data.split_seed
-    return load_splits(recipe.data.train, None, recipe.data.test, seed=seed, follow_links=recipe.data.follow_links,
-                       screen=False).train
 
 
 def _backbones_option(candidates: str, data) -> list[tuple[str, float | None]]:

@@ -12,7 +12,8 @@ below that, fine-tuning millions of weights tends to over-fit where a linear cla
 frozen features does not.
 
 What `transferkit recommend` prints and writes is here too: :func:`format_recommendation`,
-:func:`write_recipe` (a runnable recipe headed by the rationale) and :func:`rank_backbones_on`.
+:func:`write_recipe` (a runnable recipe headed by the rationale) and :func:`rank_backbones_on`;
+with a time budget, :mod:`transferkit.recommend_search` searches the answer against the other strategy.
 
 Example:
     >>> rec = recommend(size="small", similar=True)
@@ -228,6 +229,20 @@ def rank_backbones_on(data: str | Path, backbones: list[tuple[str, float | None]
     return rank_backbones(scan_source(data, screen=False, test_rows=False), backbones)
 
 
+def images_to_measure(data: str | None, overrides=()):
+    """The images `recommend` measures when ``overrides`` (``KEY=VALUE``, checked here first) give a test
+    split: the rest of ``data``, split as the written recipe splits it; None (all of ``data``) otherwise."""
+    from transferkit.data.splits import load_splits
+    from transferkit.recipe import load_recipe
+
+    recipe = load_recipe({"data": {"train": recipe_data_path(data) or "."}}, overrides=overrides)
+    if data is None or recipe.data.test is None:
+        return None
+    seed = recipe.seed if recipe.data.split_seed is None else recipe.data.split_seed
+    return load_splits(recipe.data.train, None, recipe.data.test, seed=seed, follow_links=recipe.data.follow_links,
+                       screen=False).train
+
+
 def recipe_data_path(data: str | None) -> str | None:
     """``data`` as a written recipe holds it: an absolute folder, a ``builtin:`` source as it is, None
     (the placeholder to fill in) without data."""
@@ -247,42 +262,9 @@ def write_recipe(path: str | Path, recipe: dict, rec: Recommendation, placeholde
     atomic_write_text(path, text)
 
 
-def search_recipe(rec: Recommendation, data: str, *, name: str, budget, overrides=()):
-    """The recipe `recommend --budget` searches: the table's answer (``strategy`` and its settings) plus
-    the table's settings for the other strategy, with ``strategy`` searched between the two. Returns
-    a loaded :class:`~transferkit.recipe.Recipe`; ``overrides`` as ``--set`` (e.g. ``data.test=0.2``)."""
-    from transferkit.recipe import load_recipe
-
-    info = get_backbone_info(rec.backbone)
-    other = "finetune" if rec.strategy == "extract" else "extract"
-    plain = rec.recipe(data=recipe_data_path(data), name=name, backbone=rec.backbone)
-    other_cell = _TABLE[("large" if other == "finetune" else "small", rec.similar)]["settings"](info)
-    if other == "extract" and rec.measurement:  # the measured cut point, as a recipe writes it
-        best, layers = rec.measurement["best_layer"], rec.measurement["layers"]
-        other_cell["extract"]["layer"] = "top" if best == layers[-1] else best
-    plain.update(other_cell)
-    plain["data"].setdefault("augment", ["random_flip"])
-    plain["tune"] = {"budget": budget, "space": {"strategy": [rec.strategy, other]}}
-    return load_recipe(plain, overrides=overrides)
-
-
-def write_searched_recipe(path: str | Path, tuning, rec: Recommendation) -> None:
-    """Write the search's winning recipe headed by the evidence: the table's answer and the leaderboard."""
-    summary, test = tuning.summary, tuning.summary.get("test")
-    rows = [row for row in summary["trials"] if row["state"] == "complete"][:5]
-    tried = [row for row in summary["trials"] if not row["note"].startswith("not run")]
-    header = [f"# transferkit recipe: the best of {len(tried)} plans tried in "
-              f"{summary['seconds_spent'] / 60:.1f} min, picked by validation {summary['metric'].replace('_', '-')}",
-              f"# the table said: {rec.strategy} ({rec.summary})",
-              *(f"# - trial {row['trial']} {row['strategy']}: val top-1 {row['val_top1']:.3f}, loss "
-                f"{row['val_loss']:.3f}, {row['seconds']:.0f}s" for row in rows),
-              *([f"# test split, evaluated once on the winner: top-1 {test['top1']:.3f} (n={test['n']})"]
-                if test else []),
-              *(f"# {line}" for line in summary["best"].get("shortened", [])),
-              f"# the study and every trial's run folder: {tuning.folder}"]
-    plain = {key: Path(path).stem if key == "name" else value
-             for key, value in tuning.best_recipe.to_dict().items() if key not in ("output", "tune")}
-    atomic_write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(plain, sort_keys=False))
+def table_settings(size: str, similar: bool, backbone: str = "mobilenet_v2") -> dict:
+    """The recipe settings of the table's ``(size, similar)`` cell, named for ``backbone``'s layers."""
+    return _TABLE[(size, similar)]["settings"](get_backbone_info(backbone))
 
 
 def command_for(strategy: str) -> str:
