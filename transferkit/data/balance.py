@@ -23,8 +23,6 @@ from transferkit.errors import RecipeError, did_you_mean
 
 #: The setting that weighs every class inversely to its share of the training images.
 BALANCED = "balanced"
-#: How training draws each epoch's images (``data.sampling``).
-SAMPLINGS = ("shuffle", BALANCED)
 
 
 def check_class_weight(class_weight, class_names: list[str] | None = None) -> None:
@@ -47,9 +45,7 @@ def check_class_weight(class_weight, class_names: list[str] | None = None) -> No
 
 
 def check_sampling(sampling: str, class_weight) -> None:
-    """Refuse an unknown sampling, and balanced sampling with balanced weights (that corrects twice)."""
-    if sampling not in SAMPLINGS:
-        raise RecipeError(f"expected one of {', '.join(SAMPLINGS)}, got {sampling!r}", key="data.sampling")
+    """Refuse balanced sampling with balanced weights: together they correct twice."""
     if sampling == BALANCED and class_weight == BALANCED:
         raise RecipeError("balanced sampling and balanced class weights each balance the classes, together they "
                           "over-correct: give data.sampling: balanced or data.class_weight: balanced, not both",
