@@ -42,7 +42,7 @@ FORMATS = {"keras": "model/model.keras", "saved_model": "export/saved_model", "t
 TENSORFLOW_FORMATS = ("saved_model", "tflite")
 #: What Keras' ONNX export needs under each backend (PyTorch's torch.onnx is built in), and how to install it.
 ONNX_CONVERTERS = {"tensorflow": ("tf2onnx", "pip install 'transferkit[onnx]'"),
-                   "jax": ("jax2onnx", "pip install jax2onnx")}
+                   "jax": ("jax2onnx", "pip install 'transferkit[onnx-jax]' (Python >= 3.11)")}
 
 
 def export_model(run, path: str | Path | None = None, format: str = "keras") -> Path:
